@@ -1,0 +1,33 @@
+"""moe_lab: fast Mixture-of-Experts fine-tuning research on top of Hugging Face Transformers v5.
+
+    import moe_lab
+    model = moe_lab.AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-30B-A3B", moe_backend="torch")
+"""
+from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from .experts import ExpertsSpec
+from .families import FAMILIES, UnsupportedModelError
+from .hf import AutoModelForCausalLM, experts_implementation_name, patch_model, register_v5_experts_functions
+from .layer import MoELayer
+from .registry import STAGES, available_backends, register_backend, register_stage, resolve_backend
+from .routing import RoutingSpec, route_reference
+
+__version__ = "0.1.0"
+
+register_v5_experts_functions()
+
+__all__ = [
+    "AutoModelForCausalLM",
+    "ExpertsSpec",
+    "FAMILIES",
+    "MoELayer",
+    "RoutingSpec",
+    "STAGES",
+    "UnsupportedModelError",
+    "available_backends",
+    "experts_implementation_name",
+    "patch_model",
+    "register_backend",
+    "register_stage",
+    "resolve_backend",
+    "route_reference",
+]

@@ -1,0 +1,50 @@
+"""The built-in backends: `eager` (readable reference loops) and `torch` (sort + grouped_mm).
+
+Stage call signatures (every implementation of a stage takes and returns the same things):
+- router(hidden [T, H], weight [E, H], bias [E] | None, correction_bias [E] | None, spec) -> RouterOutput
+- permutation(hidden [T, H], ids [T, k], num_experts) -> (x [S, H] in expert order, Permutation)
+- dispatch: a dispatcher class, built once per layer: .dispatch(x, perm) -> Dispatched; .combine(y, dispatched) -> y
+- experts(x [S, H], counts [E], offsets [E] int32, experts_module, ExpertsSpec) -> y [S, H]
+- combine(rows [S, H], perm, weights [T, k], out_dtype) -> out [T, H]
+"""
+from __future__ import annotations
+
+from .dispatch import LocalDispatcher
+from .experts import experts_grouped_mm, experts_loop
+from .permutation import combine_eager, combine_sorted, gather_rows, plan_eager, plan_sorted
+from .registry import register_backend, register_stage
+from .routing import route_reference
+
+
+def permute_eager(hidden, ids, num_experts):
+    perm = plan_eager(ids, num_experts)
+    return gather_rows(hidden, perm), perm
+
+
+def permute_sorted(hidden, ids, num_experts):
+    perm = plan_sorted(ids, num_experts)
+    return gather_rows(hidden, perm), perm
+
+
+def _no_grouped_mm():
+    import torch.nn.functional as F
+
+    if not hasattr(F, "grouped_mm"):
+        import torch
+
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm; install torch>=2.10"
+    return None
+
+
+register_stage("router", "eager", route_reference, description="reference router (v5 semantics)")
+register_stage("router", "torch", route_reference, description="same as eager: the router is already vectorised")
+register_stage("permutation", "eager", permute_eager, description="one nonzero() per expert")
+register_stage("permutation", "torch", permute_sorted, description="stable argsort + bincount")
+register_stage("dispatch", "local", LocalDispatcher, description="all experts in this process")
+register_stage("experts", "eager", experts_loop, description="per-expert loop of F.linear")
+register_stage("experts", "torch", experts_grouped_mm, _no_grouped_mm, description="torch.nn.functional.grouped_mm")
+register_stage("combine", "eager", combine_eager, description="index_add_ in float32")
+register_stage("combine", "torch", combine_sorted, description="inverse permutation + fixed-order sum over k")
+
+register_backend("eager", {"router": "eager", "permutation": "eager", "dispatch": "local", "experts": "eager", "combine": "eager"})
+register_backend("torch", {"router": "torch", "permutation": "torch", "dispatch": "local", "experts": "torch", "combine": "torch"})

@@ -1,0 +1,153 @@
+"""The expert computation on expert-sorted rows: gate_up GEMM -> activation -> down GEMM.
+
+Weights stay in Transformers v5's 3D layouts, read straight from the v5 experts module:
+- standard: gate_up_proj [E, 2I, H] (gate rows first, then up rows), down_proj [E, H, I];
+- GPT-OSS ("transposed"): gate_up_proj [E, H, 2I] with gate/up interleaved in columns,
+  gate_up_proj_bias [E, 2I], down_proj [E, I, H], down_proj_bias [E, H];
+- non-gated experts (has_gate False): up_proj [E, I, H] instead of gate_up_proj.
+
+`experts_loop` (one expert at a time) is the reference; `experts_grouped_mm` is the same function
+through `torch.nn.functional.grouped_mm`. Shapes: S rows, H hidden, I expert width, E experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """What the expert MLP computes, read off a v5 experts module.
+
+    gated: weights are gate_up_proj (GLU) rather than up_proj.
+    transposed: weights are stored [E, in, out] (GPT-OSS) rather than [E, out, in].
+    interleaved: gate and up alternate in the gate_up output (GPT-OSS) rather than two halves.
+    has_bias: gate_up_proj_bias / down_proj_bias exist.
+    activation: "glu" (act_fn(gate) * up), "gpt_oss" (clamped (up + 1) * gate * sigmoid(alpha * gate)),
+        or "plain" (act_fn(up), non-gated).
+    act_name: the config's hidden_act ("silu", ...), for kernels that fuse it.
+    """
+
+    num_experts: int
+    gated: bool = True
+    transposed: bool = False
+    interleaved: bool = False
+    has_bias: bool = False
+    activation: str = "glu"
+    act_name: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+def activation_fn(module: nn.Module, spec: ExpertsSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation of the expert MLP: gate_up [S, 2I] -> [S, I] (or up [S, I] -> [S, I] if not gated)."""
+    if spec.activation == "gpt_oss":
+        def gpt_oss_glu(gate_up):
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+            gate = gate.clamp(max=spec.limit)
+            up = up.clamp(min=-spec.limit, max=spec.limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * spec.alpha))
+        return gpt_oss_glu
+    act = module.act_fn
+    if spec.activation == "plain":
+        return act
+    if spec.interleaved:
+        return lambda gate_up: act(gate_up[..., ::2]) * gate_up[..., 1::2]
+
+    def glu(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return act(gate) * up
+    return glu
+
+
+def first_weight(module: nn.Module, spec: ExpertsSpec) -> torch.Tensor:
+    return module.gate_up_proj if spec.gated else module.up_proj
+
+
+def first_bias(module: nn.Module, spec: ExpertsSpec) -> torch.Tensor | None:
+    if not spec.has_bias:
+        return None
+    return module.gate_up_proj_bias if spec.gated else module.up_proj_bias
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """x [n, in] with one expert's weight ([out, in], or [in, out] if transposed) -> [n, out]."""
+    out = x @ weight if transposed else F.linear(x, weight)
+    return out if bias is None else out + bias
+
+
+def experts_loop(x: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, module: nn.Module, spec: ExpertsSpec) -> torch.Tensor:
+    """Reference: x [S, H] rows in expert order, counts [E] -> y [S, H], one expert at a time."""
+    act = activation_fn(module, spec)
+    w1, b1 = first_weight(module, spec), first_bias(module, spec)
+    w2, b2 = module.down_proj, (module.down_proj_bias if spec.has_bias else None)
+    pieces, start = [], 0
+    for expert, count in enumerate(counts.tolist()):
+        if count == 0:
+            continue
+        rows = x[start : start + count].to(w1.dtype)
+        hidden = act(_linear(rows, w1[expert], None if b1 is None else b1[expert], spec.transposed))
+        pieces.append(_linear(hidden, w2[expert], None if b2 is None else b2[expert], spec.transposed))
+        start += count
+    if not pieces:
+        return x.new_zeros(x.shape[0], w2.shape[-1] if spec.transposed else w2.shape[1], dtype=w1.dtype)
+    return torch.cat(pieces)
+
+
+def _alignment_pad(size: int, dtype: torch.dtype) -> int:
+    """Elements to add so a row of `size` elements spans a multiple of 16 bytes (grouped_mm needs it)."""
+    per16 = 16 // torch.empty((), dtype=dtype).element_size()
+    return (-size) % per16
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [S, K] rows in expert order, weight [E, K, N] (any strides), offsets [E] int32 -> [S, N].
+
+    `torch.nn.functional.grouped_mm` wants 16-byte aligned row strides; odd K or N are zero-padded
+    (exact: padded columns contribute zeros) so any shape works.
+    """
+    pad_k, pad_n = _alignment_pad(x.shape[1], x.dtype), _alignment_pad(weight.shape[2], x.dtype)
+    if x.shape[0] == 0:
+        return x.new_zeros(0, weight.shape[2])
+    if pad_k or pad_n or weight.stride(1) * weight.element_size() % 16 or weight.stride(2) * weight.element_size() % 16:
+        xp = F.pad(x, (0, pad_k))
+        wp = F.pad(weight, (0, pad_n, 0, pad_k))
+        return F.grouped_mm(xp, wp, offs=offsets)[:, : weight.shape[2]]
+    return F.grouped_mm(x, weight, offs=offsets)
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm runs this dtype on this device (CUDA kernels want bf16/fp16, sm80+)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def experts_grouped_mm(x: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, module: nn.Module, spec: ExpertsSpec) -> torch.Tensor:
+    """x [S, H] rows in expert order -> y [S, H] with two grouped GEMMs; same math as `experts_loop`."""
+    w1, b1 = first_weight(module, spec), first_bias(module, spec)
+    w2, b2 = module.down_proj, (module.down_proj_bias if spec.has_bias else None)
+    x = x.to(w1.dtype)
+    if not grouped_mm_supported(x):
+        return experts_loop(x, counts, offsets, module, spec)
+    # grouped_mm takes [E, in, out]; v5's standard layout is [E, out, in].
+    w1_io = w1 if spec.transposed else w1.transpose(1, 2)
+    w2_io = w2 if spec.transposed else w2.transpose(1, 2)
+    expert_of_row = None
+    if spec.has_bias:
+        experts = torch.arange(spec.num_experts, device=x.device)
+        expert_of_row = torch.repeat_interleave(experts, counts, output_size=x.shape[0])
+    hidden = grouped_mm(x, w1_io, offsets)
+    if b1 is not None:
+        hidden = hidden + b1[expert_of_row]
+    hidden = activation_fn(module, spec)(hidden)
+    out = grouped_mm(hidden, w2_io, offsets)
+    if b2 is not None:
+        out = out + b2[expert_of_row]
+    return out

@@ -1,0 +1,117 @@
+"""The Hugging Face integration: a drop-in `AutoModelForCausalLM` and v5 experts-registry entries.
+
+`moe_lab.AutoModelForCausalLM.from_pretrained(path, moe_backend="torch")` returns the very v5 model
+class (a `PreTrainedModel`: `generate()`, PEFT, the Trainer and `save_pretrained` work as before)
+with each sparse MoE block replaced by `MoELayer`. Parameter names and layouts are v5's, so v5's
+own loading (per-expert or fused keys, weight conversion) and saving apply unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch.nn as nn
+import transformers
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .dispatch import LocalDispatcher
+from .families import FAMILIES, UnsupportedModelError, experts_spec_of, is_v5_experts_module
+from .layer import MoELayer, adapt_experts, run_routed_experts
+from .registry import StageChoice, available_backends, resolve_backend
+
+logger = logging.getLogger(__name__)
+
+MoeBackend = str | Mapping[str, str] | StageChoice | None
+
+
+def _replace_child(root: nn.Module, qualified_name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = qualified_name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child_name, new)
+
+
+def patch_model(model: nn.Module, moe_backend: MoeBackend = None) -> nn.Module:
+    """Route every sparse MoE block of a v5 model through moe_lab, in place; returns the model.
+
+    Known families (Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3) get `MoELayer`s. Other models whose
+    experts use v5's experts interface keep v5's block and router, and compute their experts
+    through moe_lab's stages. Anything else raises `UnsupportedModelError`.
+    """
+    choice = resolve_backend(moe_backend)
+    config = model.config
+    model_type = getattr(config, "model_type", "?")
+    family = FAMILIES.get(model_type)
+    replaced = 0
+    if family is not None:
+        blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ == family.block_class]
+        for name, block in blocks:
+            spec = experts_spec_of(block.experts, model_type)
+            _replace_child(model, name, MoELayer(block, family, config, choice, spec))
+            replaced += 1
+    else:
+        experts = [(n, m) for n, m in model.named_modules() if is_v5_experts_module(m)]
+        specs = [(m, experts_spec_of(m, model_type)) for _, m in experts]  # refuse before changing anything
+        for module, spec in specs:
+            adapt_experts(module, spec, choice)
+            replaced += 1
+    if replaced == 0:
+        other = [n for n, m in model.named_modules() if n.endswith("experts") and isinstance(m, nn.ModuleList)]
+        detail = (
+            f"its experts ({other[0]}) are a ModuleList of per-expert MLPs, not v5's 3D experts interface"
+            if other
+            else "it has no sparse MoE block that uses v5's experts interface"
+        )
+        raise UnsupportedModelError(f"moe_lab cannot run model type {model_type!r}: {detail}")
+    model.moe_lab_backend = choice.label
+    logger.info("moe_lab: %d MoE blocks of %s run with backend %s", replaced, model_type, choice.label)
+    return model
+
+
+class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
+    """Transformers v5's `AutoModelForCausalLM` with moe_lab's MoE layers: change one import.
+
+    `from_pretrained(path_or_id, moe_backend="torch", **hf_kwargs)` and
+    `from_config(config, moe_backend="torch", **hf_kwargs)`; `moe_backend` is a backend word
+    (see `moe_lab.available_backends()`) or a mapping stage -> backend.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, moe_backend: MoeBackend = None, **kwargs):
+        choice = resolve_backend(moe_backend)  # fail on a bad backend before loading any weights
+        model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return patch_model(model, choice)
+
+    @classmethod
+    def from_config(cls, config, moe_backend: MoeBackend = None, **kwargs):
+        choice = resolve_backend(moe_backend)
+        model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+        return patch_model(model, choice)
+
+
+# ---- v5's experts registry: experts_implementation="moe_lab" for vanilla users -------------------
+def _experts_forward_for(backend: str):
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        state = self.__dict__.get("_moe_lab_registry_state")
+        if state is None or state[0] != backend:
+            state = (backend, experts_spec_of(self, getattr(self.config, "model_type", "?")), resolve_backend(backend))
+            self.__dict__["_moe_lab_registry_state"] = state
+        _, spec, choice = state
+        return run_routed_experts(hidden_states, top_k_index, top_k_weights, self, spec, choice, LocalDispatcher())
+
+    forward.__name__ = f"moe_lab_{backend}_experts_forward"
+    return forward
+
+
+def experts_implementation_name(backend: str) -> str:
+    """The v5 `experts_implementation` name of a moe_lab backend: "moe_lab" (torch) or "moe_lab_<backend>"."""
+    return "moe_lab" if backend == "torch" else f"moe_lab_{backend}"
+
+
+def register_v5_experts_functions() -> list[str]:
+    """Register every moe_lab backend in v5's ALL_EXPERTS_FUNCTIONS; returns the registered names."""
+    names = []
+    for backend in available_backends():
+        name = experts_implementation_name(backend)
+        ALL_EXPERTS_FUNCTIONS.register(name, _experts_forward_for(backend))
+        names.append(name)
+    return names

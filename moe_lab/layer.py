@@ -1,0 +1,137 @@
+"""moe_lab's MoE layer: router -> permutation -> dispatch -> experts -> combine, each stage swappable.
+
+`MoELayer` replaces a v5 sparse MoE block and adopts its children under their v5 names (`gate` or
+`router`, `experts`, `shared_experts`), so parameter names, layouts and checkpoints are v5's.
+Shapes: B batch, L sequence, T = B*L tokens, H hidden, E experts, k top-k, S = T*k routed rows.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn as nn
+
+from .experts import ExpertsSpec
+from .families import Family
+from .registry import StageChoice
+from .routing import RoutingSpec
+
+
+def run_routed_experts(
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    experts: nn.Module,
+    spec: ExpertsSpec,
+    choice: StageChoice,
+    dispatcher,
+) -> torch.Tensor:
+    """hidden [T, H], ids [T, k], weights [T, k] -> out [T, H]: permute, dispatch, experts, combine."""
+    rows, perm = choice.permutation(hidden, ids, spec.num_experts)
+    dispatched = dispatcher.dispatch(rows, perm)
+    expert_out = choice.experts(dispatched.x, dispatched.counts, dispatched.offsets, experts, spec)
+    expert_out = dispatcher.combine(expert_out, dispatched)
+    return choice.combine(expert_out, perm, weights, hidden.dtype)
+
+
+# ---- the router: v5's router module, its forward swapped for the chosen router stage -------------
+def _routed_forward(self, hidden_states: torch.Tensor):
+    """hidden [..., H] -> RouterOutput(logits [T, E], weights [T, k], ids [T, k]), v5's tuple order."""
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    return self.moe_lab_route(
+        hidden,
+        self.weight,
+        getattr(self, "bias", None),
+        getattr(self, "e_score_correction_bias", None),
+        self.moe_lab_routing,
+    )
+
+
+_ADAPTED_ROUTERS: dict[type, type] = {}
+
+
+def adapt_router(router: nn.Module, routing: RoutingSpec, route_fn) -> None:
+    """Make `router` (a v5 router module) run `route_fn` with `routing`, keeping its class lineage.
+
+    The new class subclasses v5's, so v5's output recorders (`output_router_logits`) still find it,
+    and its parameters keep their names.
+    """
+    base = type(router)
+    if base not in _ADAPTED_ROUTERS.values():
+        if base not in _ADAPTED_ROUTERS:
+            name = f"MoeLab{base.__name__}"
+            adapted = type(name, (base,), {"forward": _routed_forward, "__module__": __name__})
+            setattr(sys.modules[__name__], name, adapted)  # picklable by reference
+            _ADAPTED_ROUTERS[base] = adapted
+        router.__class__ = _ADAPTED_ROUTERS[base]
+    router.moe_lab_route = route_fn
+    router.moe_lab_routing = routing
+
+
+class MoELayer(nn.Module):
+    """A sparse MoE block run through moe_lab's stages; a drop-in for the v5 block it was built from.
+
+    forward(hidden [B, L, H]) -> out [B, L, H] (GPT-OSS: (out, router_scores [T, k]), as v5 returns).
+    """
+
+    def __init__(self, block: nn.Module, family: Family, config, choice: StageChoice, experts_spec: ExpertsSpec):
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        own = [n for n, _ in block.named_parameters(recurse=False)] + [n for n, _ in block.named_buffers(recurse=False)]
+        if own:
+            raise ValueError(f"{type(block).__name__} holds tensors outside its children ({own}); cannot adopt it")
+        self.family = family
+        self.routing = family.routing(config)
+        self.experts_spec = experts_spec
+        self.choice = choice
+        self.dispatcher = choice.dispatch()
+        self.jitter_noise = float(getattr(config, family.jitter_attr, 0.0) or 0.0) if family.jitter_attr else 0.0
+        adapt_router(self.router_module, self.routing, choice.router)
+
+    @property
+    def router_module(self) -> nn.Module:
+        return getattr(self, self.family.router_attr)
+
+    def extra_repr(self) -> str:
+        return f"family={self.family.model_type}, backend={self.choice.label}, dispatch={self.dispatcher.name}"
+
+    def forward(self, hidden_states: torch.Tensor):
+        shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, shape[-1])
+        if self.training and self.jitter_noise > 0:
+            hidden = hidden * torch.empty_like(hidden).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        _, weights, ids = self.router_module(hidden)
+        out = run_routed_experts(hidden, ids, weights, self.experts, self.experts_spec, self.choice, self.dispatcher)
+        out = out.view(shape)
+        if self.family.shared_attr is not None:
+            out = out + getattr(self, self.family.shared_attr)(hidden_states)
+        if self.family.returns_router_scores:
+            return out, weights
+        return out
+
+
+# ---- the generic path: v5's block and router untouched, the experts run through moe_lab ----------
+def _generic_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """v5's experts signature: hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+    return run_routed_experts(
+        hidden_states, top_k_index, top_k_weights, self, self.moe_lab_spec, self.moe_lab_choice, self.moe_lab_dispatcher
+    )
+
+
+_ADAPTED_EXPERTS: dict[type, type] = {}
+
+
+def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice) -> None:
+    """Make a v5 experts module compute through moe_lab's stages (its weights and names unchanged)."""
+    base = type(experts)
+    if base not in _ADAPTED_EXPERTS.values():
+        if base not in _ADAPTED_EXPERTS:
+            name = f"MoeLab{base.__name__}"
+            adapted = type(name, (base,), {"forward": _generic_experts_forward, "__module__": __name__})
+            setattr(sys.modules[__name__], name, adapted)
+            _ADAPTED_EXPERTS[base] = adapted
+        experts.__class__ = _ADAPTED_EXPERTS[base]
+    experts.moe_lab_spec = spec
+    experts.moe_lab_choice = choice
+    experts.moe_lab_dispatcher = choice.dispatch()

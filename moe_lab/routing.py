@@ -1,0 +1,125 @@
+"""Routing: router logits -> scores -> top-k expert ids and their weights.
+
+One `RoutingSpec` names the semantics of a model family exactly as Transformers v5 defines them;
+`route_reference` is the readable definition every faster router is held to.
+
+Shapes: T tokens, H hidden size, E experts, k experts per token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How a family turns router logits into (weights, ids).
+
+    score: "softmax" (Qwen3-MoE, Mixtral, GPT-OSS) or "sigmoid" (DeepSeek-V3).
+    topk_before_softmax: GPT-OSS picks the top-k logits, then softmaxes over those k only.
+    renormalize: divide the k selected weights by their sum (v5's `norm_topk_prob`).
+    n_group / topk_group: DeepSeek-V3 group-limited choice (E/n_group experts per group; a group is
+        scored by the sum of its two best biased scores; only the best topk_group groups compete).
+    has_correction_bias: DeepSeek-V3 adds `e_score_correction_bias` to the scores for selection only.
+    scaling: DeepSeek-V3's `routed_scaling_factor`, applied to the final weights.
+    logits_fp32: compute the logits in float32 (DeepSeek-V3 upcasts hidden and weight).
+    weights_in_logits_dtype: cast the final weights to the logits' dtype (Qwen3-MoE, GPT-OSS) or
+        keep them float32 (Mixtral, DeepSeek-V3).
+    renormalize_eps: added to the renormalisation denominator (DeepSeek-V3 uses 1e-20).
+    """
+
+    num_experts: int
+    top_k: int
+    score: str = "softmax"
+    topk_before_softmax: bool = False
+    renormalize: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    has_correction_bias: bool = False
+    scaling: float = 1.0
+    logits_fp32: bool = False
+    weights_in_logits_dtype: bool = True
+    renormalize_eps: float = 0.0
+
+    def __post_init__(self):
+        if self.score not in ("softmax", "sigmoid"):
+            raise ValueError(f"RoutingSpec.score must be 'softmax' or 'sigmoid', got {self.score!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.num_experts % self.n_group:
+            raise ValueError(f"num_experts={self.num_experts} is not divisible by n_group={self.n_group}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}")
+
+
+class RouterOutput(NamedTuple):
+    """logits [T, E] (as v5 returns them), weights [T, k], ids [T, k] int64."""
+
+    logits: torch.Tensor
+    weights: torch.Tensor
+    ids: torch.Tensor
+
+
+def router_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: RoutingSpec) -> torch.Tensor:
+    """hidden [T, H], weight [E, H], bias [E] or None -> logits [T, E]."""
+    if spec.logits_fp32:
+        return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    return F.linear(hidden, weight, bias)
+
+
+def _group_limited_mask(choice: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """choice [T, E] biased scores -> bool mask [T, E] of experts in the kept groups."""
+    tokens = choice.shape[0]
+    per_group = spec.num_experts // spec.n_group
+    grouped = choice.view(tokens, spec.n_group, per_group)
+    group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)  # [T, n_group]
+    kept_groups = group_scores.topk(spec.topk_group, dim=-1, sorted=False).indices
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
+    return group_mask.unsqueeze(-1).expand(tokens, spec.n_group, per_group).reshape(tokens, spec.num_experts)
+
+
+def select_experts(logits: torch.Tensor, spec: RoutingSpec, correction_bias: torch.Tensor | None = None):
+    """logits [T, E] -> (weights [T, k], ids [T, k]) with the family's exact v5 semantics.
+
+    Ties between equal scores are broken by `torch.topk` (v5 does the same; it does not promise
+    which index wins). Faster routers break ties towards the lower expert index.
+    """
+    k = spec.top_k
+    if spec.topk_before_softmax:  # GPT-OSS
+        top_values, ids = torch.topk(logits, k, dim=-1)
+        weights = torch.softmax(top_values, dim=-1, dtype=top_values.dtype)
+    elif spec.score == "softmax":  # Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE ...
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, k, dim=-1)
+        if spec.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renormalize_eps)
+    else:  # sigmoid: DeepSeek-V3
+        scores = logits.float().sigmoid()
+        choice = scores if correction_bias is None else scores + correction_bias.float()
+        if spec.n_group > 1:
+            choice = choice.masked_fill(~_group_limited_mask(choice, spec), float("-inf"))
+        ids = torch.topk(choice, k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        if spec.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renormalize_eps)
+    if spec.scaling != 1.0:
+        weights = weights * spec.scaling
+    if spec.weights_in_logits_dtype:
+        weights = weights.to(logits.dtype)
+    return weights, ids
+
+
+def route_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    correction_bias: torch.Tensor | None,
+    spec: RoutingSpec,
+) -> RouterOutput:
+    """The reference router: hidden [T, H] -> RouterOutput(logits [T, E], weights [T, k], ids [T, k])."""
+    logits = router_logits(hidden, weight, bias, spec)
+    weights, ids = select_experts(logits, spec, correction_bias)
+    return RouterOutput(logits, weights, ids)
