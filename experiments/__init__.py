@@ -1,0 +1,5 @@
+"""moe_lab experiment harness: cells, sweeps, FLOP counting, routing regimes and reports.
+
+Entry points: ``python -m experiments.sweep`` (run a preset grid) and
+``python -m experiments.report`` (tables, plots and results/summary.json from raw runs).
+"""
