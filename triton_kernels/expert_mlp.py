@@ -1,0 +1,335 @@
+"""Fused expert MLP: grouped gate_up GEMM with the activation in its epilogue, then grouped down GEMM.
+
+Shapes: ``x [S, H]`` routed rows sorted by expert, ``offsets [E]`` int32 cumulative end offsets.
+Weight layouts (Hugging Face Transformers v5):
+- standard (``transposed=False``): ``gate_up [E, 2I, H]`` (rows ``:I`` gate, ``I:`` up:
+  "concatenated"), ``down [E, H, I]``;
+- GPT-OSS (``transposed=True``): ``gate_up [E, H, 2I]`` with interleaved columns (gate ``::2``,
+  up ``1::2``), ``gate_up_bias [E, 2I]``, ``down [E, I, H]``, ``down_bias [E, H]``.
+Internally both become GEMM views ``w_gu [E, H, 2I]`` and ``w_down [E, I, H]``, and the gate/up
+columns are two strided views of ``w_gu`` (``[..., :I]``/``[..., I:]`` or ``[..., ::2]``/``[..., 1::2]``).
+
+Activations (``activation=``):
+- ``"swiglu"``: ``act = silu(gate) * up``;
+- ``"gpt_oss"``: ``g = min(gate, limit); u = clamp(up, -limit, limit);
+  act = (u + 1) * g * sigmoid(alpha * g)`` (alpha=1.702, limit=7.0); biases are added first.
+
+Memory/recompute choice: the forward keeps only the pre-activation ``h = x @ w_gu (+ b) [S, 2I]``
+(in the input dtype, in the weights' column order) besides its inputs; the activation
+``act [S, I]`` that feeds the down GEMM is not saved. The backward's first kernel computes
+``d_act = dy @ w_down[e]^T`` and, in its epilogue, recomputes ``act`` from ``h`` and turns
+``d_act`` into ``dh [S, 2I]`` — so no GEMM is recomputed, only element-wise work. Then
+``dW_down = act^T dy``, ``dx = dh @ w_gu^T``, ``dW_gu = x^T dh`` (+ bias grads as row sums).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import bucket, check_offsets, next_pow2
+from .grouped_gemm import (
+    _fwd_configs, _gemm_flags, expert_tile, grouped_mm_forward, grouped_mm_weight_grad, mma,
+)
+
+ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
+GPT_OSS_ALPHA = 1.702
+GPT_OSS_LIMIT = 7.0
+
+
+@triton.jit
+def _act_fwd(g, u, ACT: tl.constexpr, alpha, limit):
+    """Activation on fp32 tiles of gate ``g`` and up ``u``."""
+    if ACT == 0:
+        a = g * tl.sigmoid(g) * u
+    else:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        a = (uc + 1.0) * gc * tl.sigmoid(alpha * gc)
+    return a
+
+
+@triton.jit
+def _act_bwd(g, u, da, ACT: tl.constexpr, alpha, limit):
+    """(act, d_gate, d_up) from fp32 tiles of gate, up and d_act. Clamp gradients follow
+    ``torch.clamp``: they pass where the input lies inside the closed interval."""
+    if ACT == 0:
+        sg = tl.sigmoid(g)
+        silu = g * sg
+        a = silu * u
+        du = da * silu
+        dg = da * u * sg * (1.0 + g * (1.0 - sg))
+    else:
+        gc = tl.minimum(g, limit)
+        uc = tl.minimum(tl.maximum(u, -limit), limit)
+        sg = tl.sigmoid(alpha * gc)
+        glu = gc * sg
+        a = (uc + 1.0) * glu
+        du = tl.where((u >= -limit) & (u <= limit), da * glu, 0.0)
+        dg = tl.where(g <= limit, da * (uc + 1.0) * (sg + alpha * gc * sg * (1.0 - sg)), 0.0)
+    return a, dg, du
+
+
+@triton.autotune(configs=_fwd_configs(), key=["N", "K", "S_BUCKET"])
+@triton.jit
+def _gate_up_act_kernel(
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, a_ptr, hg_ptr, hu_ptr, offsets_ptr,
+    N, K, E, S_BUCKET, alpha, limit,
+    stride_xs, stride_xk,
+    stride_we, stride_wk, stride_wn,
+    stride_be, stride_bn,
+    stride_as, stride_an,
+    stride_hs, stride_hn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """act[rows, n] = ACT(x @ wg[e] + bg[e], x @ wu[e] + bu[e]) for one (M, N) tile; N = I.
+    Optionally stores the pre-activations (gate into hg, up into hu)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert, row0, row_end, valid = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if not valid:
+        return
+    expert = expert.to(tl.int64)
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < row_end
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+
+    x_ptrs = x_ptr + rows[:, None] * stride_xs + ks[None, :] * stride_xk
+    w_off = expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    wg_ptrs = wg_ptr + w_off
+    wu_ptrs = wu_ptr + w_off
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + ks) < K
+        a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wmask = kmask[:, None] & cmask[None, :]
+        bg = tl.load(wg_ptrs, mask=wmask, other=0.0)
+        bu = tl.load(wu_ptrs, mask=wmask, other=0.0)
+        acc_g = mma(a, bg, acc_g, IEEE, UPCAST)
+        acc_u = mma(a, bu, acc_u, IEEE, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        wg_ptrs += BLOCK_K * stride_wk
+        wu_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        b_off = expert * stride_be + cols * stride_bn
+        acc_g += tl.load(bg_ptr + b_off, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bu_ptr + b_off, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    if STORE_H:
+        h_off = rows[:, None] * stride_hs + cols[None, :] * stride_hn
+        tl.store(hg_ptr + h_off, acc_g.to(hg_ptr.dtype.element_ty), mask=omask)
+        tl.store(hu_ptr + h_off, acc_u.to(hu_ptr.dtype.element_ty), mask=omask)
+    # The activation sees h rounded to the input dtype, as an unfused GEMM -> activation would,
+    # and as the backward (which recomputes act from the stored h) does.
+    acc_g = acc_g.to(a_ptr.dtype.element_ty).to(tl.float32)
+    acc_u = acc_u.to(a_ptr.dtype.element_ty).to(tl.float32)
+    act = _act_fwd(acc_g, acc_u, ACT, alpha, limit)
+    tl.store(a_ptr + rows[:, None] * stride_as + cols[None, :] * stride_an,
+             act.to(a_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.autotune(configs=_fwd_configs(), key=["N", "K", "S_BUCKET"])
+@triton.jit
+def _down_bwd_act_kernel(
+    dy_ptr, w_ptr, hg_ptr, hu_ptr, dhg_ptr, dhu_ptr, a_ptr, offsets_ptr,
+    N, K, E, S_BUCKET, alpha, limit,
+    stride_ds, stride_dk,
+    stride_we, stride_wk, stride_wn,
+    stride_hs, stride_hn,
+    stride_as, stride_an,
+    ACT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """d_act = dy @ w[e] (w = w_down^T view [E, H, I]; K = H, N = I), then in the epilogue:
+    recompute act from h and store act [S, I] and dh (gate part to dhg, up part to dhu)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert, row0, row_end, valid = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if not valid:
+        return
+    expert = expert.to(tl.int64)
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < row_end
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+
+    d_ptrs = dy_ptr + rows[:, None] * stride_ds + ks[None, :] * stride_dk
+    w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + ks) < K
+        a = tl.load(d_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = mma(a, b, acc, IEEE, UPCAST)
+        d_ptrs += BLOCK_K * stride_dk
+        w_ptrs += BLOCK_K * stride_wk
+    omask = rmask[:, None] & cmask[None, :]
+    h_off = rows[:, None] * stride_hs + cols[None, :] * stride_hn
+    g = tl.load(hg_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
+    u = tl.load(hu_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
+    act, dg, du = _act_bwd(g, u, acc, ACT, alpha, limit)
+    tl.store(dhg_ptr + h_off, dg.to(dhg_ptr.dtype.element_ty), mask=omask)
+    tl.store(dhu_ptr + h_off, du.to(dhu_ptr.dtype.element_ty), mask=omask)
+    tl.store(a_ptr + rows[:, None] * stride_as + cols[None, :] * stride_an,
+             act.to(a_ptr.dtype.element_ty), mask=omask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _split_cols(t: torch.Tensor, concatenated: bool):
+    """(gate, up) strided views of the last dim (2I) of ``t``."""
+    i = t.shape[-1] // 2
+    if concatenated:
+        return t[..., :i], t[..., i:]
+    return t[..., 0::2], t[..., 1::2]
+
+
+def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, store_h):
+    S, H = x.shape
+    E, _, two_i = w_gu.shape
+    I = two_i // 2
+    act = torch.empty((S, I), dtype=x.dtype, device=x.device)
+    h = torch.empty((S, two_i), dtype=x.dtype, device=x.device) if store_h else None
+    if S == 0 or I == 0:
+        return act, h
+    wg, wu = _split_cols(w_gu, concatenated)
+    bg, bu = _split_cols(b_gu, concatenated) if b_gu is not None else (x, x)
+    hg, hu = _split_cols(h, concatenated) if h is not None else (act, act)
+    sb = (bg.stride(0), bg.stride(1)) if b_gu is not None else (0, 0)
+    ieee, upcast = _gemm_flags(x.dtype)
+    grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
+    _gate_up_act_kernel[grid](
+        x, wg, wu, bg, bu, act, hg, hu, offsets,
+        I, H, E, bucket(S), float(alpha), float(limit),
+        x.stride(0), x.stride(1),
+        wg.stride(0), wg.stride(1), wg.stride(2),
+        sb[0], sb[1],
+        act.stride(0), act.stride(1),
+        hg.stride(0), hg.stride(1),
+        ACT=act_id, HAS_BIAS=b_gu is not None, STORE_H=store_h,
+        IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
+    )
+    return act, h
+
+
+def _down_bwd_act(dy, w_down, h, offsets, act_id, concatenated, alpha, limit):
+    S, H = dy.shape
+    E, I, _ = w_down.shape
+    dh = torch.empty_like(h)
+    act = torch.empty((S, I), dtype=h.dtype, device=h.device)
+    if S == 0 or I == 0:
+        return dh, act
+    w = w_down.transpose(1, 2)  # [E, H, I]
+    hg, hu = _split_cols(h, concatenated)
+    dhg, dhu = _split_cols(dh, concatenated)
+    ieee, upcast = _gemm_flags(dy.dtype)
+    grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
+    _down_bwd_act_kernel[grid](
+        dy, w, hg, hu, dhg, dhu, act, offsets,
+        I, H, E, bucket(S), float(alpha), float(limit),
+        dy.stride(0), dy.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        hg.stride(0), hg.stride(1),
+        act.stride(0), act.stride(1),
+        ACT=act_id, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
+    )
+    return dh, act
+
+
+class ExpertMLP(torch.autograd.Function):
+    """Autograd for the fused expert MLP on GEMM views ``w_gu [E, H, 2I]``, ``w_down [E, I, H]``."""
+
+    @staticmethod
+    def forward(ctx, x, w_gu, w_down, offsets, b_gu, b_down, act_id, concatenated, alpha, limit):
+        act, h = _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, store_h=True)
+        y = grouped_mm_forward(act, w_down, offsets, b_down)
+        del act  # not saved: recomputed from h in the backward
+        ctx.save_for_backward(x, w_gu, w_down, offsets, h)
+        ctx.cfg = (act_id, concatenated, alpha, limit, b_gu is not None, b_down is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_gu, w_down, offsets, h = ctx.saved_tensors
+        act_id, concatenated, alpha, limit, has_bgu, has_bdown = ctx.cfg
+        dy = dy.contiguous()
+        dh, act = _down_bwd_act(dy, w_down, h, offsets, act_id, concatenated, alpha, limit)
+        need = ctx.needs_input_grad
+        dx = dw_gu = dw_down = db_gu = db_down = None
+        if need[2] or (has_bdown and need[5]):
+            dw_down, db_down = grouped_mm_weight_grad(act, dy, offsets, w_down, with_bias=has_bdown and need[5])
+            dw_down = dw_down if need[2] else None
+        del act
+        if need[0]:
+            dx = grouped_mm_forward(dh, w_gu.transpose(1, 2), offsets)
+        if need[1] or (has_bgu and need[4]):
+            dw_gu, db_gu = grouped_mm_weight_grad(x, dh, offsets, w_gu, with_bias=has_bgu and need[4])
+            dw_gu = dw_gu if need[1] else None
+        return dx, dw_gu, dw_down, None, db_gu, db_down, None, None, None, None
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    offsets: torch.Tensor,
+    activation: str = "swiglu",
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+    transposed: bool = False,
+    concatenated: Optional[bool] = None,
+    alpha: float = GPT_OSS_ALPHA,
+    limit: float = GPT_OSS_LIMIT,
+) -> torch.Tensor:
+    """Fused expert MLP over expert-sorted rows: ``down(act(x @ gate_up + b_gu)) + b_down``.
+
+    Args:
+        x: [S, H] rows sorted by expert.
+        gate_up: [E, 2I, H] (standard) or [E, H, 2I] (``transposed=True``, GPT-OSS).
+        down: [E, H, I] (standard) or [E, I, H] (``transposed=True``).
+        offsets: int32 [E] cumulative end offsets, ``offsets[-1] == S``.
+        activation: "swiglu" or "gpt_oss" (uses ``alpha``, ``limit``).
+        gate_up_bias: optional [E, 2I] in the same column order as gate_up's 2I dim.
+        down_bias: optional [E, H].
+        transposed: HF ``is_transposed`` (GPT-OSS layout).
+        concatenated: gate/up halves ``[gate; up]`` (True) or interleaved (False); default
+            ``not transposed`` (the HF models' conventions).
+    Returns:
+        [S, H] in x.dtype; differentiable w.r.t. x, gate_up, down and the biases.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"expert_mlp: unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+    if concatenated is None:
+        concatenated = not transposed
+    w_gu = gate_up if transposed else gate_up.transpose(1, 2)  # [E, H, 2I]
+    w_down = down if transposed else down.transpose(1, 2)  # [E, I, H]
+    S, H = x.shape
+    E, H2, two_i = w_gu.shape
+    if H2 != H or two_i % 2 or w_down.shape != (E, two_i // 2, H):
+        raise ValueError(
+            f"expert_mlp: shapes do not match: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
+            f"down {tuple(down.shape)}, transposed={transposed} (expected gate_up "
+            f"{'[E, H, 2I]' if transposed else '[E, 2I, H]'} and down {'[E, I, H]' if transposed else '[E, H, I]'})")
+    if not (x.dtype == gate_up.dtype == down.dtype):
+        raise TypeError(f"expert_mlp: dtypes differ: x {x.dtype}, gate_up {gate_up.dtype}, down {down.dtype}")
+    check_offsets(offsets, E, x.device)
+    act_id = ACTIVATIONS[activation]
+    params = (x, gate_up, down, gate_up_bias, down_bias)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)):
+        # Inference: no pre-activation is stored.
+        act, _ = _gate_up_act(x, w_gu, gate_up_bias, offsets, act_id, concatenated, alpha, limit, store_h=False)
+        return grouped_mm_forward(act, w_down, offsets, down_bias)
+    return ExpertMLP.apply(x, w_gu, w_down, offsets, gate_up_bias, down_bias, act_id, concatenated, alpha, limit)

@@ -1,0 +1,137 @@
+"""Plain-PyTorch references for every kernel in this package: readable, slow, the definition of
+right. Tests hold the Triton kernels to these. Shapes follow the kernels' docstrings:
+T tokens, H hidden, E experts, k top-k, S = T*k routed rows, I expert width.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _bounds(offsets: torch.Tensor):
+    """[(start, end)] rows per expert from int32 cumulative end offsets [E]."""
+    ends = offsets.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped GEMM and the expert MLP
+# ---------------------------------------------------------------------------------------------
+def grouped_mm_ref(x, w, offsets, bias=None):
+    """x [S, K], w [E, K, N], offsets int32 [E], bias [E, N] | None -> [S, N]: one matmul per expert."""
+    outs = []
+    for e, (s, t) in enumerate(_bounds(offsets)):
+        y = x[s:t] @ w[e]
+        outs.append(y + bias[e] if bias is not None else y)
+    return torch.cat(outs, 0) if outs else x.new_zeros(0, w.shape[2])
+
+
+def swiglu_ref(gate, up):
+    return F.silu(gate) * up
+
+
+def gpt_oss_act_ref(gate, up, alpha=1.702, limit=7.0):
+    """Transformers' GptOssExperts._apply_gate on already-split gate / up."""
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def expert_mlp_ref(x, gate_up, down, offsets, activation="swiglu", gate_up_bias=None, down_bias=None,
+                   transposed=False, concatenated=None, alpha=1.702, limit=7.0):
+    """The per-expert loop, in HF v5 layouts (see expert_mlp). x [S, H] -> [S, H]."""
+    if concatenated is None:
+        concatenated = not transposed
+    outs = []
+    for e, (s, t) in enumerate(_bounds(offsets)):
+        w_gu = gate_up[e] if transposed else gate_up[e].t()  # [H, 2I]
+        w_d = down[e] if transposed else down[e].t()  # [I, H]
+        h = x[s:t] @ w_gu
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e]
+        i = h.shape[-1] // 2
+        gate, up = (h[:, :i], h[:, i:]) if concatenated else (h[:, 0::2], h[:, 1::2])
+        a = swiglu_ref(gate, up) if activation == "swiglu" else gpt_oss_act_ref(gate, up, alpha, limit)
+        y = a @ w_d
+        outs.append(y + down_bias[e] if down_bias is not None else y)
+    return torch.cat(outs, 0) if outs else x.new_zeros(0, x.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Permutation
+# ---------------------------------------------------------------------------------------------
+def sort_by_expert_ref(ids: torch.Tensor, num_experts: int):
+    """ids [T, k] -> (sorted_slots int64 [S], counts int64 [E], offsets int32 [E]).
+
+    sorted_slots is a STABLE sort of the flattened ids: equal experts keep slot order t*k+j."""
+    flat = ids.reshape(-1).long()
+    sorted_slots = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return sorted_slots, counts, counts.cumsum(0).to(torch.int32)
+
+
+def inverse_permutation_ref(sorted_slots: torch.Tensor) -> torch.Tensor:
+    """inv[slot] = sorted row of that slot."""
+    inv = torch.empty_like(sorted_slots)
+    inv[sorted_slots] = torch.arange(sorted_slots.numel(), device=sorted_slots.device)
+    return inv
+
+
+def permute_ref(x: torch.Tensor, sorted_slots: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x [T, H] -> [S, H]: row r is token sorted_slots[r] // k."""
+    return x[sorted_slots // top_k]
+
+
+def combine_ref(y: torch.Tensor, weights: torch.Tensor, sorted_slots: torch.Tensor) -> torch.Tensor:
+    """y [S, H] expert outputs in sorted order, weights [T, k] -> out [T, H]:
+    out[t] = sum_j weights[t, j] * y[inv[t*k+j]], summed in fp32, j ascending."""
+    T, k = weights.shape
+    rows = y[inverse_permutation_ref(sorted_slots)].view(T, k, -1).float()
+    out = torch.zeros(T, y.shape[1], dtype=torch.float32, device=y.device)
+    for j in range(k):
+        out = out + weights[:, j:j + 1].float() * rows[:, j]
+    return out.to(y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Router
+# ---------------------------------------------------------------------------------------------
+def topk_ids_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores per row; among equal scores the LOWEST index wins
+    (a stable descending sort keeps equal scores in index order)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def route_ref(logits: torch.Tensor, top_k: int, mode: str = "softmax", renormalize: bool = False,
+              correction_bias: Optional[torch.Tensor] = None, n_group: int = 1, topk_group: int = 1,
+              routed_scaling_factor: float = 1.0):
+    """logits [T, E] -> (weights fp32 [T, k], ids int64 [T, k]); see router.route for the modes."""
+    z = logits.float()
+    if mode == "softmax":
+        probs = torch.softmax(z, dim=-1)
+        ids = topk_ids_ref(z, top_k)  # softmax is monotonic: select on the logits
+        w = probs.gather(1, ids)
+        if renormalize:
+            w = w / w.sum(-1, keepdim=True)
+    elif mode == "topk_softmax":
+        ids = topk_ids_ref(z, top_k)
+        w = torch.softmax(z.gather(1, ids), dim=-1)
+    elif mode == "sigmoid":
+        s = torch.sigmoid(z)
+        choice = s if correction_bias is None else s + correction_bias.float()
+        if n_group > 1:
+            T, E = z.shape
+            gsize = E // n_group
+            gscore = choice.view(T, n_group, gsize).topk(min(2, gsize), dim=-1).values.sum(-1)
+            keep = torch.zeros(T, n_group, dtype=torch.bool, device=z.device)
+            keep.scatter_(1, topk_ids_ref(gscore, topk_group), True)
+            choice = choice.masked_fill(~keep.repeat_interleave(gsize, dim=1), float("-inf"))
+        ids = topk_ids_ref(choice.detach(), top_k)
+        w = s.gather(1, ids)
+        if renormalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    else:
+        raise ValueError(f"unknown router mode {mode!r}")
+    return w * routed_scaling_factor, ids
