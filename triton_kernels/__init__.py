@@ -1,0 +1,29 @@
+"""Triton kernels for the hot path of one MoE layer, each with a launcher, an autograd wrapper and
+a plain-PyTorch reference (``triton_kernels.reference``). Importable on their own: nothing here
+imports ``moe_lab``.
+
+Shapes: T tokens, H hidden, E experts, k top-k, S = T*k routed rows, I expert width; ``offsets``
+are int32 cumulative END offsets per expert ``[E]`` over rows sorted by expert.
+
+- ``route(logits [T, E], top_k, mode=...) -> (weights fp32 [T, k], ids int64 [T, k])``
+- ``sort_by_expert(ids [T, k], E) -> (sorted_slots int64 [S], counts int64 [E], offsets int32 [E])``
+- ``permute(x [T, H], sorted_slots, top_k) -> [S, H]``
+- ``grouped_mm(x [S, K], w [E, K, N], offsets, bias=None) -> [S, N]``
+- ``expert_mlp(x [S, H], gate_up, down, offsets, activation=..., ...) -> [S, H]``
+- ``combine(y [S, H], weights [T, k], sorted_slots) -> [T, H]``
+"""
+from .expert_mlp import expert_mlp
+from .grouped_gemm import grouped_mm
+from .permute import combine, expert_counts, inverse_permutation, permute, sort_by_expert
+from .router import route
+
+__all__ = [
+    "route",
+    "sort_by_expert",
+    "expert_counts",
+    "inverse_permutation",
+    "permute",
+    "grouped_mm",
+    "expert_mlp",
+    "combine",
+]
