@@ -1,0 +1,48 @@
+"""Tiny random configs of each supported family, small enough for fast CPU tests."""
+from __future__ import annotations
+
+import transformers
+
+COMMON = dict(vocab_size=61, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def tiny_config(family: str, num_experts: int = 6, top_k: int = 2, layers: int = 2, **overrides):
+    """A tiny v5 config of `family` ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "qwen2_moe", "olmoe")."""
+    if family == "qwen3_moe":
+        kw = dict(COMMON, intermediate_size=40, moe_intermediate_size=24, num_hidden_layers=layers,
+                  num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True)
+        cls = transformers.Qwen3MoeConfig
+    elif family == "mixtral":
+        kw = dict(COMMON, intermediate_size=24, num_hidden_layers=layers, num_local_experts=num_experts,
+                  num_experts_per_tok=top_k)
+        cls = transformers.MixtralConfig
+    elif family == "gpt_oss":
+        kw = dict(COMMON, intermediate_size=24, num_hidden_layers=layers, num_local_experts=num_experts,
+                  num_experts_per_tok=top_k, sliding_window=16, layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["full_attention"] * (layers % 2))
+        cls = transformers.GptOssConfig
+    elif family == "deepseek_v3":
+        kw = dict(COMMON, intermediate_size=40, moe_intermediate_size=24, num_hidden_layers=layers + 1,
+                  first_k_dense_replace=1, n_routed_experts=num_experts, num_experts_per_tok=top_k,
+                  n_group=2 if num_experts % 2 == 0 else 1, topk_group=1, n_shared_experts=1,
+                  routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=16, kv_lora_rank=16,
+                  qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)
+        kw.pop("head_dim")
+        kw.update(num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        cls = transformers.DeepseekV3Config
+    elif family == "qwen2_moe":
+        kw = dict(COMMON, intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=32,
+                  num_hidden_layers=layers, num_experts=num_experts, num_experts_per_tok=top_k)
+        cls = transformers.Qwen2MoeConfig
+    elif family == "olmoe":
+        kw = dict(COMMON, intermediate_size=24, num_hidden_layers=layers, num_experts=num_experts,
+                  num_experts_per_tok=top_k)
+        cls = transformers.OlmoeConfig
+    else:
+        raise ValueError(family)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"]
+GENERIC = ["qwen2_moe", "olmoe"]
