@@ -115,7 +115,8 @@ class RegimeHook:
         probs = torch.softmax(logits2d.float(), dim=-1).gather(1, forced.reshape(tokens, k))
         scale = weights.reshape(tokens, k).float().sum(-1, keepdim=True)
         new_w = probs / probs.sum(-1, keepdim=True) * scale
-        return logits, new_w.to(weights.dtype).reshape(weights.shape), forced
+        result = (logits, new_w.to(weights.dtype).reshape(weights.shape), forced)
+        return type(output)(*result) if hasattr(type(output), "_fields") else result
 
 
 def apply(model: nn.Module, regime: str, seed: int = 0) -> list:

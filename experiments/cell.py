@@ -1,0 +1,347 @@
+"""One cell: build a model, run full training steps, measure, and write one JSON record.
+
+A cell is a dict (see ``DEFAULTS``): model geometry + layer count, system (``systems.py``), number
+of processes, batch and sequence length, routing regime (``regimes.py``), recipe (dtype,
+optimizer, activation checkpointing), warm-up and measured step counts, seed.
+
+Per step it runs forward, backward, optimizer step and zero_grad between two device
+synchronisations and records wall time and loss. Metrics (over the measured steps): median step
+time, tokens/s/GPU, analytic model TFLOP/s/GPU and MFU (``flops.py``), peak memory
+(``torch.cuda.max_memory_allocated`` since the model was built, max over ranks) and activation
+memory = peak - (parameters + gradients + optimizer state), the three counted from the tensors
+themselves (local shards under FSDP/EP).
+
+Run as ``python -m experiments.cell --spec '<json>' --out cell.json`` (or under ``torchrun`` for
+several GPUs; rank 0 writes). The record is written even when the cell fails: status ``oom``,
+``not_implemented``, ``unavailable`` or ``failed`` with the error; the exit code is then 3.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+from . import flops, models, provenance, regimes, store, systems
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "model": "tiny-qwen3-moe",
+    "layers": None,  # None = the geometry's full depth
+    "system": "v5-grouped_mm",
+    "nproc": 1,
+    "batch": 1,
+    "seq": 512,
+    "routing": "real",
+    "dtype": "bf16",  # bf16 | fp32: parameter dtype (pure bf16 training when bf16)
+    "optimizer": "adamw_fused",  # adamw_fused | adamw | sgd
+    "lr": 1.0e-4,
+    "ckpt": False,  # activation checkpointing (non-reentrant)
+    "attn": None,  # None = the geometry's choice (sdpa unless the file says otherwise)
+    "warmup": 3,
+    "steps": 10,
+    "seed": 0,
+    "device": "auto",  # auto | cuda | cpu
+    "transformers_version": None,  # a pin: the cell fails if another version is imported
+    "fail_at": None,  # test hook: "build" or "step" raises an injected error there
+}
+STATUSES = ("ok", "failed", "oom", "not_implemented", "unavailable", "timeout")
+_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def normalise(spec: dict) -> dict:
+    """The spec with defaults filled in and values checked; unknown keys are refused."""
+    unknown = set(spec) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown cell keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    out = {**DEFAULTS, **spec}
+    models.load_geometry(out["model"])
+    if out["layers"] is None:
+        out["layers"] = int(models.load_geometry(out["model"])["full_layers"])
+    systems.parse(out["system"])
+    regimes.parse(out["routing"])
+    if out["dtype"] not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {out['dtype']!r}")
+    if out["optimizer"] not in ("adamw_fused", "adamw", "sgd"):
+        raise ValueError(f"optimizer must be adamw_fused, adamw or sgd, got {out['optimizer']!r}")
+    for k in ("nproc", "batch", "seq", "steps", "layers"):
+        if int(out[k]) < 1:
+            raise ValueError(f"{k} must be >= 1, got {out[k]}")
+    return out
+
+
+def cell_id(spec: dict) -> str:
+    """A readable, stable file name for a normalised spec, with a hash of every field."""
+    s = spec
+    digest = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:8]
+    recipe = f"{s['dtype']}-{s['optimizer']}" + ("-ckpt" if s["ckpt"] else "")
+    routing = s["routing"].replace("@", "a")
+    return (f"{models.model_label(s['model'], s['layers'])}__{s['system']}__{routing}__"
+            f"b{s['batch']}s{s['seq']}__{recipe}__n{s['nproc']}__{digest}")
+
+
+# ---- distributed set-up ------------------------------------------------------------------------
+def _dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _setup_device(spec: dict):
+    import torch
+
+    rank, world, local = _dist_env()
+    want = spec["device"]
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise _Unavailable("this cell needs a CUDA GPU and none is visible")
+    if world != spec["nproc"]:
+        raise _Unavailable(f"cell asks for nproc={spec['nproc']} but runs with WORLD_SIZE={world} (launch with torchrun)")
+    device = torch.device(want, local) if want == "cuda" else torch.device("cpu")
+    if want == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            kw = {"device_id": device} if want == "cuda" else {}
+            dist.init_process_group("nccl" if want == "cuda" else "gloo", **kw)
+    return device, rank, world
+
+
+class _Unavailable(RuntimeError):
+    pass
+
+
+# ---- measurement helpers -----------------------------------------------------------------------
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _bytes(t) -> int:
+    t = _local(t)
+    return t.numel() * t.element_size()
+
+
+def static_bytes(model, optimizer) -> dict:
+    """Bytes held by parameters, their gradients (same size as the trainable parameters, counted
+    whether or not they exist right now) and optimizer state tensors (this rank's shards)."""
+    import torch
+
+    params = list(model.parameters())
+    p = sum(_bytes(x) for x in params)
+    g = sum(_bytes(x) for x in params if x.requires_grad)
+    o = sum(_bytes(v) for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    return {"params": p, "grads": g, "optimizer": o}
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_batch(spec, vocab, step, rank, replicated, device):
+    import torch
+
+    g = torch.Generator().manual_seed(spec["seed"] * 1_000_003 + step * 7919 + (0 if replicated else rank * 104_729))
+    ids = torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g)
+    return ids.to(device)
+
+
+def _optimizer(spec, model, device):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=spec["lr"])
+    if spec["optimizer"] == "adamw_fused":
+        return torch.optim.AdamW(params, lr=spec["lr"], fused=True)
+    return torch.optim.AdamW(params, lr=spec["lr"])
+
+
+def _max_over_ranks(values: list[float], world: int, device) -> list[float]:
+    if world == 1:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+# ---- the cell ----------------------------------------------------------------------------------
+def run(spec: dict) -> dict:
+    """Run a normalised cell in this process (one rank); returns its record (status ok)."""
+    import torch
+
+    t_start = time.perf_counter()
+    device, rank, world = _setup_device(spec)
+    system = systems.parse(spec["system"])
+    import transformers
+
+    if spec["transformers_version"] and transformers.__version__ != spec["transformers_version"]:
+        raise _Unavailable(f"transformers {transformers.__version__} imported from "
+                           f"{os.path.dirname(transformers.__file__)}, the sweep pins {spec['transformers_version']}")
+    config = models.build_config(spec["model"], spec["layers"])
+    dtype = getattr(torch, _DTYPES[spec["dtype"]])
+    attn = models.attn_implementation(spec["model"], spec["attn"])
+    if spec["fail_at"] == "build":
+        raise RuntimeError("injected failure at build (fail_at='build')")
+
+    torch.manual_seed(spec["seed"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = systems.build_model(system, config, dtype=dtype, attn=attn, device=device, world=world)
+    model.train()
+    if spec["ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hooks = regimes.apply(model, spec["routing"], seed=spec["seed"])
+    optimizer = _optimizer(spec, model, device)
+    _sync(device)
+    build_s = time.perf_counter() - t_start
+    weights_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    log.info("cell %s: built %s (%s, %d routers hooked) in %.1fs", spec["model"], system.name, attn, len(hooks), build_s)
+
+    samples = []
+    vocab = config.vocab_size
+    total = spec["warmup"] + spec["steps"]
+    for step in range(total):
+        ids = _make_batch(spec, vocab, step, rank, system.replicated_input, device)
+        if spec["fail_at"] == "step" and step == 1:
+            raise RuntimeError("injected failure at step 1 (fail_at='step')")
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        samples.append({"step": step, "warmup": step < spec["warmup"], "step_ms": dt * 1e3,
+                        "loss": float(out.loss.detach().float().item())})
+        del out
+    step_ms = _max_over_ranks([s["step_ms"] for s in samples], world, device)
+    for s, ms in zip(samples, step_ms):
+        s["step_ms"] = ms
+
+    measured = [s["step_ms"] for s in samples if not s["warmup"]]
+    med_ms = statistics.median(measured)
+    tokens_per_gpu = spec["batch"] * spec["seq"] / (world if system.replicated_input else 1)
+    flops_per_gpu = flops.train_step_flops(config, spec["batch"], spec["seq"]) / (world if system.replicated_input else 1)
+    hw = provenance.hardware()
+    peak = flops.peak_tflops(hw["gpu"]) if device.type == "cuda" else None
+    tflops = flops_per_gpu / (med_ms / 1e3) / 1e12
+    static = static_bytes(model, optimizer)
+    peak_bytes = activation_bytes = None
+    if device.type == "cuda":
+        peak_b = _max_over_ranks([float(torch.cuda.max_memory_allocated(device))], world, device)[0]
+        peak_bytes = int(peak_b)
+        activation_bytes = peak_bytes - sum(static.values())
+    for h in hooks:
+        h.remove()
+    gib = 2.0 ** 30
+    metrics = {
+        "step_ms": med_ms,
+        "step_ms_mean": statistics.fmean(measured),
+        "step_ms_min": min(measured),
+        "step_ms_max": max(measured),
+        "tokens_per_gpu_per_step": tokens_per_gpu,
+        "tokens_per_s_per_gpu": tokens_per_gpu / (med_ms / 1e3),
+        "tflops_per_gpu": tflops,
+        "mfu": (tflops / peak) if peak else None,
+        "peak_tflops": peak,
+        "peak_gib": peak_bytes / gib if peak_bytes is not None else None,
+        "activation_gib": activation_bytes / gib if activation_bytes is not None else None,
+        "weights_after_build_gib": weights_bytes / gib if weights_bytes is not None else None,
+        "static_gib": {k: v / gib for k, v in static.items()},
+        "first_loss": samples[0]["loss"],
+        "final_loss": samples[-1]["loss"],
+        "loss_finite": all(math.isfinite(s["loss"]) for s in samples),
+    }
+    n_params = sum(_local(p).numel() for p in model.parameters()) * (world if system.kind == "v5-fsdp2" else 1)
+    return {
+        "status": "ok",
+        "model_label": models.model_label(spec["model"], spec["layers"]),
+        "model_type": config.model_type,
+        "attn_implementation": attn,
+        "system_kind": system.kind,
+        "world": world,
+        "device": device.type,
+        "params_approx": n_params,
+        "flops": {"train_flops_per_token": flops.train_flops_per_token(config, spec["seq"]),
+                  "forward_parts_per_token": flops.forward_flops_per_token(config, spec["seq"]),
+                  "train_flops_per_step_per_gpu": flops_per_gpu},
+        "metrics": metrics,
+        "samples": samples,
+        "timing_s": {"build": build_s, "total": time.perf_counter() - t_start},
+        "hardware": hw,
+        "versions": provenance.versions(),
+        "git": provenance.git_state(),
+    }
+
+
+def classify(exc: BaseException) -> str:
+    """The status a failure is recorded with."""
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        return "oom"
+    if isinstance(exc, NotImplementedError):
+        return "not_implemented"
+    if isinstance(exc, _Unavailable):
+        return "unavailable"
+    return "failed"
+
+
+def failure_record(spec: dict, status: str, error: str, tb: str = "") -> dict:
+    return {"status": status, "error": error, "traceback": tb,
+            "model_label": models.model_label(spec["model"], spec["layers"]),
+            "hardware": provenance.hardware(), "versions": provenance.versions(), "git": provenance.git_state()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run one benchmark cell and write its JSON record.")
+    ap.add_argument("--spec", required=True, help="cell spec as JSON, or @path to a JSON file")
+    ap.add_argument("--out", required=True, help="where rank 0 writes the record")
+    ap.add_argument("--log-level", default=os.environ.get("MOE_LAB_LOG", "INFO"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raw = args.spec
+    spec = json.loads(open(raw[1:]).read() if raw.startswith("@") else raw)
+    spec = normalise(spec)
+    rank = _dist_env()[0]
+    try:
+        record = run(spec)
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - every failure becomes a record
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        status = classify(e)
+        log.error("cell failed (%s): %s", status, e)
+        record = failure_record(spec, status, f"{type(e).__name__}: {e}", traceback.format_exc())
+        code = 3
+    record["cell_id"] = cell_id(spec)
+    record["spec"] = spec
+    if rank == 0:
+        store.write_json(args.out, record)
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

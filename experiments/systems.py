@@ -1,0 +1,115 @@
+"""Systems under test, by name: how a cell builds its model.
+
+Names (the ``system`` field of a cell and the last part of a summary key):
+
+* ``v5-<impl>``: vanilla Transformers v5, ``experts_implementation=<impl>`` (``eager``,
+  ``grouped_mm`` = v5's default, ``batched_mm``), one process per GPU.
+* ``v5-fsdp2-<impl>``: v5's FSDP2 through ``DistributedConfig(fsdp_size=world)``; each rank
+  trains on its own batch.
+* ``v5-ep``: v5's expert parallelism, ``DistributedConfig(tp_size=world,
+  enable_expert_parallel=True)`` (the model's ``base_model_ep_plan``); every rank sees the same
+  batch, so tokens/s/GPU divides the batch by the world size.
+* ``<backend>[-<variant>]``: moe_lab with ``moe_backend=<backend>[-<variant>]`` (``eager``,
+  ``torch``, ``triton``, ``te``, ``triton-fusedce`` ...); the whole name is passed to moe_lab, which
+  refuses words it does not know.
+* ``ep<N>-<dispatcher>-<backend>``: moe_lab expert parallelism over N ranks (placeholder: fails as
+  not implemented until moe_lab exposes it).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+_EP_RE = re.compile(r"^ep(\d+)-([a-z0-9_]+)-([a-z0-9_]+(?:-[a-z0-9_]+)?)$")
+
+
+class NotImplementedYet(NotImplementedError):
+    """A system the harness knows but the library cannot run yet (recorded as ``not_implemented``)."""
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    kind: str  # "v5" | "v5-fsdp2" | "v5-ep" | "moe_lab" | "moe_lab-ep"
+    experts_impl: str | None = None  # v5 experts_implementation
+    moe_backend: str | None = None  # moe_lab backend word
+    dispatcher: str | None = None
+    ep: int = 1
+    replicated_input: bool = False  # all ranks train on the same batch (TP-style)
+
+    @property
+    def distributed(self) -> bool:
+        return self.kind in ("v5-fsdp2", "v5-ep", "moe_lab-ep")
+
+
+def parse(name: str) -> System:
+    """The ``System`` a name stands for (see the module docstring)."""
+    if name == "v5-ep":
+        return System(name, "v5-ep", experts_impl="grouped_mm", replicated_input=True)
+    if name.startswith("v5-fsdp2-"):
+        return System(name, "v5-fsdp2", experts_impl=name[len("v5-fsdp2-"):])
+    if name.startswith("v5-"):
+        return System(name, "v5", experts_impl=name[len("v5-"):])
+    m = _EP_RE.match(name)
+    if m:
+        return System(name, "moe_lab-ep", moe_backend=m.group(3), dispatcher=m.group(2), ep=int(m.group(1)))
+    if not re.match(r"^[a-z0-9_]+(-[a-z0-9_]+)?$", name):
+        raise ValueError(f"bad system name {name!r}")
+    return System(name, "moe_lab", moe_backend=name)
+
+
+def _v5_distribute(model, dist_config):
+    """Apply a v5 ``DistributedConfig`` to a model built by ``from_config`` (v5 only does this
+    inside ``from_pretrained``): the same two calls, ``prepare_distribute_model`` and
+    ``maybe_distribute_model``. Parameters must be materialised identically on every rank."""
+    cls = type(model)
+    dist_config, _, mesh = cls.prepare_distribute_model(dist_config)
+    return cls.maybe_distribute_model(model, dist_config, mesh)
+
+
+def build_model(system: System, config, *, dtype, attn: str, device, world: int):
+    """Build the model of ``system`` on ``device`` (parameters in ``dtype``), random init under the
+    caller's seed. v5 and moe_lab models draw the same initial weights: moe_lab patches the v5
+    model in place, keeping its parameters."""
+    import torch
+    import transformers
+
+    kw = dict(attn_implementation=attn, dtype=dtype)
+    if system.kind in ("v5", "v5-fsdp2", "v5-ep"):
+        if system.kind == "v5" and world > 1:
+            raise ValueError(f"{system.name} is a one-GPU system; use v5-fsdp2-<impl> or v5-ep on {world} GPUs")
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation=system.experts_impl, **kw)
+        if system.kind == "v5-fsdp2":
+            from transformers.distributed import DistributedConfig
+
+            model = _v5_distribute(model, DistributedConfig(fsdp_size=world))
+        elif system.kind == "v5-ep":
+            from transformers.distributed import DistributedConfig
+
+            model = _v5_distribute(model, DistributedConfig(tp_size=world, enable_expert_parallel=True))
+        return model
+    try:
+        import moe_lab
+    except ImportError as e:
+        raise NotImplementedYet(f"moe_lab cannot be imported ({e}); system {system.name} needs it") from e
+    if not hasattr(moe_lab, "AutoModelForCausalLM"):
+        raise NotImplementedYet(f"moe_lab has no AutoModelForCausalLM yet; system {system.name} needs it")
+    if system.kind == "moe_lab-ep":
+        ep_fn = getattr(moe_lab, "apply_expert_parallel", None)
+        if ep_fn is None:
+            raise NotImplementedYet(
+                f"{system.name}: moe_lab has no expert parallelism yet (dispatcher {system.dispatcher!r}, "
+                f"ep={system.ep}); this cell is a placeholder until it lands")
+        if world != system.ep:
+            raise ValueError(f"{system.name} needs {system.ep} ranks, the cell has {world}")
+        with torch.device(device):
+            model = moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=system.moe_backend, **kw)
+        return ep_fn(model, ep_size=system.ep, dispatcher=system.dispatcher)
+    if world > 1:
+        raise ValueError(f"{system.name} is a one-GPU system; moe_lab on {world} GPUs needs ep{world}-<dispatcher>-<backend>")
+    with torch.device(device):
+        return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=system.moe_backend, **kw)
