@@ -88,7 +88,7 @@ def combine_ref(y: torch.Tensor, weights: torch.Tensor, sorted_slots: torch.Tens
     """y [S, H] expert outputs in sorted order, weights [T, k] -> out [T, H]:
     out[t] = sum_j weights[t, j] * y[inv[t*k+j]], summed in fp32, j ascending."""
     T, k = weights.shape
-    rows = y[inverse_permutation_ref(sorted_slots)].view(T, k, -1).float()
+    rows = y[inverse_permutation_ref(sorted_slots)].view(T, k, y.shape[1]).float()
     out = torch.zeros(T, y.shape[1], dtype=torch.float32, device=y.device)
     for j in range(k):
         out = out + weights[:, j:j + 1].float() * rows[:, j]

@@ -162,6 +162,7 @@ def _router_bwd_kernel(
         dsel = q * (g - tl.sum(g * q, axis=1)[:, None])  # softmax backward over the k logits
     elif RENORM:
         zs = tl.sum(tl.where(kmask, v, 0.0), axis=1)[:, None] + EPS
+        zs = tl.where(zs == 0.0, 1.0, zs)  # only padding rows (past T) have zs == 0
         q = v / zs
         dsel = (g - tl.sum(g * q, axis=1)[:, None]) / zs
     else:

@@ -1,0 +1,509 @@
+"""Triton kernels vs their plain-PyTorch references, forward and gradients.
+
+Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here and in
+conftest.py before any kernel is imported) on CPU tensors, with small shapes and few hypothesis
+examples; with CUDA the same tests run compiled on the GPU, and the ``gpu``-marked ones add bf16
+checks at larger shapes. Every kernel output is allocated "poisoned" (NaN / sentinel ints), so an
+element a kernel forgets to write fails the comparison.
+"""
+import contextlib
+import os
+from unittest import mock
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import triton_kernels as tk  # noqa: E402
+from triton_kernels import reference as ref  # noqa: E402
+from triton_kernels._common import interpreting  # noqa: E402
+
+DEVICE = "cpu" if interpreting() else "cuda"
+FAST = settings(max_examples=10, deadline=None, derandomize=True, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+CHEAP = settings(FAST, max_examples=15)  # for the kernels that interpret quickly
+gpu = pytest.mark.gpu
+needs_compiled_cuda = pytest.mark.skipif(interpreting() or not torch.cuda.is_available(),
+                                         reason="needs CUDA with compiled (not interpreted) Triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def poisoned():
+    """torch.empty / empty_like return NaN-filled (float) or -12345-filled (int) tensors."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-12345)
+        return t
+
+    with mock.patch.object(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k))), \
+            mock.patch.object(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k))):
+        yield
+
+
+def make_counts(E, S, seed, mode):
+    """Row counts [E] summing to S. mode: 'random' (some experts empty), 'one' (all rows to one
+    expert), 'uniform'."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == "one":
+        counts = torch.zeros(E, dtype=torch.int64)
+        counts[int(torch.randint(0, E, (1,), generator=g))] = S
+        return counts
+    if mode == "uniform":
+        active = torch.arange(E)
+    else:
+        active = torch.nonzero(torch.rand(E, generator=g) < 0.6).flatten()
+        if active.numel() == 0:
+            active = torch.tensor([E - 1])
+    return torch.bincount(active[torch.randint(0, active.numel(), (S,), generator=g)], minlength=E)
+
+
+def offsets_of(counts):
+    return counts.cumsum(0).to(torch.int32).to(DEVICE)
+
+
+def rand(*shape, seed, dtype=torch.float32, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def assert_close(actual, expected, rtol=1e-4, atol=1e-4, what=""):
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_close_rel(actual, expected, tol, what=""):
+    """max |a - b| <= tol * max |b| (for bf16, where elementwise rtol is meaningless near 0)."""
+    a, b = actual.float(), expected.float()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    err, mag = (a - b).abs().max().item() if a.numel() else 0.0, b.abs().max().item() if b.numel() else 0.0
+    assert err <= tol * max(mag, 1e-6), f"{what}: max err {err:.3g} vs max |ref| {mag:.3g} (tol {tol})"
+
+
+shape_modes = st.sampled_from(["random", "one", "uniform"])
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped GEMM
+# ---------------------------------------------------------------------------------------------
+@FAST
+@given(E=st.integers(1, 9), S=st.integers(0, 90), K=st.integers(1, 80), N=st.integers(1, 80),
+       mode=shape_modes, transposed_w=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+@example(E=3, S=0, K=5, N=7, mode="random", transposed_w=True, bias=True, seed=0)
+@example(E=5, S=70, K=70, N=70, mode="one", transposed_w=True, bias=False, seed=1)
+@example(E=7, S=90, K=33, N=65, mode="random", transposed_w=False, bias=True, seed=2)
+def test_grouped_mm_fp32(E, S, K, N, mode, transposed_w, bias, seed):
+    counts = make_counts(E, S, seed, mode)
+    offsets = offsets_of(counts)
+    x = leaf(rand(S, K, seed=seed))
+    base = leaf(rand(E, N, K, seed=seed + 1) if transposed_w else rand(E, K, N, seed=seed + 1))
+    b = leaf(rand(E, N, seed=seed + 2)) if bias else None
+    w = base.transpose(1, 2) if transposed_w else base
+    with poisoned():
+        y = tk.grouped_mm(x, w, offsets, b)
+    y_ref = ref.grouped_mm_ref(x, w, offsets, b)
+    assert y.shape == (S, N) and y.dtype == x.dtype
+    assert_close(y, y_ref, what="y")
+    dy = rand(S, N, seed=seed + 3)
+    inputs = (x, base) + ((b,) if bias else ())
+    with poisoned():
+        grads = torch.autograd.grad(y, inputs, dy)
+    grads_ref = torch.autograd.grad(y_ref, inputs, dy)
+    for name, g, gr in zip(("dx", "dw", "db"), grads, grads_ref):
+        assert_close(g, gr, what=name)
+    assert grads[1].stride() == base.stride(), "dw should come back in the parameter's layout"
+
+
+def test_grouped_mm_bf16():
+    E, K, N = 6, 72, 40
+    counts = torch.tensor([0, 40, 3, 0, 17, 1])
+    S = int(counts.sum())
+    offsets = offsets_of(counts)
+    x = rand(S, K, seed=1, dtype=torch.bfloat16)
+    w = rand(E, N, K, seed=2, dtype=torch.bfloat16).transpose(1, 2)
+    xr, wr = leaf(x.float()), leaf(w.float())
+    x, w = leaf(x), leaf(w)
+    with poisoned():
+        y = tk.grouped_mm(x, w, offsets)
+    y_ref = ref.grouped_mm_ref(xr, wr, offsets)
+    assert y.dtype == torch.bfloat16
+    assert_close_rel(y, y_ref, 2e-2, "y")
+    dy = rand(S, N, seed=3, dtype=torch.bfloat16)
+    with poisoned():
+        gx, gw = torch.autograd.grad(y, (x, w), dy)
+    rx, rw = torch.autograd.grad(y_ref, (xr, wr), dy.float())
+    assert_close_rel(gx, rx, 2e-2, "dx")
+    assert_close_rel(gw, rw, 2e-2, "dw")
+    assert_close_rel(gw[0], torch.zeros_like(rw[0]), 0.0, "dw of an empty expert")
+
+
+# ---------------------------------------------------------------------------------------------
+# fused expert MLP
+# ---------------------------------------------------------------------------------------------
+def _mlp_inputs(E, S, H, I, transposed, bias, seed, dtype=torch.float32, act="swiglu"):
+    wscale = 1.0 if act == "gpt_oss" else H ** -0.5  # gpt_oss: large pre-activations hit the clamps
+    gate_up = rand(E, H, 2 * I, seed=seed + 1, dtype=dtype, scale=wscale) if transposed else \
+        rand(E, 2 * I, H, seed=seed + 1, dtype=dtype, scale=wscale)
+    down = rand(E, I, H, seed=seed + 2, dtype=dtype, scale=I ** -0.5) if transposed else \
+        rand(E, H, I, seed=seed + 2, dtype=dtype, scale=I ** -0.5)
+    x = rand(S, H, seed=seed, dtype=dtype)
+    bgu = rand(E, 2 * I, seed=seed + 3, dtype=dtype) if bias else None
+    bd = rand(E, H, seed=seed + 4, dtype=dtype) if bias else None
+    return x, gate_up, down, bgu, bd
+
+
+@FAST
+@given(E=st.integers(1, 7), S=st.integers(0, 70), H=st.integers(1, 70), I=st.integers(1, 40),
+       act=st.sampled_from(["swiglu", "gpt_oss"]), transposed=st.booleans(), bias=st.booleans(),
+       mode=shape_modes, seed=st.integers(0, 2**16))
+@example(E=3, S=0, H=9, I=5, act="gpt_oss", transposed=True, bias=True, mode="random", seed=0)
+@example(E=4, S=66, H=67, I=33, act="swiglu", transposed=False, bias=False, mode="one", seed=1)
+@example(E=5, S=50, H=31, I=37, act="gpt_oss", transposed=True, bias=True, mode="random", seed=2)
+def test_expert_mlp_fp32(E, S, H, I, act, transposed, bias, mode, seed):
+    counts = make_counts(E, S, seed, mode)
+    offsets = offsets_of(counts)
+    tensors = [leaf(t) if t is not None else None for t in _mlp_inputs(E, S, H, I, transposed, bias, seed, act=act)]
+    x, gate_up, down, bgu, bd = tensors
+    kw = dict(activation=act, gate_up_bias=bgu, down_bias=bd, transposed=transposed)
+    with poisoned():
+        y = tk.expert_mlp(x, gate_up, down, offsets, **kw)
+    y_ref = ref.expert_mlp_ref(x, gate_up, down, offsets, **kw)
+    scale = max(y_ref.abs().max().item(), 1.0) if S else 1.0
+    assert_close(y, y_ref, atol=1e-5 * scale, what="y")
+    inputs = [t for t in tensors if t is not None]
+    dy = rand(S, H, seed=seed + 5)
+    with poisoned():
+        grads = torch.autograd.grad(y, inputs, dy)
+    grads_ref = torch.autograd.grad(y_ref, inputs, dy)
+    for name, g, gr in zip(("dx", "dgate_up", "ddown", "dbias_gu", "dbias_down"), grads, grads_ref):
+        gscale = max(gr.abs().max().item(), 1.0) if gr.numel() else 1.0
+        assert_close(g, gr, atol=1e-5 * gscale, what=name)
+
+
+def test_expert_mlp_inference_path_matches():
+    """Without grad the MLP skips storing the pre-activation; same numbers."""
+    counts = torch.tensor([5, 0, 11])
+    offsets = offsets_of(counts)
+    x, gate_up, down, bgu, bd = _mlp_inputs(3, 16, 24, 20, True, True, 7, act="gpt_oss")
+    with torch.no_grad(), poisoned():
+        y = tk.expert_mlp(x, gate_up, down, offsets, "gpt_oss", bgu, bd, transposed=True)
+    assert_close(y, ref.expert_mlp_ref(x, gate_up, down, offsets, "gpt_oss", bgu, bd, transposed=True),
+                 atol=1e-4, what="y")
+
+
+@pytest.mark.parametrize("act,transposed", [("swiglu", False), ("gpt_oss", True)])
+def test_expert_mlp_bf16(act, transposed):
+    E, H, I = 4, 48, 24
+    counts = torch.tensor([9, 0, 30, 2])
+    S = int(counts.sum())
+    offsets = offsets_of(counts)
+    # unit-scale pre-activations: near the gpt_oss clamp (|h| ~ 7) a bf16 rounding of h could flip
+    # the clamp's gradient mask against the fp32 reference (the clamps are checked in fp32)
+    bf = [t for t in _mlp_inputs(E, S, H, I, transposed, transposed, 11, torch.bfloat16)]
+    fp = [leaf(t.float()) if t is not None else None for t in bf]
+    bf = [leaf(t) if t is not None else None for t in bf]
+    kw = dict(activation=act, transposed=transposed)
+    with poisoned():
+        y = tk.expert_mlp(bf[0], bf[1], bf[2], offsets, gate_up_bias=bf[3], down_bias=bf[4], **kw)
+    y_ref = ref.expert_mlp_ref(fp[0], fp[1], fp[2], offsets, gate_up_bias=fp[3], down_bias=fp[4], **kw)
+    assert y.dtype == torch.bfloat16
+    assert_close_rel(y, y_ref, 4e-2, "y")
+    dy = rand(S, H, seed=5, dtype=torch.bfloat16)
+    with poisoned():
+        grads = torch.autograd.grad(y, [t for t in bf if t is not None], dy)
+    grads_ref = torch.autograd.grad(y_ref, [t for t in fp if t is not None], dy.float())
+    for name, g, gr in zip(("dx", "dgate_up", "ddown", "dbias_gu", "dbias_down"), grads, grads_ref):
+        assert g.dtype == torch.bfloat16
+        assert_close_rel(g, gr, 6e-2, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# permutation
+# ---------------------------------------------------------------------------------------------
+def make_ids(T, k, E, seed, mode):
+    """ids [T, k], distinct experts per token (k <= E). mode 'one' routes every token's first
+    choice to one expert (all tokens to that expert when k == 1)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k]
+    if mode == "one" and T:
+        hot = int(torch.randint(0, E, (1,), generator=g))
+        for t in range(T):
+            row = ids[t]
+            pos = (row == hot).nonzero()
+            if pos.numel():
+                row[pos[0, 0]] = row[0]
+            row[0] = hot
+    if mode == "skew":  # only the first few experts are used
+        ids = torch.rand(T, min(E, k + 1), generator=g).argsort(dim=1)[:, :k]
+    return ids.to(DEVICE)
+
+
+@CHEAP
+@given(T=st.integers(0, 60), E=st.integers(1, 13), k=st.integers(1, 8),
+       mode=st.sampled_from(["random", "one", "skew"]), seed=st.integers(0, 2**16),
+       int32=st.booleans())
+@example(T=0, E=5, k=2, mode="random", seed=0, int32=False)
+@example(T=40, E=1, k=1, mode="one", seed=0, int32=True)
+@example(T=50, E=7, k=7, mode="random", seed=3, int32=False)
+def test_sort_by_expert(T, E, k, mode, seed, int32):
+    k = min(k, E)
+    ids = make_ids(T, k, E, seed, mode)
+    if int32:
+        ids = ids.to(torch.int32)
+    with poisoned():
+        sorted_slots, counts, offsets, inv = tk.sort_by_expert(ids, E, return_inverse=True)
+        counts2 = tk.expert_counts(ids, E)
+    r_slots, r_counts, r_offsets = ref.sort_by_expert_ref(ids, E)
+    assert sorted_slots.dtype == torch.int64 and offsets.dtype == torch.int32
+    assert torch.equal(sorted_slots, r_slots)
+    assert torch.equal(counts, r_counts) and torch.equal(counts2, r_counts)
+    assert torch.equal(offsets, r_offsets)
+    assert torch.equal(inv, ref.inverse_permutation_ref(r_slots))
+    assert torch.equal(tk.inverse_permutation(sorted_slots), inv)
+
+
+def test_sort_by_expert_many_chunks():
+    """More slots than one chunk holds, so chunk bases and ranks across chunks are exercised."""
+    T, k, E = 700, 3, 6
+    ids = make_ids(T, k, E, 5, "random")
+    with poisoned():
+        sorted_slots, counts, offsets = tk.sort_by_expert(ids, E)
+    r_slots, r_counts, r_offsets = ref.sort_by_expert_ref(ids, E)
+    assert torch.equal(sorted_slots, r_slots) and torch.equal(counts, r_counts) and torch.equal(offsets, r_offsets)
+
+
+@CHEAP
+@given(T=st.integers(0, 50), E=st.integers(1, 11), k=st.integers(1, 8), H=st.integers(1, 70),
+       mode=st.sampled_from(["random", "one"]), seed=st.integers(0, 2**16))
+@example(T=0, E=4, k=2, H=8, mode="random", seed=0)
+@example(T=45, E=9, k=8, H=67, mode="one", seed=1)
+def test_permute_and_combine_fp32(T, E, k, H, mode, seed):
+    k = min(k, E)
+    ids = make_ids(T, k, E, seed, mode)
+    sorted_slots, _, _ = tk.sort_by_expert(ids, E)
+    x = leaf(rand(T, H, seed=seed))
+    with poisoned():
+        xs = tk.permute(x, sorted_slots, k)
+    xs_ref = ref.permute_ref(x, sorted_slots, k)
+    assert torch.equal(xs, xs_ref)
+    dxs = rand(T * k, H, seed=seed + 1)
+    with poisoned():
+        (gx,) = torch.autograd.grad(xs, x, dxs)
+    assert_close(gx, torch.autograd.grad(xs_ref, x, dxs)[0], rtol=1e-5, atol=1e-5, what="permute dx")
+
+    y = leaf(rand(T * k, H, seed=seed + 2))
+    w = leaf(torch.rand(T, k, generator=torch.Generator().manual_seed(seed)).to(DEVICE))
+    with poisoned():
+        out = tk.combine(y, w, sorted_slots)
+    out_ref = ref.combine_ref(y, w, sorted_slots)
+    assert_close(out, out_ref, rtol=1e-5, atol=1e-5, what="combine")
+    dout = rand(T, H, seed=seed + 3)
+    with poisoned():
+        gy, gw = torch.autograd.grad(out, (y, w), dout)
+    ry, rw = torch.autograd.grad(out_ref, (y, w), dout)
+    assert_close(gy, ry, rtol=1e-5, atol=1e-5, what="combine dy")
+    assert_close(gw, rw, rtol=1e-4, atol=1e-4, what="combine dweights")
+
+
+def test_permute_combine_bf16():
+    T, k, E, H = 33, 4, 6, 40
+    ids = make_ids(T, k, E, 3, "random")
+    sorted_slots, _, _ = tk.sort_by_expert(ids, E)
+    x = rand(T, H, seed=1, dtype=torch.bfloat16)
+    assert torch.equal(tk.permute(x, sorted_slots, k), x[sorted_slots // k])
+    y = leaf(rand(T * k, H, seed=2, dtype=torch.bfloat16))
+    w = leaf(torch.rand(T, k).to(DEVICE))  # fp32 routing weights with bf16 rows
+    with poisoned():
+        out = tk.combine(y, w, sorted_slots)
+    yr = leaf(y.detach().float())
+    wr = leaf(w.detach())
+    out_ref = ref.combine_ref(yr, wr, sorted_slots)
+    assert out.dtype == torch.bfloat16
+    assert_close_rel(out, out_ref, 1e-2, "combine")
+    dout = rand(T, H, seed=4, dtype=torch.bfloat16)
+    with poisoned():
+        gy, gw = torch.autograd.grad(out, (y, w), dout)
+    ry, rw = torch.autograd.grad(out_ref, (yr, wr), dout.float())
+    assert gy.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    assert_close_rel(gy, ry, 1e-2, "dy")
+    assert_close(gw, rw, rtol=1e-4, atol=1e-4, what="dweights")
+
+
+# ---------------------------------------------------------------------------------------------
+# router
+# ---------------------------------------------------------------------------------------------
+@st.composite
+def router_cases(draw):
+    mode = draw(st.sampled_from(["softmax", "topk_softmax", "sigmoid"]))
+    E = draw(st.integers(1, 24))
+    k = draw(st.integers(1, min(8, E)))
+    kw = dict(mode=mode, top_k=k, renormalize=draw(st.booleans()),
+              routed_scaling_factor=draw(st.sampled_from([1.0, 2.5])))
+    if mode == "sigmoid":
+        divisors = [d for d in range(1, E + 1) if E % d == 0 and d <= 8]
+        n_group = draw(st.sampled_from(divisors))
+        gsize = E // n_group
+        min_groups = -(-k // gsize)
+        kw.update(n_group=n_group, topk_group=draw(st.integers(min_groups, n_group)),
+                  bias=draw(st.booleans()))
+    return E, kw
+
+
+@CHEAP
+@given(case=router_cases(), T=st.integers(0, 60), ties=st.booleans(), seed=st.integers(0, 2**16))
+@example(case=(12, dict(mode="sigmoid", top_k=8, renormalize=True, routed_scaling_factor=2.5, n_group=4,
+                        topk_group=3, bias=True)), T=33, ties=True, seed=0)
+@example(case=(7, dict(mode="softmax", top_k=7, renormalize=True, routed_scaling_factor=1.0)), T=5, ties=True, seed=1)
+@example(case=(5, dict(mode="topk_softmax", top_k=2, renormalize=False, routed_scaling_factor=1.0)), T=0,
+         ties=False, seed=2)
+def test_route(case, T, ties, seed):
+    E, kw = case
+    kw = dict(kw)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(T, E, generator=g) * 2
+    if ties:  # few distinct values: many exact ties, broken by the lowest expert index
+        z = z.round()
+    if kw.pop("bias", False):
+        b = torch.randn(E, generator=g) * 0.5
+        kw["correction_bias"] = (b.round() if ties else b).to(DEVICE)
+    z = leaf(z.to(DEVICE))
+    with poisoned():
+        w, ids = tk.route(z, **kw)
+    w_ref, ids_ref = ref.route_ref(z, **kw)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int64 and w.shape == (T, kw["top_k"])
+    assert torch.equal(ids, ids_ref)
+    assert_close(w, w_ref, rtol=1e-5, atol=1e-6, what="weights")
+    dw = torch.randn(T, kw["top_k"], generator=g).to(DEVICE)
+    with poisoned():
+        (gz,) = torch.autograd.grad(w, z, dw)
+    (rz,) = torch.autograd.grad(w_ref, z, dw)
+    assert_close(gz, rz, rtol=1e-4, atol=1e-5, what="dlogits")
+
+
+def test_route_bf16_logits():
+    z = leaf(rand(20, 10, seed=3, dtype=torch.bfloat16))
+    with poisoned():
+        w, ids = tk.route(z, 3, "softmax", renormalize=True)
+    w_ref, ids_ref = ref.route_ref(z, 3, "softmax", renormalize=True)
+    assert torch.equal(ids, ids_ref)
+    assert_close(w, w_ref, rtol=1e-5, atol=1e-6, what="weights")
+    dw = rand(20, 3, seed=4)
+    (gz,) = torch.autograd.grad(w, z, dw)
+    assert gz.dtype == torch.bfloat16
+    assert_close(gz, torch.autograd.grad(w_ref, z, dw)[0], rtol=2e-2, atol=1e-3, what="dlogits")
+
+
+def test_route_rejects_bad_arguments():
+    z = torch.randn(4, 6, device=DEVICE)
+    with pytest.raises(ValueError):
+        tk.route(z, 7)
+    with pytest.raises(ValueError):
+        tk.route(z, 2, "sigmoid", n_group=4)
+    with pytest.raises(ValueError):
+        tk.route(z, 5, "sigmoid", n_group=3, topk_group=2)
+    with pytest.raises(ValueError):
+        tk.route(z, 2, "nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer, end to end
+# ---------------------------------------------------------------------------------------------
+def _layer(x, logits, gate_up, down, E, k, impl):
+    if impl == "triton":
+        w, ids = tk.route(logits, k, "softmax", renormalize=True)
+        slots, _, offsets = tk.sort_by_expert(ids, E)
+        xs = tk.permute(x, slots, k)
+        ys = tk.expert_mlp(xs, gate_up, down, offsets, "swiglu")
+        return tk.combine(ys, w, slots)
+    w, ids = ref.route_ref(logits, k, "softmax", renormalize=True)
+    slots, _, offsets = ref.sort_by_expert_ref(ids, E)
+    ys = ref.expert_mlp_ref(ref.permute_ref(x, slots, k), gate_up, down, offsets, "swiglu")
+    return ref.combine_ref(ys, w, slots)
+
+
+def test_moe_layer_end_to_end():
+    T, H, I, E, k = 24, 20, 12, 5, 2
+    x, logits = leaf(rand(T, H, seed=1)), leaf(rand(T, E, seed=2))
+    gate_up, down = leaf(rand(E, 2 * I, H, seed=3, scale=0.3)), leaf(rand(E, H, I, seed=4, scale=0.3))
+    out = _layer(x, logits, gate_up, down, E, k, "triton")
+    out_ref = _layer(x, logits, gate_up, down, E, k, "ref")
+    assert_close(out, out_ref, what="out")
+    dout = rand(T, H, seed=5)
+    grads = torch.autograd.grad(out, (x, logits, gate_up, down), dout)
+    grads_ref = torch.autograd.grad(out_ref, (x, logits, gate_up, down), dout)
+    for name, g, gr in zip(("dx", "dlogits", "dgate_up", "ddown"), grads, grads_ref):
+        assert_close(g, gr, what=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: bf16 at larger shapes against an fp32 reference, determinism
+# ---------------------------------------------------------------------------------------------
+@gpu
+@needs_compiled_cuda
+@pytest.mark.parametrize("act,transposed", [("swiglu", False), ("gpt_oss", True)])
+def test_gpu_expert_mlp_bf16_vs_fp32(act, transposed):
+    E, H, I, S = 12, 512, 384, 3000
+    counts = make_counts(E, S, 0, "random")
+    offsets = offsets_of(counts)
+    bf = _mlp_inputs(E, S, H, I, transposed, transposed, 0, torch.bfloat16)
+    fp = [leaf(t.float()) if t is not None else None for t in bf]
+    bf = [leaf(t) if t is not None else None for t in bf]
+    kw = dict(activation=act, transposed=transposed)
+    y = tk.expert_mlp(bf[0], bf[1], bf[2], offsets, gate_up_bias=bf[3], down_bias=bf[4], **kw)
+    y_ref = ref.expert_mlp_ref(fp[0], fp[1], fp[2], offsets, gate_up_bias=fp[3], down_bias=fp[4], **kw)
+    assert_close_rel(y, y_ref, 2e-2, "y")
+    dy = rand(S, H, seed=9, dtype=torch.bfloat16)
+    grads = torch.autograd.grad(y, [t for t in bf if t is not None], dy)
+    grads_ref = torch.autograd.grad(y_ref, [t for t in fp if t is not None], dy.float())
+    for name, g, gr in zip(("dx", "dgate_up", "ddown", "dbias_gu", "dbias_down"), grads, grads_ref):
+        assert_close_rel(g, gr, 3e-2, name)
+    grads2 = torch.autograd.grad(
+        tk.expert_mlp(bf[0], bf[1], bf[2], offsets, gate_up_bias=bf[3], down_bias=bf[4], **kw),
+        [t for t in bf if t is not None], dy)
+    for g, g2 in zip(grads, grads2):
+        assert torch.equal(g, g2), "backward is not bitwise deterministic"
+
+
+@gpu
+@needs_compiled_cuda
+def test_gpu_grouped_mm_vs_torch_grouped_mm():
+    E, K, N, S = 16, 1024, 768, 4096
+    counts = make_counts(E, S, 1, "random")
+    offsets = offsets_of(counts)
+    x = rand(S, K, seed=1, dtype=torch.bfloat16)
+    w = rand(E, N, K, seed=2, dtype=torch.bfloat16, scale=K ** -0.5).transpose(1, 2)
+    y = tk.grouped_mm(x, w, offsets)
+    y_t = torch.nn.functional.grouped_mm(x, w, offs=offsets)
+    assert_close_rel(y, y_t, 1e-2, "vs torch grouped_mm")
+
+
+@gpu
+@needs_compiled_cuda
+def test_gpu_router_and_permute_large():
+    T, E, k = 8192, 256, 8
+    z = leaf(rand(T, E, seed=1))
+    kw = dict(mode="sigmoid", renormalize=True, correction_bias=rand(E, seed=2, scale=0.1), n_group=8,
+              topk_group=4, routed_scaling_factor=2.5)
+    w, ids = tk.route(z, k, **kw)
+    w_ref, ids_ref = ref.route_ref(z, k, **kw)
+    assert torch.equal(ids, ids_ref)
+    assert_close(w, w_ref, rtol=1e-5, atol=1e-6, what="weights")
+    slots, counts, offsets = tk.sort_by_expert(ids, E)
+    r_slots, r_counts, r_offsets = ref.sort_by_expert_ref(ids, E)
+    assert torch.equal(slots, r_slots) and torch.equal(counts, r_counts) and torch.equal(offsets, r_offsets)
