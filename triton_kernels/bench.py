@@ -1,0 +1,298 @@
+"""Benchmark the Triton kernels against PyTorch equivalents at the Qwen3-30B-A3B layer geometry.
+
+    python -m triton_kernels.bench --out DIR            # on a CUDA GPU (H200 intended)
+    python -m triton_kernels.bench --out DIR --tiny     # smoke check: tiny shapes, interpreter, CPU
+
+Times each kernel with ``triton.testing.do_bench`` (median, ms) — forward, and forward+backward
+where the op is differentiable — next to a PyTorch baseline of the same op
+(``torch.nn.functional.grouped_mm``, ``torch.topk``, ``torch.argsort``, indexing), prints a table
+with TFLOP/s (GEMMs) or GB/s (memory-bound ops, counting the minimal bytes read + written once),
+and writes ``DIR/triton_kernels_bench.json`` (rows plus a manifest: command, commit, versions,
+GPU). Routing is real (top-k of random logits), not forced-balanced. Geometry: H=2048, E=128,
+k=8, I=768; T=4096 tokens for the GEMMs (S=32768 rows); T=4096 and 65536 for router/permute.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for triton_kernels_bench.json")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 (no GPU needed)")
+    p.add_argument("--only", default="", help="comma list of groups: router,permute,gemm,mlp (default all)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.tiny and os.environ.get("TRITON_INTERPRET") != "1":
+    # The interpreter must be chosen before any kernel is defined, and `python -m` has already
+    # imported the package: start again with it set.
+    os.execve(sys.executable, [sys.executable, "-m", "triton_kernels.bench", *sys.argv[1:]],
+              {**os.environ, "TRITON_INTERPRET": "1"})
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from triton_kernels import combine, expert_mlp, grouped_mm, permute, route, sort_by_expert  # noqa: E402
+from triton_kernels import reference as ref  # noqa: E402
+from triton_kernels._common import interpreting  # noqa: E402
+
+FULL = dict(H=2048, E=128, k=8, I=768, T_gemm=4096, T_route=(4096, 65536))
+TINY = dict(H=64, E=6, k=2, I=48, T_gemm=40, T_route=(40,))
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+def bench_ms(fn) -> float:
+    """Median milliseconds of fn(): do_bench on CUDA, a wall clock under the interpreter."""
+    if torch.cuda.is_available() and not interpreting():
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _grad_fn(fwd, inputs, seed=0):
+    """A closure running forward + backward (a fixed, contiguous upstream gradient)."""
+    out = fwd()
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator(device=outs[0].device).manual_seed(seed)
+    dout = torch.randn(outs[0].shape, generator=g, device=outs[0].device, dtype=torch.float32).to(outs[0].dtype)
+
+    def run():
+        o = fwd()
+        o = o[0] if isinstance(o, tuple) else o
+        return torch.autograd.grad(o, inputs, dout)
+    return run
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, group, op, shape, impl, ms, flops=None, nbytes=None, note=""):
+        row = dict(group=group, op=op, shape=shape, impl=impl, ms=ms,
+                   tflops=(flops / ms / 1e9) if flops else None,
+                   gbps=(nbytes / ms / 1e6) if nbytes else None, note=note)
+        self.rows.append(row)
+        rate = f"{row['tflops']:8.1f} TFLOP/s" if flops else (f"{row['gbps']:8.1f} GB/s" if nbytes else "")
+        print(f"{group:8s} {op:28s} {shape:34s} {impl:16s} {ms:10.4f} ms  {rate}", flush=True)
+
+    def ratio(self, group, op, shape, fast="triton", base="torch"):
+        t = {r["impl"]: r["ms"] for r in self.rows if (r["group"], r["op"], r["shape"]) == (group, op, shape)}
+        if fast in t and base in t:
+            print(f"{'':8s} {op:28s} {shape:34s} {'speedup':16s} {t[base] / t[fast]:10.2f} x", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+def routing(T, E, k, device, seed):
+    """Real top-k routing of random logits: (ids [T, k], weights [T, k], sorted_slots, offsets)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(T, E, device=device, generator=g)
+    w, ids = ref.route_ref(logits, k, "softmax", renormalize=True)
+    slots, counts, offsets = ref.sort_by_expert_ref(ids, E)
+    return ids, w, slots, offsets
+
+
+def randn(*shape, device, dtype, scale=1.0, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(*shape, device=device, generator=g) * scale).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# groups
+# ---------------------------------------------------------------------------------------------
+def bench_router(tab, geo, device, dtype, seed):
+    E, k = geo["E"], geo["k"]
+    for T in geo["T_route"]:
+        logits = randn(T, E, device=device, dtype=dtype, seed=seed).requires_grad_()
+        nbytes = T * E * logits.element_size() + T * k * (4 + 8)
+        cases = [
+            ("softmax_topk_renorm", dict(mode="softmax", renormalize=True)),
+            ("sigmoid_group_bias", dict(mode="sigmoid", renormalize=True, n_group=8, topk_group=4,
+                                        correction_bias=randn(E, device=device, dtype=torch.float32, scale=0.1),
+                                        routed_scaling_factor=2.5)),
+        ]
+        for name, kw in cases:
+            if kw.get("n_group", 1) > 1 and E % kw["n_group"]:
+                continue
+            shape = f"T={T} E={E} k={k}"
+            tab.add("router", name + " fwd", shape, "triton", bench_ms(lambda: route(logits, k, **kw)), nbytes=nbytes)
+            tab.add("router", name + " fwd", shape, "torch", bench_ms(lambda: ref.route_ref(logits, k, **kw)),
+                    nbytes=nbytes)
+            tab.ratio("router", name + " fwd", shape)
+            tab.add("router", name + " fwd+bwd", shape, "triton",
+                    bench_ms(_grad_fn(lambda: route(logits, k, **kw), (logits,))), nbytes=2 * nbytes)
+            tab.add("router", name + " fwd+bwd", shape, "torch",
+                    bench_ms(_grad_fn(lambda: ref.route_ref(logits, k, **kw), (logits,))), nbytes=2 * nbytes)
+            tab.ratio("router", name + " fwd+bwd", shape)
+
+
+def bench_permute(tab, geo, device, dtype, seed):
+    E, k, H = geo["E"], geo["k"], geo["H"]
+    for T in geo["T_route"]:
+        ids, w, _, _ = routing(T, E, k, device, seed)
+        S = T * k
+        shape = f"T={T} E={E} k={k}"
+        sort_bytes = S * ids.element_size() + S * 8 * 2 + E * 12
+        tab.add("permute", "sort_by_expert", shape, "triton", bench_ms(lambda: sort_by_expert(ids, E)),
+                nbytes=sort_bytes)
+        tab.add("permute", "sort_by_expert", shape, "torch",
+                bench_ms(lambda: ref.sort_by_expert_ref(ids, E)), nbytes=sort_bytes)
+        tab.ratio("permute", "sort_by_expert", shape)
+
+        slots, _, _, inv = sort_by_expert(ids, E, return_inverse=True)
+        x = randn(T, H, device=device, dtype=dtype, seed=seed).requires_grad_()
+        es = x.element_size()
+        shape = f"T={T} H={H} k={k}"
+        moved = (T * H + S * H) * es + S * 8
+        tab.add("permute", "permute fwd", shape, "triton", bench_ms(lambda: permute(x, slots, k, inv)), nbytes=moved)
+        tab.add("permute", "permute fwd", shape, "torch", bench_ms(lambda: ref.permute_ref(x, slots, k)),
+                nbytes=moved)
+        tab.ratio("permute", "permute fwd", shape)
+        tab.add("permute", "permute fwd+bwd", shape, "triton",
+                bench_ms(_grad_fn(lambda: permute(x, slots, k, inv), (x,))), nbytes=2 * moved)
+        tab.add("permute", "permute fwd+bwd", shape, "torch",
+                bench_ms(_grad_fn(lambda: ref.permute_ref(x, slots, k), (x,))), nbytes=2 * moved)
+        tab.ratio("permute", "permute fwd+bwd", shape)
+
+        y = randn(S, H, device=device, dtype=dtype, seed=seed + 1).requires_grad_()
+        wt = w.detach().clone().requires_grad_()
+        moved = (S * H + T * H) * es + S * (8 + 4)
+        tab.add("permute", "combine fwd", shape, "triton", bench_ms(lambda: combine(y, wt, slots, inv)), nbytes=moved)
+        tab.add("permute", "combine fwd", shape, "torch", bench_ms(lambda: ref.combine_ref(y, wt, slots)),
+                nbytes=moved)
+        tab.ratio("permute", "combine fwd", shape)
+        # backward reads dout (T*H) and y (S*H), writes dy (S*H) and dw
+        bwd_moved = moved + (2 * S * H + T * H) * es
+        tab.add("permute", "combine fwd+bwd", shape, "triton",
+                bench_ms(_grad_fn(lambda: combine(y, wt, slots, inv), (y, wt))), nbytes=bwd_moved)
+        tab.add("permute", "combine fwd+bwd", shape, "torch",
+                bench_ms(_grad_fn(lambda: ref.combine_ref(y, wt, slots), (y, wt))), nbytes=bwd_moved)
+        tab.ratio("permute", "combine fwd+bwd", shape)
+        del x, y
+
+
+def _torch_grouped_mm(x, w, offsets):
+    if x.device.type == "cuda" or hasattr(F, "grouped_mm"):
+        return F.grouped_mm(x, w, offs=offsets)
+    return ref.grouped_mm_ref(x, w, offsets)
+
+
+def bench_gemm(tab, geo, device, dtype, seed):
+    E, k, H, I, T = geo["E"], geo["k"], geo["H"], geo["I"], geo["T_gemm"]
+    _, _, _, offsets = routing(T, E, k, device, seed)
+    S = T * k
+    x = randn(S, H, device=device, dtype=dtype, seed=seed).requires_grad_()
+    a = randn(S, I, device=device, dtype=dtype, seed=seed + 1).requires_grad_()
+    gate_up = randn(E, 2 * I, H, device=device, dtype=dtype, scale=H ** -0.5, seed=seed + 2).requires_grad_()
+    down = randn(E, H, I, device=device, dtype=dtype, scale=I ** -0.5, seed=seed + 3).requires_grad_()
+    for name, inp, wparam, K, N in [("gate_up", x, gate_up, H, 2 * I), ("down", a, down, I, H)]:
+        shape = f"S={S} E={E} K={K} N={N}"
+        flops = 2 * S * K * N
+        tr = lambda inp=inp, wparam=wparam: grouped_mm(inp, wparam.transpose(1, 2), offsets)
+        th = lambda inp=inp, wparam=wparam: _torch_grouped_mm(inp, wparam.transpose(1, 2), offsets)
+        tab.add("gemm", f"grouped_mm {name} fwd", shape, "triton", bench_ms(tr), flops=flops)
+        tab.add("gemm", f"grouped_mm {name} fwd", shape, "torch", bench_ms(th), flops=flops)
+        tab.ratio("gemm", f"grouped_mm {name} fwd", shape)
+        tab.add("gemm", f"grouped_mm {name} fwd+bwd", shape, "triton", bench_ms(_grad_fn(tr, (inp, wparam))),
+                flops=3 * flops)
+        tab.add("gemm", f"grouped_mm {name} fwd+bwd", shape, "torch", bench_ms(_grad_fn(th, (inp, wparam))),
+                flops=3 * flops)
+        tab.ratio("gemm", f"grouped_mm {name} fwd+bwd", shape)
+
+
+def _torch_mlp(x, gate_up, down, offsets):
+    """The unfused Transformers-v5-style computation: grouped_mm, SwiGLU, grouped_mm."""
+    h = _torch_grouped_mm(x, gate_up.transpose(1, 2), offsets)
+    gate, up = h.chunk(2, dim=-1)
+    return _torch_grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offsets)
+
+
+def bench_mlp(tab, geo, device, dtype, seed):
+    E, k, H, I, T = geo["E"], geo["k"], geo["H"], geo["I"], geo["T_gemm"]
+    _, _, _, offsets = routing(T, E, k, device, seed)
+    S = T * k
+    x = randn(S, H, device=device, dtype=dtype, seed=seed).requires_grad_()
+    gate_up = randn(E, 2 * I, H, device=device, dtype=dtype, scale=H ** -0.5, seed=seed + 2).requires_grad_()
+    down = randn(E, H, I, device=device, dtype=dtype, scale=I ** -0.5, seed=seed + 3).requires_grad_()
+    shape = f"S={S} E={E} H={H} I={I}"
+    flops = 6 * S * H * I
+    tr = lambda: expert_mlp(x, gate_up, down, offsets, "swiglu")
+    th = lambda: _torch_mlp(x, gate_up, down, offsets)
+    tab.add("mlp", "expert_mlp swiglu fwd", shape, "triton", bench_ms(tr), flops=flops)
+    tab.add("mlp", "expert_mlp swiglu fwd", shape, "torch", bench_ms(th), flops=flops)
+    tab.ratio("mlp", "expert_mlp swiglu fwd", shape)
+    params = (x, gate_up, down)
+    tab.add("mlp", "expert_mlp swiglu fwd+bwd", shape, "triton", bench_ms(_grad_fn(tr, params)), flops=3 * flops)
+    tab.add("mlp", "expert_mlp swiglu fwd+bwd", shape, "torch", bench_ms(_grad_fn(th, params)), flops=3 * flops)
+    tab.ratio("mlp", "expert_mlp swiglu fwd+bwd", shape)
+
+
+GROUPS = {"router": bench_router, "permute": bench_permute, "gemm": bench_gemm, "mlp": bench_mlp}
+
+
+def _manifest(args, device):
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except Exception:
+            return ""
+    return dict(
+        command=" ".join([sys.executable, "-m", "triton_kernels.bench"] + sys.argv[1:]),
+        commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--", ".")),
+        time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda, gpu=torch.cuda.get_device_name() if device == "cuda" else None,
+        interpreter=interpreting(), tiny=args.tiny, dtype=args.dtype, seed=args.seed,
+        tf32=os.environ.get("MOE_LAB_TRITON_TF32", "0"),
+        timer="triton.testing.do_bench median (warmup 25 ms, rep 200 ms)" if device == "cuda" else "wall clock median of 3",
+    )
+
+
+def main(args=None):
+    args = args or _parse()
+    if not args.tiny and (not torch.cuda.is_available() or interpreting()):
+        raise SystemExit("triton_kernels.bench: needs a CUDA GPU with compiled Triton (use --tiny for a CPU smoke check)")
+    device = "cuda" if (torch.cuda.is_available() and not interpreting()) else "cpu"
+    dtype = getattr(torch, args.dtype)
+    geo = TINY if args.tiny else FULL
+    groups = [g for g in (args.only.split(",") if args.only else GROUPS) if g]
+    tab = Table()
+    print(f"{'group':8s} {'op':28s} {'shape':34s} {'impl':16s} {'time':>13s}  rate", flush=True)
+    for g in groups:
+        GROUPS[g](tab, geo, device, dtype, args.seed)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "triton_kernels_bench.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(manifest=_manifest(args, device), geometry=geo, rows=tab.rows), f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}", flush=True)
+    return tab.rows
+
+
+if __name__ == "__main__":
+    main(ARGS)
