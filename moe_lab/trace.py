@@ -31,8 +31,8 @@ are not recorded twice.
 File format ("moe_lab.trace/1"): a safetensors file (or .npz) of arrays named
 `l{layer:03d}.s{step:06d}.{ids,weights,counts,logits}` and `s{step:06d}.token_mask`, with JSON
 metadata under the key "moe_lab_trace" (model, model_type, backend, dtype, logits_dtype,
-num_experts, top_k, layer_names, layer_numbers, steps, batch_shapes, rank, world_size, gather,
-tokens_per_rank). `safetensors.numpy.load_file` plus `json.loads` read it anywhere.
+num_experts, top_k, layer_names, layer_numbers, router_score, steps, batch_shapes, rank, world_size,
+gather, tokens_per_rank). `safetensors.numpy.load_file` plus `json.loads` read it anywhere.
 
 Expert parallelism: `rank` / `world_size` (default: torch.distributed's, else 0 / 1) and
 gather="rank0" (all ranks call save(); rank 0 gathers with all_gather_object-style collectives and
@@ -390,6 +390,7 @@ class RoutingTracer:
             "layer_names": names,
             "layer_numbers": [_layer_number(n, i) for i, n in enumerate(names)],
             "router_classes": [type(m).__name__ for _, m in self.routers],
+            "router_score": self._router_score(),
             "steps": [],
             "batch_shapes": {},
             "rank": self.rank,
@@ -397,6 +398,16 @@ class RoutingTracer:
             "gather": self.gather,
             "moe_lab_version": version,
         }
+
+    def _router_score(self) -> str:
+        """"sigmoid" (DeepSeek-V3-style routers, with a correction bias) or "softmax"."""
+        for _, module in self.routers:
+            spec = getattr(module, "moe_lab_routing", None)
+            if spec is not None:
+                return spec.score
+            if hasattr(module, "e_score_correction_bias"):
+                return "sigmoid"
+        return "softmax"
 
     # -- hooks
     def __enter__(self) -> "RoutingTracer":
