@@ -1,0 +1,304 @@
+"""Tables, plots and ``results/summary.json`` from raw runs alone, byte-identical on every run.
+
+    python -m experiments.report                      # every run under results/runs
+    python -m experiments.report --runs results/runs/h200x1 --no-plots
+
+Writes ``<out>/results.md`` and ``<out>/results.csv`` (default ``results/report``), plots
+``throughput.png``, ``memory.png`` and ``speedup.png`` when matplotlib is installed, and merges
+keys into ``results/summary.json`` (keys it does not produce are kept untouched).
+
+Summary keys: ``<gpu>x<count>/<model>-L<layers>/<system><suffix>`` with ``count`` the GPUs the cell
+used, e.g. ``h200x1/qwen3-30b-a3b-L8/v5-grouped_mm``. Suffix rule: ``@<routing>`` when the routing
+regime is not ``real`` (``@balanced``, ``@skewed``, ``@skewed@1.5``), then ``+ckpt`` when activation
+checkpointing is on. Only cells with status ok enter the summary. When several cells map to one
+key, the run whose directory name sorts last wins (then the later cell in grid order) and a
+warning names the collision. Nothing here reads a clock: the same raw files give the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import sys
+from pathlib import Path
+
+from . import flops, store
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASELINES = ("v5-grouped_mm", "v5-eager", "v5-fsdp2-grouped_mm", "v5-ep")
+SUMMARY_FIELDS = ("tokens_per_s_per_gpu", "step_ms", "tflops_per_gpu", "mfu", "peak_gib", "activation_gib",
+                  "routing", "seq", "batch", "commit", "run")
+CSV_FIELDS = ("key", "run", "cell_id", "status", "gpu", "gpu_count", "model", "system", "routing", "seq", "batch",
+              "dtype", "optimizer", "ckpt", "steps", "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s_per_gpu",
+              "tflops_per_gpu", "mfu", "peak_gib", "activation_gib", "first_loss", "final_loss",
+              "speedup_vs_v5-grouped_mm", "speedup_vs_v5-eager", "transformers", "torch", "triton", "cuda",
+              "gpu_name", "commit", "dirty", "error")
+
+
+# ---- loading -----------------------------------------------------------------------------------
+def find_runs(root: Path) -> list[Path]:
+    """Run directories (holding manifest.json or cells/) under ``root``, or ``root`` itself."""
+    root = Path(root)
+    if (root / "cells").is_dir():
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "cells").is_dir()) if root.is_dir() else []
+
+
+def load_records(run_dir: Path) -> list[dict]:
+    """Cell records of a run, in manifest (grid) order, then any others by file name."""
+    run_dir = Path(run_dir)
+    files = {p.stem: p for p in sorted((run_dir / "cells").glob("*.json"))}
+    order = []
+    manifest = run_dir / "manifest.json"
+    if manifest.exists():
+        order = [c["cell_id"] for c in store.read_json(manifest).get("cells", []) if c["cell_id"] in files]
+    order += [k for k in files if k not in order]
+    return [store.read_json(files[k]) for k in order]
+
+
+# ---- rows --------------------------------------------------------------------------------------
+def summary_key(row: dict) -> str:
+    suffix = "" if row["routing"] == "real" else f"@{row['routing']}"
+    if row["ckpt"]:
+        suffix += "+ckpt"
+    return f"{row['gpu']}x{row['gpu_count']}/{row['model']}/{row['system']}{suffix}"
+
+
+def to_row(rec: dict, run: str) -> dict:
+    """A flat row of one cell record."""
+    spec = rec.get("spec", {})
+    m = rec.get("metrics") or {}
+    hw = rec.get("hardware") or {}
+    v = rec.get("versions") or {}
+    git = rec.get("git") or {}
+    gpu = hw.get("gpu", "unknown")
+    row = {
+        "run": run, "cell_id": rec.get("cell_id"), "status": rec.get("status"),
+        "gpu": gpu, "gpu_count": spec.get("nproc", 1), "gpu_name": hw.get("gpu_name"),
+        "model": rec.get("model_label"), "system": spec.get("system"), "routing": spec.get("routing"),
+        "seq": spec.get("seq"), "batch": spec.get("batch"), "dtype": spec.get("dtype"),
+        "optimizer": spec.get("optimizer"), "ckpt": bool(spec.get("ckpt")), "steps": spec.get("steps"),
+        "transformers": v.get("transformers"), "torch": v.get("torch"), "triton": v.get("triton"),
+        "cuda": v.get("cuda"), "commit": git.get("commit"), "dirty": git.get("dirty"),
+        "error": (rec.get("error") or "").splitlines()[0][:300] if rec.get("error") else "",
+    }
+    for k in ("step_ms", "step_ms_min", "step_ms_max", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu",
+              "peak_gib", "activation_gib", "first_loss", "final_loss"):
+        row[k] = m.get(k)
+    row["key"] = summary_key(row)
+    return row
+
+
+def _group(row: dict) -> tuple:
+    return (row["gpu"], row["gpu_count"], row["model"], row["seq"], row["batch"], row["dtype"], row["optimizer"],
+            row["ckpt"])
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_<baseline> = tokens/s/GPU over the baseline's, same group and routing and run."""
+    index = {}
+    for r in rows:
+        if r["status"] == "ok":
+            index[(r["run"], _group(r), r["routing"], r["system"])] = r
+    for r in rows:
+        for b in BASELINES:
+            base = index.get((r["run"], _group(r), r["routing"], b))
+            ok = r["status"] == "ok" and base and base["tokens_per_s_per_gpu"]
+            r[f"speedup_vs_{b}"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if ok else None
+
+
+def collect_rows(run_dirs: list[Path]) -> list[dict]:
+    rows = []
+    for rd in sorted(run_dirs, key=lambda p: p.name):
+        rows += [to_row(rec, rd.name) for rec in load_records(rd)]
+    add_speedups(rows)
+    return rows
+
+
+# ---- formatting --------------------------------------------------------------------------------
+def _f(x, fmt="{:.1f}") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return fmt.format(x)
+
+
+def _table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "/") for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def _ref_loss(rows: list[dict], r: dict):
+    for b in ("v5-eager", "v5-grouped_mm", "v5-fsdp2-grouped_mm"):
+        for o in rows:
+            if o["run"] == r["run"] and o["system"] == b and o["routing"] == r["routing"] and o["status"] == "ok" \
+                    and _group(o) == _group(r):
+                return o["first_loss"]
+    return None
+
+
+def group_tables(rows: list[dict]) -> str:
+    """One Markdown table per (run, hardware, model, shape, recipe)."""
+    parts = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["run"],) + _group(r), []).append(r)
+    for (run, gpu, count, model, seq, batch, dtype, opt, ckpt), rs in groups.items():
+        title = (f"### {gpu} x{count} - {model} - batch {batch} x seq {seq} - {dtype}, {opt}"
+                 f"{', activation checkpointing' if ckpt else ''} (run `{run}`)")
+        lines = []
+        for r in rs:
+            ref = _ref_loss(rows, r)
+            dloss = r["first_loss"] - ref if (r["status"] == "ok" and ref is not None) else None
+            lines.append([r["system"], r["routing"], r["status"], _f(r["step_ms"]), _f(r["tokens_per_s_per_gpu"], "{:.0f}"),
+                          _f(r["tflops_per_gpu"], "{:.2f}"), _f(r["mfu"], "{:.1%}"), _f(r["peak_gib"], "{:.2f}"),
+                          _f(r["activation_gib"], "{:.2f}"), _f(r["first_loss"], "{:.4f}"), _f(dloss, "{:+.1e}"),
+                          _f(r["speedup_vs_v5-grouped_mm"], "{:.2f}x"), _f(r["speedup_vs_v5-eager"], "{:.2f}x")])
+        header = ["system", "routing", "status", "step ms", "tok/s/GPU", "TFLOP/s/GPU", "MFU", "peak GiB",
+                  "act. GiB", "1st loss", "Δ1st loss", "vs v5-grouped_mm", "vs v5-eager"]
+        parts.append(title + "\n\n" + _table(header, lines))
+        failed = [r for r in rs if r["status"] != "ok"]
+        if failed:
+            parts.append("Not ok:\n\n" + "\n".join(f"- `{r['system']}` / {r['routing']}: **{r['status']}**: {r['error']}"
+                                                  for r in failed))
+        vers = sorted({(r["transformers"], r["torch"], r["triton"], r["cuda"], r["gpu_name"], r["commit"], r["dirty"])
+                       for r in rs}, key=str)
+        parts.append("Versions: " + "; ".join(
+            f"transformers {t}, torch {to}, triton {tr}, CUDA {c}, {g}, commit {str(cm)[:12]}{' (dirty)' if d else ''}"
+            for t, to, tr, c, g, cm, d in vers))
+    return "\n\n".join(parts)
+
+
+def markdown(rows: list[dict]) -> str:
+    peaks = ", ".join(f"{k.upper()} {v:g}" for k, v in sorted(flops.PEAK_TFLOPS_BF16.items()))
+    head = [
+        "# moe_lab training-step benchmark",
+        "",
+        "Generated by `python -m experiments.report` from raw runs under `results/runs/` (do not edit).",
+        "Full training steps (forward, backward, optimizer) after warm-up; step time is the median of the measured",
+        "steps; TFLOP/s are analytic model FLOPs (`experiments/flops.py`: 3x forward matmul FLOPs, causal attention",
+        "counted at one half, no recomputation); MFU against the dense bf16 spec peak per GPU "
+        f"({peaks} TFLOP/s); note: {flops.MEASURED_CEILING_NOTE}.",
+        "Activation memory = peak allocated - (parameters + gradients + optimizer state). Δ1st loss: first-step",
+        "loss minus v5-eager's (else v5-grouped_mm's) on the same routing; the same seed gives the same weights and data.",
+        "",
+    ]
+    return "\n".join(head) + group_tables(rows) + "\n"
+
+
+def run_table(records: list[dict], title: str = "") -> str:
+    """A Markdown table of one sweep's records (printed by the sweep CLI)."""
+    rows = [to_row(r, "this") for r in records]
+    add_speedups(rows)
+    return (f"## {title}\n\n" if title else "") + group_tables(rows) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
+                    for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def summary_entries(rows: list[dict]) -> dict:
+    out = {}
+    for r in rows:  # rows are in run-name order, then grid order: later wins
+        if r["status"] != "ok":
+            continue
+        if r["key"] in out:
+            log.warning("summary key %s: run %s replaces run %s", r["key"], r["run"], out[r["key"]]["run"])
+        out[r["key"]] = {k: r[k] for k in SUMMARY_FIELDS}
+    return out
+
+
+def merge_summary(path: Path, entries: dict) -> dict:
+    """Merge ``entries`` into the JSON object at ``path`` (other keys untouched); write atomically."""
+    current = store.read_json(path) if Path(path).exists() else {}
+    current.update(entries)
+    store.write_json(path, current)
+    return current
+
+
+# ---- plots -------------------------------------------------------------------------------------
+def plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Bar charts of throughput, memory and speed-up; [] when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.info("matplotlib not installed: no plots (pip install matplotlib)")
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return []
+    labels = [f"{r['model']} {r['gpu']}x{r['gpu_count']}\n{r['system']} {r['routing']}" for r in ok]
+    charts = [("throughput.png", "tokens/s per GPU", [r["tokens_per_s_per_gpu"] for r in ok]),
+              ("memory.png", "peak GiB (activation part hatched)", [r["peak_gib"] for r in ok]),
+              ("speedup.png", "speed-up vs v5-grouped_mm", [r["speedup_vs_v5-grouped_mm"] for r in ok])]
+    written = []
+    for name, ylabel, values in charts:
+        vals = [v if v is not None else 0.0 for v in values]
+        if not any(vals):
+            continue
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(ok) + 2), 4.5), dpi=100)
+        ax.bar(range(len(ok)), vals, color="#4477aa")
+        if name == "memory.png":
+            act = [r["activation_gib"] or 0.0 for r in ok]
+            ax.bar(range(len(ok)), act, color="none", edgecolor="black", hatch="//")
+        if name == "speedup.png":
+            ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(ok)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        path = out_dir / name
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", metadata={"Software": None})
+        plt.close(fig)
+        store.write_bytes(path, buf.getvalue())
+        written.append(path)
+    return written
+
+
+def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool = True) -> dict:
+    """Regenerate every derived file; returns {"rows": n, "files": [...]}."""
+    run_dirs = find_runs(runs)
+    rows = collect_rows(run_dirs)
+    out_dir = Path(out_dir)
+    store.write_text(out_dir / "results.md", markdown(rows))
+    store.write_text(out_dir / "results.csv", to_csv(rows))
+    files = [out_dir / "results.md", out_dir / "results.csv"]
+    if make_plots:
+        files += plots(rows, out_dir)
+    if summary is not None:
+        merge_summary(summary, summary_entries(rows))
+        files.append(Path(summary))
+    return {"rows": len(rows), "runs": [p.name for p in run_dirs], "files": [str(f) for f in files]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Regenerate tables, plots and summary.json from raw runs.")
+    ap.add_argument("--runs", default=str(REPO_ROOT / "results" / "runs"), help="a run directory or a folder of them")
+    ap.add_argument("--out", default=str(REPO_ROOT / "results" / "report"))
+    ap.add_argument("--summary", default=str(REPO_ROOT / "results" / "summary.json"))
+    ap.add_argument("--no-summary", action="store_true")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level="WARNING", stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    res = generate(Path(args.runs), Path(args.out), None if args.no_summary else Path(args.summary),
+                   make_plots=not args.no_plots)
+    print(f"{res['rows']} cells from {len(res['runs'])} runs -> " + ", ".join(res["files"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
