@@ -50,7 +50,7 @@ DEFAULTS = {
     "seed": 0,
     "device": "auto",  # auto | cuda | cpu
     "transformers_version": None,  # a pin: the cell fails if another version is imported
-    "fail_at": None,  # test hook: "build" or "step" raises an injected error there
+    "fail_at": None,  # test hook: "build"/"step" raise an injected error there, "crash" exits without a record
 }
 STATUSES = ("ok", "failed", "oom", "not_implemented", "unavailable", "timeout")
 _DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -196,6 +196,8 @@ def run(spec: dict) -> dict:
     attn = models.attn_implementation(spec["model"], spec["attn"])
     if spec["fail_at"] == "build":
         raise RuntimeError("injected failure at build (fail_at='build')")
+    if spec["fail_at"] == "crash":
+        os._exit(17)  # simulates a process killed before it could write its record
 
     torch.manual_seed(spec["seed"])
     if device.type == "cuda":

@@ -1,0 +1,119 @@
+"""The sweep end to end on the CPU: cells in their own processes, failures recorded, resume, report.
+
+One module-scoped sweep of four tiny cells (first an injected failure, then a crash without a
+record, then two good cells on two systems) serves every test here.
+"""
+import json
+import os
+
+import pytest
+
+from experiments import cell, report, store, sweep, systems
+
+TINY = {"model": "tiny-qwen3-moe", "layers": 1, "batch": 1, "seq": 32, "dtype": "fp32", "optimizer": "adamw",
+        "warmup": 1, "steps": 2, "device": "cpu"}
+
+
+def _conf(name="t"):
+    return {"name": name, "defaults": TINY, "cell_timeout_s": 120, "env": {"OMP_NUM_THREADS": "1"},
+            "cells": [{"system": "v5-grouped_mm", "fail_at": "step"},
+                      {"system": "v5-grouped_mm", "fail_at": "crash"},
+                      {"system": "v5-grouped_mm", "routing": "skewed"},
+                      {"system": "torch", "routing": "skewed"}]}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    run_dir = root / "runs" / "t"
+    records = sweep.run_sweep(_conf(), run_dir, progress=False)
+    return root, run_dir, records
+
+
+def test_two_cells_end_to_end(swept):
+    _, run_dir, records = swept
+    ok = [r for r in records if r["status"] == "ok"]
+    assert [r["spec"]["system"] for r in ok] == ["v5-grouped_mm", "torch"]
+    for r in ok:
+        m = r["metrics"]
+        assert len(r["samples"]) == 3 and [s["warmup"] for s in r["samples"]] == [True, False, False]
+        assert m["step_ms"] > 0 and m["tokens_per_s_per_gpu"] > 0 and m["tflops_per_gpu"] > 0
+        assert m["loss_finite"] and r["versions"]["transformers"] and r["git"]["commit"]
+        assert (run_dir / "cells" / f"{r['cell_id']}.json").exists()
+    # same seed, same weights and routing: the same first-step loss on v5 and on moe_lab
+    assert ok[0]["metrics"]["first_loss"] == pytest.approx(ok[1]["metrics"]["first_loss"], rel=1e-5)
+    manifest = store.read_json(run_dir / "manifest.json")
+    assert manifest["state"] == "finished" and len(manifest["cells"]) == 4
+    assert manifest["provenance"]["git"]["commit"] and "torch" in manifest["provenance"]["versions"]
+    assert manifest["seeds"] == [0]
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_failures_recorded_and_sweep_continues(swept):
+    _, _, records = swept
+    failed, crashed = records[0], records[1]
+    assert failed["status"] == "failed" and "injected failure at step 1" in failed["error"]
+    assert "Traceback" in failed["traceback"] and failed["launcher"]["returncode"] == 3
+    assert crashed["status"] == "failed" and "exited with 17" in crashed["error"]
+    assert records[2]["status"] == "ok" and records[3]["status"] == "ok"
+
+
+def test_resume_skips_finished_cells(swept, monkeypatch):
+    _, run_dir, records = swept
+    calls = []
+    monkeypatch.setattr(sweep, "run_one", lambda spec, *a, **k: calls.append(spec) or {"status": "ok", "cell_id": cell.cell_id(spec)})
+    again = sweep.run_sweep(_conf(), run_dir, progress=False)
+    assert calls == [] and [r["cell_id"] for r in again] == [r["cell_id"] for r in records]
+    sweep.run_sweep(_conf(), run_dir, progress=False, retry_failed=True)
+    assert [c["fail_at"] for c in calls] == ["step", "crash"]
+
+
+def test_report_is_byte_identical_and_merges_summary(swept, tmp_path):
+    _, run_dir, _ = swept
+    summary = tmp_path / "summary.json"
+    store.write_json(summary, {"h200x1/other/unrelated": {"step_ms": 1.0}})
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"report{i}"
+        report.generate(run_dir.parent, out, summary)
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outs[0] == outs[1] and "results.md" in outs[0] and "results.csv" in outs[0]
+    data = json.loads(summary.read_text())
+    assert data["h200x1/other/unrelated"] == {"step_ms": 1.0}
+    key_v5, key_ml = "cpux1/tiny-qwen3-moe-L1/v5-grouped_mm@skewed", "cpux1/tiny-qwen3-moe-L1/torch@skewed"
+    assert set(data) == {"h200x1/other/unrelated", key_v5, key_ml}
+    assert set(data[key_ml]) == set(report.SUMMARY_FIELDS) and data[key_ml]["run"] == "t"
+    md = outs[0]["results.md"].decode()
+    assert "| torch | skewed | ok |" in md and "**failed**" in md
+    assert summary.read_bytes() == store.dumps(data).encode()
+
+
+def test_system_names():
+    assert systems.parse("v5-grouped_mm").experts_impl == "grouped_mm"
+    assert systems.parse("v5-fsdp2-grouped_mm").kind == "v5-fsdp2"
+    s = systems.parse("ep2-all2all-torch")
+    assert (s.kind, s.ep, s.dispatcher, s.moe_backend) == ("moe_lab-ep", 2, "all2all", "torch")
+    assert systems.parse("triton-fusedce").moe_backend == "triton-fusedce"
+
+
+def test_ep_placeholder_fails_as_not_implemented():
+    s = systems.parse("ep2-all2all-torch")
+    import moe_lab
+
+    if hasattr(moe_lab, "apply_expert_parallel"):
+        pytest.skip("moe_lab has expert parallelism now")
+    with pytest.raises(NotImplementedError) as e:
+        systems.build_model(s, None, dtype=None, attn="sdpa", device="cpu", world=2)
+    assert cell.classify(e.value) == "not_implemented"
+
+
+def test_presets_expand():
+    from experiments import grid
+
+    for name in grid.presets():
+        specs = grid.expand(grid.load(name))
+        assert specs and len({cell.cell_id(s) for s in specs}) == len(specs)
+    h1 = grid.expand(grid.load("h200x1"))
+    assert {s["system"] for s in h1} == {"v5-eager", "v5-grouped_mm", "torch", "triton"}
+    assert {s["routing"] for s in h1} == {"real", "balanced", "skewed"}
+    assert all(s["seq"] == 4096 and s["layers"] == 8 and s["dtype"] == "bf16" for s in h1)
