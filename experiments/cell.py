@@ -224,6 +224,7 @@ def run(spec: dict) -> dict:
         t0 = time.perf_counter()
         out = model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
+        systems.after_backward(model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)

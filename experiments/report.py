@@ -190,9 +190,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(head) + group_tables(rows) + "\n"
 
 
-def run_table(records: list[dict], title: str = "") -> str:
+def run_table(records: list[dict], title: str = "", run: str = "this") -> str:
     """A Markdown table of one sweep's records (printed by the sweep CLI)."""
-    rows = [to_row(r, "this") for r in records]
+    rows = [to_row(r, run) for r in records]
     add_speedups(rows)
     return (f"## {title}\n\n" if title else "") + group_tables(rows) + "\n"
 

@@ -81,6 +81,14 @@ def run_one(spec: dict, run_dir: Path, timeout_s: float, env: dict) -> dict:
     return record
 
 
+class _NoBar(list):
+    def set_postfix_str(self, *_):
+        pass
+
+    def close(self):
+        pass
+
+
 def _cell_env(conf: dict) -> dict:
     env = dict(os.environ)
     for k, v in (conf.get("env") or {}).items():
@@ -91,7 +99,11 @@ def _cell_env(conf: dict) -> dict:
 def run_sweep(conf: dict, run_dir: Path, *, retry_failed: bool = False, only: str | None = None,
               progress: bool = True) -> list[dict]:
     """Run (or resume) every cell of ``conf`` under ``run_dir``; returns the records in grid order."""
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety: run without a bar where tqdm is missing
+        def tqdm(it, **_):
+            return _NoBar(it)
 
     specs = grid.expand(conf)
     if only:
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run_dir = Path(args.out) if args.out else REPO_ROOT / "results" / "runs" / conf["name"]
     records = run_sweep(conf, run_dir, retry_failed=args.retry_failed, only=args.only, progress=not args.no_progress)
-    print(report.run_table(records, title=f"{conf['name']} ({run_dir})"))
+    print(report.run_table(records, title=f"{conf['name']} ({run_dir})", run=run_dir.name))
     return 0
 
 

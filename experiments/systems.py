@@ -12,8 +12,10 @@ Names (the ``system`` field of a cell and the last part of a summary key):
 * ``<backend>[-<variant>]``: moe_lab with ``moe_backend=<backend>[-<variant>]`` (``eager``,
   ``torch``, ``triton``, ``te``, ``triton-fusedce`` ...); the whole name is passed to moe_lab, which
   refuses words it does not know.
-* ``ep<N>-<dispatcher>-<backend>``: moe_lab expert parallelism over N ranks (placeholder: fails as
-  not implemented until moe_lab exposes it).
+* ``ep<N>-<dispatcher>-<backend>``: moe_lab expert parallelism over N ranks
+  (``from_config(..., moe_backend=<backend's stages with dispatch=<dispatcher>>, ep_size=N)``); every
+  rank trains on its own batch and gradients are reduced by ``moe_lab.expert_parallel`` after
+  backward. Fails as not implemented while the installed moe_lab has no ``ep_size``.
 """
 from __future__ import annotations
 
@@ -99,17 +101,29 @@ def build_model(system: System, config, *, dtype, attn: str, device, world: int)
     if not hasattr(moe_lab, "AutoModelForCausalLM"):
         raise NotImplementedYet(f"moe_lab has no AutoModelForCausalLM yet; system {system.name} needs it")
     if system.kind == "moe_lab-ep":
-        ep_fn = getattr(moe_lab, "apply_expert_parallel", None)
-        if ep_fn is None:
+        import inspect
+
+        if "ep_size" not in inspect.signature(moe_lab.AutoModelForCausalLM.from_config).parameters:
             raise NotImplementedYet(
                 f"{system.name}: moe_lab has no expert parallelism yet (dispatcher {system.dispatcher!r}, "
                 f"ep={system.ep}); this cell is a placeholder until it lands")
-        if world != system.ep:
-            raise ValueError(f"{system.name} needs {system.ep} ranks, the cell has {world}")
+        if world % system.ep:
+            raise ValueError(f"{system.name} needs a multiple of {system.ep} ranks, the cell has {world}")
+        names = dict(moe_lab.resolve_backend(system.moe_backend).names)
+        names["dispatch"] = system.dispatcher
         with torch.device(device):
-            model = moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=system.moe_backend, **kw)
-        return ep_fn(model, ep_size=system.ep, dispatcher=system.dispatcher)
+            return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=names, ep_size=system.ep, **kw)
     if world > 1:
         raise ValueError(f"{system.name} is a one-GPU system; moe_lab on {world} GPUs needs ep{world}-<dispatcher>-<backend>")
     with torch.device(device):
         return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=system.moe_backend, **kw)
+
+
+def after_backward(model) -> None:
+    """Work a system needs between backward and the optimizer step (timed as part of the step):
+    moe_lab expert parallelism reduces gradients over ranks."""
+    ep = getattr(model, "moe_lab_ep", None)
+    if ep is not None:
+        from moe_lab.expert_parallel import reduce_gradients
+
+        reduce_gradients(model, ep)
