@@ -30,7 +30,7 @@ are not recorded twice.
 
 File format ("moe_lab.trace/1"): a safetensors file (or .npz) of arrays named
 `l{layer:03d}.s{step:06d}.{ids,weights,counts,logits}` and `s{step:06d}.token_mask`, with JSON
-metadata under the key "moe_lab_trace" (model, model_type, backend, dtype, logits_dtype,
+metadata under the key "moe_lab_trace" (model, model_type, backend, dtype, device, logits_dtype,
 num_experts, top_k, layer_names, layer_numbers, router_score, steps, batch_shapes, rank, world_size,
 gather, tokens_per_rank). `safetensors.numpy.load_file` plus `json.loads` read it anywhere.
 
@@ -309,6 +309,18 @@ def _layer_number(name: str, default: int) -> int:
     return int(m.group(1)) if m else default
 
 
+def _device_name(param) -> str | None:
+    """"cpu", or e.g. "cuda:0 (NVIDIA H200)": where the traced model ran (kept so readers know the source)."""
+    if param is None:
+        return None
+    device = param.device
+    if device.type == "cuda":
+        import torch
+
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 def _dist_rank_world() -> tuple[int, int]:
     try:
         import torch.distributed as dist
@@ -383,6 +395,7 @@ class RoutingTracer:
             "model_class": type(self.model).__name__,
             "backend": getattr(self.model, "moe_lab_backend", "transformers"),
             "dtype": str(param.dtype).replace("torch.", "") if param is not None else None,
+            "device": _device_name(param),
             "logits_dtype": None,
             "stored_logits_dtype": self.logits_dtype if self.keep_logits else None,
             "num_experts": None,
