@@ -4,7 +4,7 @@
     python -m experiments.report --runs results/runs/h200x1 --no-plots
 
 Writes ``<out>/results.md`` and ``<out>/results.csv`` (default ``results/report``), plots
-``throughput.png``, ``memory.png`` and ``speedup.png`` when matplotlib is installed, and merges
+``throughput.png``, ``memory.png`` and ``speedup_vs_<baseline>.png`` when matplotlib is installed, and merges
 keys into ``results/summary.json`` (keys it does not produce are kept untouched).
 
 Summary keys: ``<gpu>x<count>/<model>-L<layers>/<system><suffix>`` with ``count`` the GPUs the cell
@@ -242,8 +242,9 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         return []
     labels = [f"{r['model']} {r['gpu']}x{r['gpu_count']}\n{r['system']} {r['routing']}" for r in ok]
     charts = [("throughput.png", "tokens/s per GPU", [r["tokens_per_s_per_gpu"] for r in ok]),
-              ("memory.png", "peak GiB (activation part hatched)", [r["peak_gib"] for r in ok]),
-              ("speedup.png", "speed-up vs v5-grouped_mm", [r["speedup_vs_v5-grouped_mm"] for r in ok])]
+              ("memory.png", "peak GiB (activation part hatched)", [r["peak_gib"] for r in ok])]
+    charts += [(f"speedup_vs_{b}.png", f"speed-up vs {b} (tokens/s/GPU)", [r[f"speedup_vs_{b}"] for r in ok])
+               for b in BASELINES]
     written = []
     for name, ylabel, values in charts:
         vals = [v if v is not None else 0.0 for v in values]
@@ -254,7 +255,7 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         if name == "memory.png":
             act = [r["activation_gib"] or 0.0 for r in ok]
             ax.bar(range(len(ok)), act, color="none", edgecolor="black", hatch="//")
-        if name == "speedup.png":
+        if name.startswith("speedup"):
             ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(ok)))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)

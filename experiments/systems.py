@@ -109,14 +109,24 @@ def build_model(system: System, config, *, dtype, attn: str, device, world: int)
                 f"ep={system.ep}); this cell is a placeholder until it lands")
         if world % system.ep:
             raise ValueError(f"{system.name} needs a multiple of {system.ep} ranks, the cell has {world}")
-        names = dict(moe_lab.resolve_backend(system.moe_backend).names)
+        names = dict(_resolve(moe_lab, system.moe_backend, system.name).names)
         names["dispatch"] = system.dispatcher
+        _resolve(moe_lab, names, system.name)
         with torch.device(device):
             return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=names, ep_size=system.ep, **kw)
     if world > 1:
         raise ValueError(f"{system.name} is a one-GPU system; moe_lab on {world} GPUs needs ep{world}-<dispatcher>-<backend>")
+    _resolve(moe_lab, system.moe_backend, system.name)
     with torch.device(device):
         return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=system.moe_backend, **kw)
+
+
+def _resolve(moe_lab, backend, system_name: str):
+    """moe_lab's resolution of a backend; a name it does not know (yet) is recorded as not implemented."""
+    try:
+        return moe_lab.resolve_backend(backend)
+    except ValueError as e:
+        raise NotImplementedYet(f"{system_name}: moe_lab cannot run backend {backend!r} here: {e}") from e
 
 
 def after_backward(model) -> None:
