@@ -174,6 +174,48 @@ def test_per_rank_files_and_merge(tmp_path):
         tracer.save(tmp_path / "x.safetensors")
 
 
+_GATHER_WORKER = """
+import importlib.util, sys
+import torch, torch.distributed as dist
+spec = importlib.util.spec_from_file_location("moe_lab_trace", {trace_py!r})
+trace = importlib.util.module_from_spec(spec); sys.modules["moe_lab_trace"] = trace; spec.loader.exec_module(trace)
+
+class Router(torch.nn.Module):  # v5-style: x [T, H] -> (logits [T, E], weights [T, k], ids [T, k])
+    def __init__(self):
+        super().__init__(); self.weight = torch.nn.Parameter(torch.randn(4, 3))
+    def forward(self, x):
+        logits = x @ self.weight.T; weights, ids = logits.softmax(-1).topk(2); return logits, weights, ids
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__(); self.layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+        for layer in self.layers: layer.gate = Router()
+    def forward(self, x):
+        for layer in self.layers: layer.gate(x)
+
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method={init!r}, rank=rank, world_size=2)
+torch.manual_seed(0); model = Model()
+with trace.trace_routing(model) as tracer:  # rank and world size come from torch.distributed
+    model(torch.randn(rank + 2, 3))
+tracer.save({out!r})
+dist.destroy_process_group()
+"""
+
+
+def test_gather_to_rank0_over_gloo(tmp_path):
+    """gather="rank0" under torch.distributed: two gloo processes, rank 0 writes the merged trace."""
+    out = tmp_path / "gathered.safetensors"
+    code = _GATHER_WORKER.format(trace_py=str(ROOT / "moe_lab" / "trace.py"), init=f"file://{tmp_path / 'rendezvous'}", out=str(out))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    trace = load_trace(out)
+    assert trace.meta["world_size"] == 2 and trace.meta["gather"] == "merged"
+    assert trace.meta["tokens_per_rank"]["1.0"] == [2, 3] and trace.ids(1, 0).shape == (5, 2)
+    assert trace.counts(0, 0).sum() == 10 and trace.layer_names == ["layers.0.gate", "layers.1.gate"]
+
+
 # ---- statistics against brute force -----------------------------------------------------------------
 @st.composite
 def routings(draw):
