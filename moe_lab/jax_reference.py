@@ -32,8 +32,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError as exc:  # pragma: no cover - exercised where jax is absent
+    raise ImportError("moe_lab.jax_reference needs JAX: pip install 'moe_lab[jax]' (or pip install jax)") from exc
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
