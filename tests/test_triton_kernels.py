@@ -15,6 +15,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One GEMM config per kernel: autotuning every hypothesis shape would compile dozens of
+    # kernels per example (the benchmark checks the autotuned configs against torch).
+    os.environ.setdefault("MOE_LAB_TRITON_AUTOTUNE", "0")
 
 pytest.importorskip("triton")
 hypothesis = pytest.importorskip("hypothesis")

@@ -192,6 +192,15 @@ def bench_permute(tab, geo, device, dtype, seed):
         del x, y
 
 
+def _check(fast, base) -> str:
+    """Correctness of the (autotuned) kernel at the benchmark shape: max |a - b| / max |b|."""
+    with torch.no_grad():
+        a, b = fast().float(), base().float()
+    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    print(f"{'':8s} check vs torch: max rel err {err:.2e}", flush=True)
+    return f"max rel err vs torch {err:.2e}"
+
+
 def _torch_grouped_mm(x, w, offsets):
     if x.device.type == "cuda" or hasattr(F, "grouped_mm"):
         return F.grouped_mm(x, w, offs=offsets)
@@ -211,7 +220,8 @@ def bench_gemm(tab, geo, device, dtype, seed):
         flops = 2 * S * K * N
         tr = lambda inp=inp, wparam=wparam: grouped_mm(inp, wparam.transpose(1, 2), offsets)
         th = lambda inp=inp, wparam=wparam: _torch_grouped_mm(inp, wparam.transpose(1, 2), offsets)
-        tab.add("gemm", f"grouped_mm {name} fwd", shape, "triton", bench_ms(tr), flops=flops)
+        tab.add("gemm", f"grouped_mm {name} fwd", shape, "triton", bench_ms(tr), flops=flops,
+                note=_check(tr, th))
         tab.add("gemm", f"grouped_mm {name} fwd", shape, "torch", bench_ms(th), flops=flops)
         tab.ratio("gemm", f"grouped_mm {name} fwd", shape)
         tab.add("gemm", f"grouped_mm {name} fwd+bwd", shape, "triton", bench_ms(_grad_fn(tr, (inp, wparam))),
@@ -239,7 +249,7 @@ def bench_mlp(tab, geo, device, dtype, seed):
     flops = 6 * S * H * I
     tr = lambda: expert_mlp(x, gate_up, down, offsets, "swiglu")
     th = lambda: _torch_mlp(x, gate_up, down, offsets)
-    tab.add("mlp", "expert_mlp swiglu fwd", shape, "triton", bench_ms(tr), flops=flops)
+    tab.add("mlp", "expert_mlp swiglu fwd", shape, "triton", bench_ms(tr), flops=flops, note=_check(tr, th))
     tab.add("mlp", "expert_mlp swiglu fwd", shape, "torch", bench_ms(th), flops=flops)
     tab.ratio("mlp", "expert_mlp swiglu fwd", shape)
     params = (x, gate_up, down)

@@ -18,6 +18,7 @@ unless ``MOE_LAB_TRITON_TF32=1``.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -36,6 +37,12 @@ _INTERPRET_FWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, nu
 _INTERPRET_DW = triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_S": 64}, num_warps=4)
 
 
+def _autotune_enabled() -> bool:
+    """``MOE_LAB_TRITON_AUTOTUNE=0`` pins one config per kernel (the first of each list): for
+    tests on the GPU that try many shapes, where autotuning each would compile dozens of kernels."""
+    return os.environ.get("MOE_LAB_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
 def _fwd_configs():
     if interpreting():
         return [_INTERPRET_FWD]
@@ -50,7 +57,7 @@ def _fwd_configs():
         (64, 64, 64, 4, 4),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
-    return cfgs
+    return cfgs if _autotune_enabled() else cfgs[:1]
 
 
 def _dw_configs():
@@ -66,7 +73,7 @@ def _dw_configs():
         (128, 256, 32, 8, 3),
     ]:
         cfgs.append(triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_S": bs}, num_warps=w, num_stages=s))
-    return cfgs
+    return cfgs if _autotune_enabled() else cfgs[:1]
 
 
 # ----------------------------------------------------------------------------------------------
