@@ -6,8 +6,8 @@ Every function takes arrays and returns arrays; it works in the array library of
 Shapes: T tokens, k experts per token, E experts, S steps, L layers, B sequences of length N (T = B*N).
 - counts [E]: routed (token, slot) pairs per expert; they sum to T*k.
 - load fractions [E]: counts / (T*k) (sum to 1).
-- imbalance: max/mean of counts (1 = perfectly balanced, E/k... = all on the busiest) and the
-  coefficient of variation std/mean (population std; 0 = balanced).
+- imbalance: max/mean of counts (1 = perfectly balanced; E/k when every token picks the same k
+  experts) and the coefficient of variation std/mean (population std; 0 = balanced).
 - router entropy [T]: of the token's distribution over all E experts, in nats; softmax of the logits,
   or for sigmoid routers (DeepSeek-V3) the sigmoid scores normalised to sum 1.
 - auxiliary losses (all without their coefficient alpha, unless given):

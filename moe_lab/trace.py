@@ -339,8 +339,9 @@ class RoutingTracer:
     logits: also keep the router logits [T, E] (large: T*E floats per layer and step).
     logits_dtype: "float32" or "float16" for stored logits.
     every: record one step in `every` (the others cost one flag check per router call).
-    auto_step: each forward of `model` starts a new step (right for inference and for one forward
-        per optimizer step); set False and call `next_step()` with gradient accumulation.
+    auto_step: each forward of `model` itself (a hook on it) starts a new step (right for inference
+        and for one forward per optimizer step); set False and call `next_step()` with gradient
+        accumulation, or when calling a submodule rather than `model`.
     start_step: the index of the first step.
     rank, world_size: this process's place under expert/data parallelism (default: torch.distributed).
     gather: "rank0" (save() gathers to rank 0, which writes) or "per_rank" (each rank writes its file).
