@@ -129,6 +129,15 @@ def test_save_load_roundtrip_safetensors_and_npz(tmp_path):
         assert back.meta["dtype"] == "float32" and back.meta["model_type"] == "gpt_oss"
 
 
+def test_bf16_model_trace_dtypes():
+    model = _model("qwen3_moe", "torch").to(torch.bfloat16)
+    with trace_routing(model, logits=True) as tracer:
+        model(_ids())
+    rec, meta = tracer.trace.record(0, 0), tracer.trace.meta
+    assert meta["dtype"] == "bfloat16" and meta["logits_dtype"] == "bfloat16" and meta["device"] == "cpu"
+    assert rec["weights"].dtype == np.float32 and rec["logits"].dtype == np.float32 and rec["ids"].dtype == np.int16
+
+
 def test_trace_reads_without_torch(tmp_path):
     """A trace file is read by NumPy (and safetensors) alone: torch is made unimportable."""
     model = _model("qwen3_moe")
