@@ -10,6 +10,7 @@ Stage call signatures (every implementation of a stage takes and returns the sam
 from __future__ import annotations
 
 from .dispatch import LocalDispatcher
+from .expert_parallel import AllToAllDispatcher
 from .experts import experts_grouped_mm, experts_loop
 from .permutation import combine_eager, combine_sorted, gather_rows, plan_eager, plan_sorted
 from .registry import register_backend, register_stage
@@ -41,6 +42,7 @@ register_stage("router", "torch", route_reference, description="same as eager: t
 register_stage("permutation", "eager", permute_eager, description="one nonzero() per expert")
 register_stage("permutation", "torch", permute_sorted, description="stable argsort + bincount")
 register_stage("dispatch", "local", LocalDispatcher, description="all experts in this process")
+register_stage("dispatch", "all2all", AllToAllDispatcher, description="torch.distributed all_to_all_single, uneven splits")
 register_stage("experts", "eager", experts_loop, description="per-expert loop of F.linear")
 register_stage("experts", "torch", experts_grouped_mm, _no_grouped_mm, description="torch.nn.functional.grouped_mm")
 register_stage("combine", "eager", combine_eager, description="index_add_ in float32")

@@ -28,6 +28,9 @@ class LocalDispatcher:
 
     name = "local"
 
+    def __init__(self, **context):
+        pass
+
     def dispatch(self, x: torch.Tensor, perm: Permutation) -> Dispatched:
         return Dispatched(x, perm.counts, perm.offsets)
 

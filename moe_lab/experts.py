@@ -32,7 +32,7 @@ class ExpertsSpec:
     act_name: the config's hidden_act ("silu", ...), for kernels that fuse it.
     """
 
-    num_experts: int
+    num_experts: int  # all experts of the layer (the routing space), also under expert parallelism
     gated: bool = True
     transposed: bool = False
     interleaved: bool = False
@@ -141,7 +141,7 @@ def experts_grouped_mm(x: torch.Tensor, counts: torch.Tensor, offsets: torch.Ten
     w2_io = w2 if spec.transposed else w2.transpose(1, 2)
     expert_of_row = None
     if spec.has_bias:
-        experts = torch.arange(spec.num_experts, device=x.device)
+        experts = torch.arange(counts.numel(), device=x.device)  # local experts under expert parallelism
         expert_of_row = torch.repeat_interleave(experts, counts, output_size=x.shape[0])
     hidden = grouped_mm(x, w1_io, offsets)
     if b1 is not None:

@@ -30,30 +30,46 @@ def _replace_child(root: nn.Module, qualified_name: str, new: nn.Module) -> None
     setattr(parent, child_name, new)
 
 
-def patch_model(model: nn.Module, moe_backend: MoeBackend = None) -> nn.Module:
+def _with_expert_parallel_dispatch(choice: StageChoice, ep_size: int) -> StageChoice:
+    """Under expert parallelism a `local` dispatch stage becomes `all2all`; the reverse is refused."""
+    dispatch = choice.names["dispatch"]
+    if ep_size > 1 and dispatch == "local":
+        return resolve_backend({**choice.names, "dispatch": "all2all"})
+    if ep_size == 1 and dispatch != "local":
+        raise ValueError(f"dispatch {dispatch!r} sends rows between ranks: it needs ep_size > 1")
+    return choice
+
+
+def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int = 1) -> nn.Module:
     """Route every sparse MoE block of a v5 model through moe_lab, in place; returns the model.
 
     Known families (Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3) get `MoELayer`s. Other models whose
     experts use v5's experts interface keep v5's block and router, and compute their experts
     through moe_lab's stages. Anything else raises `UnsupportedModelError`.
+    With ep_size > 1 (under torchrun), each rank keeps E/ep_size experts per layer and rows travel
+    with the all-to-all dispatcher; see `moe_lab.expert_parallel`.
     """
-    choice = resolve_backend(moe_backend)
+    choice = _with_expert_parallel_dispatch(resolve_backend(moe_backend), ep_size)
     config = model.config
     model_type = getattr(config, "model_type", "?")
     family = FAMILIES.get(model_type)
-    replaced = 0
     if family is not None:
-        blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ == family.block_class]
-        for name, block in blocks:
-            spec = experts_spec_of(block.experts, model_type)
-            _replace_child(model, name, MoELayer(block, family, config, choice, spec))
-            replaced += 1
+        targets = [(n, m, experts_spec_of(m.experts, model_type))
+                   for n, m in model.named_modules() if type(m).__name__ == family.block_class]
     else:
-        experts = [(n, m) for n, m in model.named_modules() if is_v5_experts_module(m)]
-        specs = [(m, experts_spec_of(m, model_type)) for _, m in experts]  # refuse before changing anything
-        for module, spec in specs:
-            adapt_experts(module, spec, choice)
-            replaced += 1
+        targets = [(n, m, experts_spec_of(m, model_type)) for n, m in model.named_modules() if is_v5_experts_module(m)]
+    # every check is done before anything changes: a refused model is left as it was
+    ep = None
+    if ep_size > 1 and targets:
+        from .expert_parallel import make_context
+
+        ep = make_context(ep_size, targets[0][2].num_experts, model_type)
+    for name, module, spec in targets:
+        if family is not None:
+            _replace_child(model, name, MoELayer(module, family, config, choice, spec, ep=ep))
+        else:
+            adapt_experts(module, spec, choice, ep=ep)
+    replaced = len(targets)
     if replaced == 0:
         other = [n for n, m in model.named_modules() if n.endswith("experts") and isinstance(m, nn.ModuleList)]
         detail = (
@@ -63,6 +79,12 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None) -> nn.Module:
         )
         raise UnsupportedModelError(f"moe_lab cannot run model type {model_type!r}: {detail}")
     model.moe_lab_backend = choice.label
+    if ep is not None:
+        from .expert_parallel import enable_expert_parallel_save, shard_experts
+
+        shard_experts(model, ep)
+        enable_expert_parallel_save(model, ep)
+        model.moe_lab_ep = ep
     logger.info("moe_lab: %d MoE blocks of %s run with backend %s", replaced, model_type, choice.label)
     return model
 
@@ -76,16 +98,17 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
     """
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, moe_backend: MoeBackend = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, moe_backend: MoeBackend = None,
+                        ep_size: int = 1, **kwargs):
         choice = resolve_backend(moe_backend)  # fail on a bad backend before loading any weights
         model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return patch_model(model, choice)
+        return patch_model(model, choice, ep_size=ep_size)
 
     @classmethod
-    def from_config(cls, config, moe_backend: MoeBackend = None, **kwargs):
+    def from_config(cls, config, moe_backend: MoeBackend = None, ep_size: int = 1, **kwargs):
         choice = resolve_backend(moe_backend)
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
-        return patch_model(model, choice)
+        return patch_model(model, choice, ep_size=ep_size)
 
 
 # ---- v5's experts registry: experts_implementation="moe_lab" for vanilla users -------------------

@@ -74,7 +74,7 @@ class MoELayer(nn.Module):
     forward(hidden [B, L, H]) -> out [B, L, H] (GPT-OSS: (out, router_scores [T, k]), as v5 returns).
     """
 
-    def __init__(self, block: nn.Module, family: Family, config, choice: StageChoice, experts_spec: ExpertsSpec):
+    def __init__(self, block: nn.Module, family: Family, config, choice: StageChoice, experts_spec: ExpertsSpec, ep=None):
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
@@ -85,7 +85,7 @@ class MoELayer(nn.Module):
         self.routing = family.routing(config)
         self.experts_spec = experts_spec
         self.choice = choice
-        self.dispatcher = choice.dispatch()
+        self.dispatcher = choice.dispatch(ep=ep, num_experts=experts_spec.num_experts)
         self.jitter_noise = float(getattr(config, family.jitter_attr, 0.0) or 0.0) if family.jitter_attr else 0.0
         adapt_router(self.router_module, self.routing, choice.router)
 
@@ -122,7 +122,7 @@ def _generic_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 _ADAPTED_EXPERTS: dict[type, type] = {}
 
 
-def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice) -> None:
+def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep=None) -> None:
     """Make a v5 experts module compute through moe_lab's stages (its weights and names unchanged)."""
     base = type(experts)
     if base not in _ADAPTED_EXPERTS.values():
@@ -134,4 +134,4 @@ def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice) ->
         experts.__class__ = _ADAPTED_EXPERTS[base]
     experts.moe_lab_spec = spec
     experts.moe_lab_choice = choice
-    experts.moe_lab_dispatcher = choice.dispatch()
+    experts.moe_lab_dispatcher = choice.dispatch(ep=ep, num_experts=spec.num_experts)

@@ -1,0 +1,142 @@
+"""Expert parallelism on gloo with several processes: same loss, gradients and checkpoint as one process."""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TESTS_DIR = os.path.dirname(__file__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _force_routing_to_experts_0_and_1(module, inputs, output):
+    """Router forward hook: every token picks experts 0 and 1 (so ranks owning others get no row);
+    the weights are the router's own probabilities of those experts, so gradients still flow."""
+    logits, weights, ids = output
+    forced = torch.tensor([0, 1], device=ids.device).expand_as(ids).clone()
+    probs = torch.softmax(logits.float(), dim=-1).gather(1, forced)
+    return logits, (probs / probs.sum(-1, keepdim=True)).to(weights.dtype), forced
+
+
+def _skew_router(model):
+    for layer in model.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "top_k"):
+            gate.register_forward_hook(_force_routing_to_experts_0_and_1)
+
+
+def _worker(rank, world, ep_size, family, skew, port, tmpdir, results):
+    sys.path.insert(0, TESTS_DIR)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import transformers
+
+        import moe_lab
+        from moe_lab.expert_parallel import reduce_gradients
+        from tiny_models import tiny_config
+
+        overrides = {"n_group": 2, "topk_group": 1} if family == "deepseek_v3" else {}
+        config = tiny_config(family, num_experts=8, top_k=2, **overrides)
+        torch.manual_seed(0)
+        reference = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager")
+        ours = moe_lab.patch_model(copy.deepcopy(reference), "torch", ep_size=ep_size)
+        if skew:
+            _skew_router(reference)
+            _skew_router(ours)
+
+        batch = torch.randint(0, config.vocab_size, (world * 2, 7), generator=torch.Generator().manual_seed(5))
+        ref_out = reference(batch, labels=batch)
+        ref_out.loss.backward()
+
+        mine = batch[rank * 2 : (rank + 1) * 2]
+        out = ours(mine, labels=mine)
+        out.loss.backward()
+        reduce_gradients(ours, ours.moe_lab_ep)
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        torch.testing.assert_close(loss / world, ref_out.loss.detach(), rtol=1e-5, atol=1e-6)
+
+        ref_grads = dict(reference.named_parameters())
+        for name, param in ours.named_parameters():
+            expected = ref_grads[name].grad
+            shard = getattr(param, "moe_lab_expert_shard", None)
+            if shard is not None:
+                expected = expected[shard[0] : shard[1]]
+            got = param.grad if param.grad is not None else torch.zeros_like(param)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
+
+        received = [int(layer.mlp.dispatcher.last_local_rows) for layer in ours.model.layers
+                    if hasattr(layer.mlp, "dispatcher")]
+        ours.save_pretrained(os.path.join(tmpdir, "ckpt"))
+        if rank == 0:
+            saved = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmpdir, "ckpt"))
+            for name, tensor in reference.state_dict().items():
+                torch.testing.assert_close(saved.state_dict()[name], tensor, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        results[rank] = ("ok", received)
+    except Exception as error:  # report to the parent, then fail
+        import traceback
+
+        results[rank] = ("error", traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(world, ep_size, family, skew, tmp_path):
+    manager = mp.Manager()
+    results = manager.dict()
+    try:
+        mp.spawn(_worker, args=(world, ep_size, family, skew, _free_port(), str(tmp_path), results), nprocs=world)
+    except Exception:
+        errors = [v[1] for v in results.values() if v[0] == "error"]
+        pytest.fail(errors[0] if errors else "a worker died")
+    return dict(results)
+
+
+@pytest.mark.parametrize("family,world,ep_size", [("qwen3_moe", 2, 2), ("deepseek_v3", 4, 4)])
+def test_expert_parallel_matches_one_process(family, world, ep_size, tmp_path):
+    results = _run(world, ep_size, family, skew=False, tmp_path=tmp_path)
+    assert all(status == "ok" for status, _ in results.values())
+
+
+def test_skewed_routing_leaves_ranks_without_rows(tmp_path):
+    results = _run(4, 4, "qwen3_moe", skew=True, tmp_path=tmp_path)
+    received = {rank: rows for rank, (status, rows) in results.items()}
+    assert all(rows == [0, 0] for rank, rows in received.items() if rank > 0), f"ranks 1-3 must get no row: {received}"
+    assert received[0] == [8 * 7 * 2, 8 * 7 * 2], received  # all 4 ranks x 2 sequences x 7 tokens x k=2
+
+
+def test_experts_replicated_over_two_groups(tmp_path):
+    """world 4, ep 2: two copies of each expert shard (EP x DP)."""
+    results = _run(4, 2, "qwen3_moe", skew=False, tmp_path=tmp_path)
+    assert all(status == "ok" for status, _ in results.values())
+
+
+def _single_process_group():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def test_mesh_the_model_cannot_use_is_refused():
+    from moe_lab.expert_parallel import make_context
+
+    with pytest.raises(ValueError, match="'qwen3_moe' has 6 experts per layer, not divisible by ep_size=4"):
+        make_context(4, 6, "qwen3_moe")
+    _single_process_group()
+    try:
+        with pytest.raises(ValueError, match="ep_size=2 must divide the world size 1"):
+            make_context(2, 8)
+    finally:
+        dist.destroy_process_group()
