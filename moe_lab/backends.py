@@ -15,6 +15,7 @@ from .experts import experts_grouped_mm, experts_loop
 from .permutation import combine_eager, combine_sorted, gather_rows, plan_eager, plan_sorted
 from .registry import register_backend, register_stage
 from .routing import route_reference
+from .triton_backend import combine_triton, experts_triton, permute_triton, route_triton, why_triton_unavailable
 
 
 def permute_eager(hidden, ids, num_experts):
@@ -48,5 +49,11 @@ register_stage("experts", "torch", experts_grouped_mm, _no_grouped_mm, descripti
 register_stage("combine", "eager", combine_eager, description="index_add_ in float32")
 register_stage("combine", "torch", combine_sorted, description="inverse permutation + fixed-order sum over k")
 
+register_stage("router", "triton", route_triton, why_triton_unavailable, description="fused scores + top-k + weights kernel")
+register_stage("permutation", "triton", permute_triton, why_triton_unavailable, description="counting sort + row gather kernels")
+register_stage("experts", "triton", experts_triton, why_triton_unavailable, description="fused grouped GEMM MLP (activation in epilogue)")
+register_stage("combine", "triton", combine_triton, why_triton_unavailable, description="fixed-order weighted un-permute kernel")
+
 register_backend("eager", {"router": "eager", "permutation": "eager", "dispatch": "local", "experts": "eager", "combine": "eager"})
 register_backend("torch", {"router": "torch", "permutation": "torch", "dispatch": "local", "experts": "torch", "combine": "torch"})
+register_backend("triton", {"router": "triton", "permutation": "triton", "dispatch": "local", "experts": "triton", "combine": "triton"})

@@ -21,6 +21,7 @@ class Permutation:
     counts: [E] int64, rows per expert.
     offsets: [E] int32, cumulative end offsets (offsets[e] = rows of experts 0..e), as grouped GEMMs take them.
     num_tokens, top_k: T and k.
+    inverse: [S] int64 or None, the sorted row of each flat slot (when the permutation stage made it).
     """
 
     slot_of_row: torch.Tensor
@@ -28,6 +29,7 @@ class Permutation:
     offsets: torch.Tensor
     num_tokens: int
     top_k: int
+    inverse: torch.Tensor | None = None
 
     @property
     def token_of_row(self) -> torch.Tensor:
@@ -97,8 +99,10 @@ def combine_sorted(rows: torch.Tensor, perm: Permutation, weights: torch.Tensor,
     Un-permutes with the inverse order, then sums over k in a fixed order (deterministic), in float32.
     """
     hidden = rows.shape[-1]
-    inverse = torch.empty_like(perm.slot_of_row)
-    inverse[perm.slot_of_row] = torch.arange(perm.slot_of_row.numel(), device=rows.device)
+    inverse = perm.inverse
+    if inverse is None:
+        inverse = torch.empty_like(perm.slot_of_row)
+        inverse[perm.slot_of_row] = torch.arange(perm.slot_of_row.numel(), device=rows.device)
     by_slot = rows[inverse].view(perm.num_tokens, perm.top_k, hidden)
     out = torch.einsum("tkh,tk->th", by_slot.float(), weights.float())
     return out.to(out_dtype)

@@ -14,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 import moe_lab
 from tiny_models import FAMILIES, GENERIC, tiny_config
 
-BACKENDS = ["eager", "torch"]
+# "triton" runs under Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1).
+BACKENDS = ["eager", "torch", "triton"]
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
