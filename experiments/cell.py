@@ -48,6 +48,8 @@ DEFAULTS = {
     "warmup": 3,
     "steps": 10,
     "seed": 0,
+    "trace": None,  # a path: after the measured steps, run `trace_steps` more (untimed) and save their routing
+    "trace_steps": 3,
     "device": "auto",  # auto | cuda | cpu
     "transformers_version": None,  # a pin: the cell fails if another version is imported
     "fail_at": None,  # test hook: "build"/"step" raise an injected error there, "crash" exits without a record
@@ -249,6 +251,8 @@ def run(spec: dict) -> dict:
         peak_b = _max_over_ranks([float(torch.cuda.max_memory_allocated(device))], world, device)[0]
         peak_bytes = int(peak_b)
         activation_bytes = peak_bytes - sum(static.values())
+    if spec["trace"]:
+        _save_routing_trace(spec, model, optimizer, vocab, rank, system, device, first_step=total)
     for h in hooks:
         h.remove()
     gib = 2.0 ** 30
@@ -290,6 +294,22 @@ def run(spec: dict) -> dict:
         "versions": provenance.versions(),
         "git": provenance.git_state(),
     }
+
+
+def _save_routing_trace(spec, model, optimizer, vocab, rank, system, device, first_step):
+    """Train `trace_steps` more steps (untimed, after the measurement) under moe_lab's routing tracer,
+    so the trace shows the routing the experts got (regime hooks included), and save it."""
+    from moe_lab.trace import trace_routing
+
+    with trace_routing(model, auto_step=False, start_step=first_step) as tracer:
+        for step in range(first_step, first_step + spec["trace_steps"]):
+            ids = _make_batch(spec, vocab, step, rank, system.replicated_input, device)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tracer.next_step()
+    tracer.save(spec["trace"])
+    log.info("cell: routing trace of %d steps saved to %s", spec["trace_steps"], spec["trace"])
 
 
 def classify(exc: BaseException) -> str:

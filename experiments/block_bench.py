@@ -1,0 +1,105 @@
+"""One MoE block, forward + backward, at a model's geometry: v5 experts implementations against
+moe_lab backends, under each routing regime. Times with CUDA events (triton.testing.do_bench,
+median), and records the block's activation memory (what forward keeps for backward).
+
+    python -m experiments.block_bench --model qwen3-30b-a3b --tokens 4096 --out results/runs/<name>/block.json
+
+FLOPs counted: the three expert GEMMs (gate, up, down) forward (2*T*k*3*H*I) and backward (twice
+that) plus the router GEMM (2*T*H*E, times 3); routing, permutation and element-wise work count 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import models, provenance, regimes, store, systems
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ["v5-grouped_mm", "v5-eager", "torch", "triton"]
+
+
+def block_flops(config, tokens: int) -> float:
+    """Forward+backward FLOPs of the expert GEMMs and the router GEMM of one MoE block."""
+    hidden = config.hidden_size
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or config.n_routed_experts
+    k = config.num_experts_per_tok
+    expert_gemms = 2 * tokens * k * 3 * hidden * inter
+    router = 2 * tokens * hidden * experts
+    return 3 * (expert_gemms + router)
+
+
+def bench_block(model_name: str, system_name: str, routing: str, tokens: int, seed: int = 0) -> dict:
+    import torch
+    import triton.testing
+
+    config = models.build_config(model_name, layers=1)
+    system = systems.parse(system_name)
+    torch.manual_seed(seed)
+    model = systems.build_model(system, config, dtype=torch.bfloat16, attn="sdpa", device=torch.device("cuda"), world=1)
+    hooks = regimes.apply(model, routing, seed=seed)
+    block = model.model.layers[0].mlp
+    x = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+
+    def forward():
+        out = block(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def step():
+        forward().backward(grad)
+
+    step()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median", grad_to_none=[x, *block.parameters()])
+    ms_fwd = triton.testing.do_bench(lambda: forward(), warmup=20, rep=100, return_mode="median")
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = forward()
+    torch.cuda.synchronize()
+    activation = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+    del out
+    for h in hooks:
+        h.remove()
+    flop = block_flops(config, tokens)
+    return {
+        "model": model_name, "system": system_name, "routing": routing, "tokens": tokens,
+        "ms": ms, "ms_forward": ms_fwd, "tflops": flop / (ms / 1e3) / 1e12, "flops": flop,
+        "activation_gib": activation / 2**30,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-30b-a3b")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--routing", default="real,balanced,skewed")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rows = []
+    for routing in args.routing.split(","):
+        for system in args.systems.split(","):
+            try:
+                row = bench_block(args.model, system, routing, args.tokens)
+                row["status"] = "ok"
+            except Exception as exc:  # noqa: BLE001 - a failed row is recorded and the others go on
+                log.exception("block %s %s failed", system, routing)
+                row = {"model": args.model, "system": system, "routing": routing, "tokens": args.tokens,
+                       "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            rows.append(row)
+            if row["status"] == "ok":
+                print(f"{routing:9s} {system:14s} {row['ms']:8.3f} ms  {row['tflops']:6.1f} TFLOP/s  act {row['activation_gib']:.3f} GiB", flush=True)
+            else:
+                print(f"{routing:9s} {system:14s} FAILED {row['error'][:120]}", flush=True)
+    record = {"kind": "moe-block", "rows": rows, "provenance": provenance.collect(sys.argv if argv is None else argv)}
+    store.write_json(args.out, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
