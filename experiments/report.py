@@ -270,6 +270,53 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
+# ---- MoE-block benchmarks (experiments.block_bench) --------------------------------------------------
+def block_rows(runs: Path) -> list[dict]:
+    """Rows of every ``block.json`` (MoE block forward+backward) under ``runs``, by run name."""
+    root = Path(runs)
+    files = sorted(root.glob("*/block.json")) + ([root / "block.json"] if (root / "block.json").exists() else [])
+    rows = []
+    for path in files:
+        rec = store.read_json(path)
+        prov = rec.get("provenance", {})
+        hw, git = prov.get("hardware", {}), prov.get("git", {})
+        for r in rec["rows"]:
+            suffix = "" if r["routing"] == "real" else f"@{r['routing']}"
+            row = dict(r, run=path.parent.name, gpu=hw.get("gpu", "unknown"), commit=git.get("commit"),
+                       torch=prov.get("versions", {}).get("torch"), triton=prov.get("versions", {}).get("triton"),
+                       transformers=prov.get("versions", {}).get("transformers"))
+            row["key"] = f"{row['gpu']}x1/moe-block/{r['model']}/{r['system']}{suffix}"
+            rows.append(row)
+    return rows
+
+
+def block_markdown(rows: list[dict]) -> str:
+    lines = ["# MoE block, forward + backward (one layer)", ""]
+    for run in sorted({r["run"] for r in rows}):
+        mine = [r for r in rows if r["run"] == run]
+        base = {r["routing"]: r for r in mine if r["system"] == "v5-grouped_mm" and r["status"] == "ok"}
+        first = mine[0]
+        lines += [f"## {run}: {first['model']}, {first['tokens']} tokens, {first['gpu']}", "",
+                  "| system | routing | ms (fwd+bwd) | ms (fwd) | TFLOP/s | activation GiB | vs v5-grouped_mm |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in mine:
+            if r["status"] != "ok":
+                lines.append(f"| {r['system']} | {r['routing']} | {r['status']}: {r.get('error', '')[:80]} | | | | |")
+                continue
+            b = base.get(r["routing"])
+            ratio = f"{b['ms'] / r['ms']:.2f}x" if b else ""
+            lines.append(f"| {r['system']} | {r['routing']} | {r['ms']:.3f} | {r['ms_forward']:.3f} | {r['tflops']:.1f} | "
+                         f"{r['activation_gib']:.3f} | {ratio} |")
+        lines += ["", f"Versions: transformers {first['transformers']}, torch {first['torch']}, triton {first['triton']}, "
+                      f"commit {str(first['commit'])[:12]}", ""]
+    return "\n".join(lines)
+
+
+def block_summary_entries(rows: list[dict]) -> dict:
+    fields = ("ms", "ms_forward", "tflops", "activation_gib", "routing", "tokens", "commit", "run")
+    return {r["key"]: {k: r.get(k) for k in fields} for r in rows if r["status"] == "ok"}
+
+
 def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool = True) -> dict:
     """Regenerate every derived file; returns {"rows": n, "files": [...]}."""
     run_dirs = find_runs(runs)
@@ -280,8 +327,12 @@ def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool =
     files = [out_dir / "results.md", out_dir / "results.csv"]
     if make_plots:
         files += plots(rows, out_dir)
+    blocks = block_rows(runs)
+    if blocks:
+        store.write_text(out_dir / "moe_block.md", block_markdown(blocks))
+        files.append(out_dir / "moe_block.md")
     if summary is not None:
-        merge_summary(summary, summary_entries(rows))
+        merge_summary(summary, {**summary_entries(rows), **block_summary_entries(blocks)})
         files.append(Path(summary))
     return {"rows": len(rows), "runs": [p.name for p in run_dirs], "files": [str(f) for f in files]}
 

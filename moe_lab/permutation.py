@@ -104,5 +104,7 @@ def combine_sorted(rows: torch.Tensor, perm: Permutation, weights: torch.Tensor,
         inverse = torch.empty_like(perm.slot_of_row)
         inverse[perm.slot_of_row] = torch.arange(perm.slot_of_row.numel(), device=rows.device)
     by_slot = rows[inverse].view(perm.num_tokens, perm.top_k, hidden)
-    out = torch.einsum("tkh,tk->th", by_slot.float(), weights.float())
+    # The product keeps the promoted dtype of rows and weights (as v5 does); the sum over k runs in
+    # float32. Autograd keeps only `by_slot` (rows' dtype) and the weights, no float32 copy of the rows.
+    out = torch.sum(by_slot * weights.unsqueeze(-1), dim=1, dtype=torch.float32)
     return out.to(out_dtype)
