@@ -150,6 +150,8 @@ def group_tables(rows: list[dict]) -> str:
     for (run, gpu, count, model, seq, batch, dtype, opt, ckpt), rs in groups.items():
         title = (f"### {gpu} x{count} - {model} - batch {batch} x seq {seq} - {dtype}, {opt}"
                  f"{', activation checkpointing' if ckpt else ''} (run `{run}`)")
+        present = {r["system"] for r in rs if r["status"] == "ok"}
+        baselines = [b for b in BASELINES if b in present]  # speed-up columns for the baselines this group ran
         lines = []
         for r in rs:
             ref = _ref_loss(rows, r)
@@ -157,9 +159,9 @@ def group_tables(rows: list[dict]) -> str:
             lines.append([r["system"], r["routing"], r["status"], _f(r["step_ms"]), _f(r["tokens_per_s_per_gpu"], "{:.0f}"),
                           _f(r["tflops_per_gpu"], "{:.2f}"), _f(r["mfu"], "{:.1%}"), _f(r["peak_gib"], "{:.2f}"),
                           _f(r["activation_gib"], "{:.2f}"), _f(r["first_loss"], "{:.4f}"), _f(dloss, "{:+.1e}"),
-                          _f(r["speedup_vs_v5-grouped_mm"], "{:.2f}x"), _f(r["speedup_vs_v5-eager"], "{:.2f}x")])
+                          *[_f(r[f"speedup_vs_{b}"], "{:.2f}x") for b in baselines]])
         header = ["system", "routing", "status", "step ms", "tok/s/GPU", "TFLOP/s/GPU", "MFU", "peak GiB",
-                  "act. GiB", "1st loss", "Δ1st loss", "vs v5-grouped_mm", "vs v5-eager"]
+                  "act. GiB", "1st loss", "Δ1st loss", *[f"vs {b}" for b in baselines]]
         parts.append(title + "\n\n" + _table(header, lines))
         failed = [r for r in rs if r["status"] != "ok"]
         if failed:
