@@ -10,6 +10,8 @@ from .hf import AutoModelForCausalLM, experts_implementation_name, patch_model, 
 from .layer import MoELayer
 from .registry import STAGES, available_backends, register_backend, register_stage, resolve_backend
 from .routing import RoutingSpec, route_reference
+from . import stats  # noqa: F401  (NumPy only)
+from .trace import RoutingTrace, load_trace, trace_routing
 
 __version__ = "0.1.0"
 
@@ -21,9 +23,12 @@ __all__ = [
     "FAMILIES",
     "MoELayer",
     "RoutingSpec",
+    "RoutingTrace",
     "STAGES",
     "UnsupportedModelError",
     "available_backends",
+    "load_trace",
+    "trace_routing",
     "experts_implementation_name",
     "patch_model",
     "register_backend",
