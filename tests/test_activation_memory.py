@@ -1,0 +1,45 @@
+"""What one MoE layer keeps for backward, counted on the CPU with saved-tensor hooks.
+
+The H200 benchmark measures activation memory with the CUDA allocator; this test holds the same
+property on any machine: moe_lab's torch backend must not keep more than v5's grouped_mm does
+(it once kept a float32 copy of every routed row in its combine).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import moe_lab
+from tiny_models import tiny_config
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves while running fn()."""
+    storages = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_keeps_no_more_than_v5_grouped_mm(dtype):
+    config = tiny_config("qwen3_moe", num_experts=8, top_k=4, hidden_size=64, moe_intermediate_size=32)
+    torch.manual_seed(0)
+    v5 = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="grouped_mm").to(dtype)
+    ours = moe_lab.patch_model(copy.deepcopy(v5), "torch")
+    hidden = torch.randn(1, 512, 64, dtype=dtype, requires_grad=True)
+    weights_bytes = sum(p.numel() * p.element_size() for p in v5.model.layers[0].mlp.parameters())
+    v5_bytes = saved_bytes(lambda: v5.model.layers[0].mlp(hidden)) - weights_bytes
+    our_bytes = saved_bytes(lambda: ours.model.layers[0].mlp(hidden)) - weights_bytes
+    routed_rows_bytes = 512 * 4 * 64 * hidden.element_size()  # one copy of the S x H routed rows
+    assert our_bytes <= v5_bytes + routed_rows_bytes // 4, (our_bytes, v5_bytes)
