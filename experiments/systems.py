@@ -9,9 +9,10 @@ Names (the ``system`` field of a cell and the last part of a summary key):
 * ``v5-ep``: v5's expert parallelism, ``DistributedConfig(tp_size=world,
   enable_expert_parallel=True)`` (the model's ``base_model_ep_plan``); every rank sees the same
   batch, so tokens/s/GPU divides the batch by the world size.
-* ``<backend>[-<variant>]``: moe_lab with ``moe_backend=<backend>[-<variant>]`` (``eager``,
-  ``torch``, ``triton``, ``te``, ``triton-fusedce`` ...); the whole name is passed to moe_lab, which
-  refuses words it does not know.
+* ``<backend>[-<variant>]``: moe_lab with ``moe_backend=<backend>`` (``eager``, ``torch``,
+  ``triton``, ``te`` ...); a variant in ``VARIANTS`` adds options (``triton-fusedce``: the chunked
+  linear + cross-entropy loss, ``fused_cross_entropy=True``); any other name is passed to moe_lab
+  whole, which refuses words it does not know.
 * ``ep<N>-<dispatcher>-<backend>``: moe_lab expert parallelism over N ranks
   (``from_config(..., moe_backend=<backend's stages with dispatch=<dispatcher>>, ep_size=N)``); every
   rank trains on its own batch and gradients are reduced by ``moe_lab.expert_parallel`` after
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 _EP_RE = re.compile(r"^ep(\d+)-([a-z0-9_]+)-([a-z0-9_]+(?:-[a-z0-9_]+)?)$")
 
 
+# moe_lab system-name suffixes -> from_config options
+VARIANTS = {"fusedce": {"fused_cross_entropy": True}}
+
+
 class NotImplementedYet(NotImplementedError):
     """A system the harness knows but the library cannot run yet (recorded as ``not_implemented``)."""
 
@@ -41,6 +46,7 @@ class System:
     dispatcher: str | None = None
     ep: int = 1
     replicated_input: bool = False  # all ranks train on the same batch (TP-style)
+    options: tuple = ()  # extra from_config options of a variant, as (name, value) pairs
 
     @property
     def distributed(self) -> bool:
@@ -60,6 +66,9 @@ def parse(name: str) -> System:
         return System(name, "moe_lab-ep", moe_backend=m.group(3), dispatcher=m.group(2), ep=int(m.group(1)))
     if not re.match(r"^[a-z0-9_]+(-[a-z0-9_]+)?$", name):
         raise ValueError(f"bad system name {name!r}")
+    backend, _, variant = name.partition("-")
+    if variant in VARIANTS:
+        return System(name, "moe_lab", moe_backend=backend, options=tuple(sorted(VARIANTS[variant].items())))
     return System(name, "moe_lab", moe_backend=name)
 
 
@@ -118,7 +127,7 @@ def build_model(system: System, config, *, dtype, attn: str, device, world: int)
         raise ValueError(f"{system.name} is a one-GPU system; moe_lab on {world} GPUs needs ep{world}-<dispatcher>-<backend>")
     _resolve(moe_lab, system.moe_backend, system.name)
     with torch.device(device):
-        return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=system.moe_backend, **kw)
+        return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=system.moe_backend, **dict(system.options), **kw)
 
 
 def _resolve(moe_lab, backend, system_name: str):

@@ -94,21 +94,33 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
 
     `from_pretrained(path_or_id, moe_backend="torch", **hf_kwargs)` and
     `from_config(config, moe_backend="torch", **hf_kwargs)`; `moe_backend` is a backend word
-    (see `moe_lab.available_backends()`) or a mapping stage -> backend.
+    (see `moe_lab.available_backends()`) or a mapping stage -> backend. `ep_size=N` shards the experts
+    over N ranks (see `moe_lab.expert_parallel`); `fused_cross_entropy=True` computes the training
+    loss with the chunked LM-head loss of `moe_lab.fused_ce` (no full logits).
     """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, moe_backend: MoeBackend = None,
-                        ep_size: int = 1, **kwargs):
+                        ep_size: int = 1, fused_cross_entropy: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)  # fail on a bad backend before loading any weights
         model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return patch_model(model, choice, ep_size=ep_size)
+        return _finish(model, choice, ep_size, fused_cross_entropy)
 
     @classmethod
-    def from_config(cls, config, moe_backend: MoeBackend = None, ep_size: int = 1, **kwargs):
+    def from_config(cls, config, moe_backend: MoeBackend = None, ep_size: int = 1,
+                    fused_cross_entropy: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
-        return patch_model(model, choice, ep_size=ep_size)
+        return _finish(model, choice, ep_size, fused_cross_entropy)
+
+
+def _finish(model, choice: StageChoice, ep_size: int, fused_cross_entropy: bool):
+    patch_model(model, choice, ep_size=ep_size)
+    if fused_cross_entropy:
+        from .fused_ce import enable_fused_cross_entropy
+
+        enable_fused_cross_entropy(model)
+    return model
 
 
 # ---- v5's experts registry: experts_implementation="moe_lab" for vanilla users -------------------

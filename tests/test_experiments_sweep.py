@@ -93,7 +93,8 @@ def test_system_names():
     assert systems.parse("v5-fsdp2-grouped_mm").kind == "v5-fsdp2"
     s = systems.parse("ep2-all2all-torch")
     assert (s.kind, s.ep, s.dispatcher, s.moe_backend) == ("moe_lab-ep", 2, "all2all", "torch")
-    assert systems.parse("triton-fusedce").moe_backend == "triton-fusedce"
+    fused = systems.parse("triton-fusedce")
+    assert (fused.moe_backend, dict(fused.options)) == ("triton", {"fused_cross_entropy": True})
 
 
 def test_dispatcher_moe_lab_lacks_fails_as_not_implemented():
@@ -113,6 +114,6 @@ def test_presets_expand():
         specs = grid.expand(grid.load(name))
         assert specs and len({cell.cell_id(s) for s in specs}) == len(specs)
     h1 = grid.expand(grid.load("h200x1"))
-    assert {s["system"] for s in h1} == {"v5-eager", "v5-grouped_mm", "torch", "triton"}
+    assert {s["system"] for s in h1} == {"v5-eager", "v5-grouped_mm", "torch", "triton", "triton-fusedce"}
     assert {s["routing"] for s in h1} == {"real", "balanced", "skewed"}
     assert all(s["seq"] == 4096 and s["layers"] == 8 and s["dtype"] == "bf16" for s in h1)

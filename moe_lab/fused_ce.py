@@ -1,0 +1,123 @@
+"""Chunked linear + cross-entropy: the LM-head loss without ever holding the full logits.
+
+v5's causal-LM loss materialises logits [N, V] in the model dtype, upcasts them to float32 and keeps
+them for backward (at 4096 tokens and Qwen3's 151,936-token vocabulary: 1.2 GB bf16 + 2.5 GB fp32).
+Here the tokens go through the LM head in chunks: forward keeps only the per-token log-sum-exp [N];
+backward recomputes each chunk's logits (one extra LM-head GEMM) and turns them into gradients at once.
+
+Numerics follow v5's `ForCausalLMLoss`: logits in float32 for the softmax, labels shifted left by one
+(the last position ignored), `ignore_index` -100, mean over the counted tokens, or a sum divided by
+`num_items_in_batch` when given. The weight gradient is accumulated over chunks in float32.
+Shapes: N tokens, H hidden, V vocabulary.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk
+
+
+def _chunk_rows(vocab: int, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // (4 * vocab))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, denominator, ignore_index, chunk_rows):
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            stop = start + chunk_rows
+            logits = F.linear(hidden[start:stop], weight).float()  # [c, V]
+            lse[start:stop] = torch.logsumexp(logits, dim=-1)
+            chunk_labels = labels[start:stop]
+            counted = chunk_labels != ignore_index
+            target = logits.gather(1, chunk_labels.clamp(min=0)[:, None]).squeeze(1)
+            total += ((lse[start:stop] - target) * counted).sum()
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.denominator, ctx.ignore_index, ctx.chunk_rows = denominator, ignore_index, chunk_rows
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        scale = grad_loss.float() / ctx.denominator
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            stop = start + ctx.chunk_rows
+            rows = hidden[start:stop]
+            probs = torch.exp(F.linear(rows, weight).float() - lse[start:stop, None])  # softmax [c, V]
+            chunk_labels = labels[start:stop]
+            counted = (chunk_labels != ctx.ignore_index)
+            probs[torch.arange(probs.shape[0], device=probs.device)[counted], chunk_labels[counted]] -= 1.0
+            grad_logits = (probs * (counted[:, None] * scale)).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ rows).float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         ignore_index: int = -100, num_items_in_batch=None,
+                         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """hidden [N, H], weight [V, H], labels [N] (already aligned: label i is the target of row i) -> loss."""
+    if hidden.shape[0] != labels.shape[0]:
+        raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows but {labels.shape[0]} labels")
+    if num_items_in_batch is not None:
+        denominator = float(num_items_in_batch)
+    else:
+        denominator = float((labels != ignore_index).sum().item())
+    if denominator == 0:
+        return (hidden.sum() * 0 + weight.sum() * 0) * float("nan")  # v5's mean over no tokens is NaN too
+    chunk = _chunk_rows(weight.shape[0], chunk_bytes)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, denominator, ignore_index, chunk)
+
+
+def causal_lm_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    """v5's causal-LM loss from final hidden states [B, L, H] and labels [B, L] (shifted inside)."""
+    ignore_index = kwargs.get("ignore_index", -100)
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return linear_cross_entropy(hidden_states.reshape(-1, hidden_states.shape[-1]), weight,
+                                shifted.reshape(-1).to(hidden_states.device), **kwargs)
+
+
+def _fused_forward(self, *args, labels=None, num_items_in_batch=None, **kwargs):
+    """The model's forward with the loss from `causal_lm_loss`; `logits` come back empty [B, 0, V]."""
+    if labels is None:
+        return self._moe_lab_plain_forward(*args, **kwargs)
+    captured = {}
+    handle = self.get_decoder().register_forward_hook(
+        lambda module, inputs, output: captured.__setitem__("hidden", output.last_hidden_state))
+    try:
+        empty = torch.empty(0, dtype=torch.long, device=self.lm_head.weight.device)
+        out = self._moe_lab_plain_forward(*args, labels=None, logits_to_keep=empty, **kwargs)
+    finally:
+        handle.remove()
+    loss = causal_lm_loss(captured["hidden"], self.lm_head.weight, labels, num_items_in_batch=num_items_in_batch,
+                          chunk_bytes=self._moe_lab_ce_chunk_bytes)
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:
+        loss = loss + getattr(self, "router_aux_loss_coef", 0.0) * aux.to(loss.device)
+    out.loss = loss
+    return out
+
+
+def enable_fused_cross_entropy(model, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    """Make `model(..., labels=...)` compute its loss with `causal_lm_loss` (outputs' logits empty).
+
+    Without labels (inference, `generate()`) the model runs exactly as before.
+    """
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is None or getattr(lm_head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}: fused cross-entropy needs a bias-free `lm_head`")
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__}: fused cross-entropy does not apply logit soft-capping")
+    model._moe_lab_ce_chunk_bytes = chunk_bytes
+    if not hasattr(model, "_moe_lab_plain_forward"):
+        model._moe_lab_plain_forward = model.forward
+    model.forward = types.MethodType(_fused_forward, model)
