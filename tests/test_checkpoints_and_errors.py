@@ -129,3 +129,17 @@ def test_bad_expert_ids_get_a_clear_error():
 
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
         plan_sorted(torch.tensor([[0, 4]]), 4)
+
+
+def test_triton_without_gpu_or_interpreter_says_what_to_do(monkeypatch):
+    import torch
+
+    from moe_lab.triton_backend import why_triton_unavailable
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="router stage 'triton' cannot run here: Triton kernels need a CUDA GPU; "
+                                           "on the CPU set TRITON_INTERPRET=1"):
+        moe_lab.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), moe_backend="triton")
+    assert why_triton_unavailable() is not None
