@@ -13,7 +13,8 @@ Names (the ``system`` field of a cell and the last part of a summary key):
   ``triton``, ``te`` ...); a variant in ``VARIANTS`` adds options (``triton-fusedce``: the chunked
   linear + cross-entropy loss, ``fused_cross_entropy=True``); any other name is passed to moe_lab
   whole, which refuses words it does not know.
-* ``ep<N>-<dispatcher>-<backend>``: moe_lab expert parallelism over N ranks
+* ``ep<N>-<dispatcher>-<backend>[-<variant>]``: moe_lab expert parallelism over N ranks
+  (``-fsdp``: the non-expert parameters sharded with FSDP2)
   (``from_config(..., moe_backend=<backend's stages with dispatch=<dispatcher>>, ep_size=N)``); every
   rank trains on its own batch and gradients are reduced by ``moe_lab.expert_parallel`` after
   backward. Fails as not implemented while the installed moe_lab has no ``ep_size``.
@@ -30,7 +31,7 @@ _EP_RE = re.compile(r"^ep(\d+)-([a-z0-9_]+)-([a-z0-9_]+(?:-[a-z0-9_]+)?)$")
 
 
 # moe_lab system-name suffixes -> from_config options
-VARIANTS = {"fusedce": {"fused_cross_entropy": True}}
+VARIANTS = {"fusedce": {"fused_cross_entropy": True}, "fsdp": {"fsdp": True}}
 
 
 class NotImplementedYet(NotImplementedError):
@@ -63,7 +64,10 @@ def parse(name: str) -> System:
         return System(name, "v5", experts_impl=name[len("v5-"):])
     m = _EP_RE.match(name)
     if m:
-        return System(name, "moe_lab-ep", moe_backend=m.group(3), dispatcher=m.group(2), ep=int(m.group(1)))
+        backend, _, variant = m.group(3).partition("-")
+        options = tuple(sorted(VARIANTS[variant].items())) if variant in VARIANTS else ()
+        return System(name, "moe_lab-ep", moe_backend=backend if options else m.group(3), dispatcher=m.group(2),
+                      ep=int(m.group(1)), options=options)
     if not re.match(r"^[a-z0-9_]+(-[a-z0-9_]+)?$", name):
         raise ValueError(f"bad system name {name!r}")
     backend, _, variant = name.partition("-")
@@ -122,7 +126,8 @@ def build_model(system: System, config, *, dtype, attn: str, device, world: int)
         names["dispatch"] = system.dispatcher
         _resolve(moe_lab, names, system.name)
         with torch.device(device):
-            return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=names, ep_size=system.ep, **kw)
+            return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=names, ep_size=system.ep,
+                                                            **dict(system.options), **kw)
     if world > 1:
         raise ValueError(f"{system.name} is a one-GPU system; moe_lab on {world} GPUs needs ep{world}-<dispatcher>-<backend>")
     _resolve(moe_lab, system.moe_backend, system.name)

@@ -13,6 +13,10 @@ Gradients: `reduce_gradients(model)` after backward makes every gradient the gra
 loss over all ranks: non-expert gradients are averaged over all ranks; an expert's gradient already
 holds the contributions of every rank's tokens (they came through the all-to-all), so it is summed
 over its replicas and divided by the world size.
+
+With `fsdp=True` the non-expert parameters are sharded with FSDP2 (`fully_shard` per decoder layer
+and at the root, over all ranks; the experts are its ignored parameters): FSDP2 then averages their
+gradients itself (reduce-scatter), and `reduce_gradients` only handles the experts.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ class ExpertParallelContext:
     ep_group: object
     replica_group: object
     mesh: object = None
+    fsdp_mesh: object = None  # set when the non-expert parameters are sharded with FSDP2
 
     @property
     def dp_replicate(self) -> int:
@@ -186,10 +191,35 @@ def is_expert_shard(param: torch.Tensor) -> bool:
     return hasattr(param, "moe_lab_expert_shard")
 
 
+def _is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def shard_non_experts_fsdp2(model: nn.Module, ep: ExpertParallelContext) -> None:
+    """FSDP2 over all ranks for every parameter that is not an expert shard: one unit per decoder
+    layer (v5's `_no_split_modules` classes) and the root for the rest (embeddings, norm, LM head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device_type, (ep.world_size,), mesh_dim_names=("fsdp",))
+    experts = {p for p in model.parameters() if is_expert_shard(p)}
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found for FSDP2 (_no_split_modules is empty)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, ignored_params={p for p in layer.parameters() if p in experts})
+    fully_shard(model, mesh=mesh, ignored_params=experts)
+    ep.fsdp_mesh = mesh
+
+
 def reduce_gradients(model: nn.Module, ep: ExpertParallelContext) -> None:
     """After backward: every gradient becomes that of the mean loss over all ranks (see module doc)."""
     for param in model.parameters():
-        if param.grad is None:
+        if param.grad is None or _is_dtensor(param):  # FSDP2 reduced its own shards already
             continue
         if is_expert_shard(param):
             if ep.dp_replicate > 1:
@@ -208,6 +238,8 @@ def full_state_dict(model: nn.Module, ep: ExpertParallelContext) -> dict[str, to
             pieces = [torch.empty_like(tensor) for _ in range(ep.ep_size)]
             dist.all_gather(pieces, tensor.detach().contiguous(), group=ep.ep_group)
             state[name] = torch.cat(pieces).cpu()
+        elif _is_dtensor(tensor):
+            state[name] = tensor.detach().full_tensor().cpu()
         else:
             state[name] = tensor.detach().cpu()
     return state

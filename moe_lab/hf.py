@@ -40,15 +40,18 @@ def _with_expert_parallel_dispatch(choice: StageChoice, ep_size: int) -> StageCh
     return choice
 
 
-def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int = 1) -> nn.Module:
+def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int = 1, fsdp: bool = False) -> nn.Module:
     """Route every sparse MoE block of a v5 model through moe_lab, in place; returns the model.
 
     Known families (Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3) get `MoELayer`s. Other models whose
     experts use v5's experts interface keep v5's block and router, and compute their experts
     through moe_lab's stages. Anything else raises `UnsupportedModelError`.
     With ep_size > 1 (under torchrun), each rank keeps E/ep_size experts per layer and rows travel
-    with the all-to-all dispatcher; see `moe_lab.expert_parallel`.
+    with the all-to-all dispatcher; with fsdp=True the other parameters are sharded with FSDP2 over
+    all ranks (see `moe_lab.expert_parallel`).
     """
+    if fsdp and ep_size <= 1:
+        raise ValueError("fsdp=True shards the non-expert parameters of an expert-parallel run: it needs ep_size > 1")
     choice = _with_expert_parallel_dispatch(resolve_backend(moe_backend), ep_size)
     config = model.config
     model_type = getattr(config, "model_type", "?")
@@ -83,6 +86,10 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
         from .expert_parallel import enable_expert_parallel_save, shard_experts
 
         shard_experts(model, ep)
+        if fsdp:
+            from .expert_parallel import shard_non_experts_fsdp2
+
+            shard_non_experts_fsdp2(model, ep)
         enable_expert_parallel_save(model, ep)
         model.moe_lab_ep = ep
     logger.info("moe_lab: %d MoE blocks of %s run with backend %s", replaced, model_type, choice.label)
@@ -95,27 +102,28 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
     `from_pretrained(path_or_id, moe_backend="torch", **hf_kwargs)` and
     `from_config(config, moe_backend="torch", **hf_kwargs)`; `moe_backend` is a backend word
     (see `moe_lab.available_backends()`) or a mapping stage -> backend. `ep_size=N` shards the experts
-    over N ranks (see `moe_lab.expert_parallel`); `fused_cross_entropy=True` computes the training
+    over N ranks (see `moe_lab.expert_parallel`), and `fsdp=True` shards everything else with FSDP2;
+    `fused_cross_entropy=True` computes the training
     loss with the chunked LM-head loss of `moe_lab.fused_ce` (no full logits).
     """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, moe_backend: MoeBackend = None,
-                        ep_size: int = 1, fused_cross_entropy: bool = False, **kwargs):
+                        ep_size: int = 1, fsdp: bool = False, fused_cross_entropy: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)  # fail on a bad backend before loading any weights
         model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return _finish(model, choice, ep_size, fused_cross_entropy)
+        return _finish(model, choice, ep_size, fsdp, fused_cross_entropy)
 
     @classmethod
-    def from_config(cls, config, moe_backend: MoeBackend = None, ep_size: int = 1,
+    def from_config(cls, config, moe_backend: MoeBackend = None, ep_size: int = 1, fsdp: bool = False,
                     fused_cross_entropy: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
-        return _finish(model, choice, ep_size, fused_cross_entropy)
+        return _finish(model, choice, ep_size, fsdp, fused_cross_entropy)
 
 
-def _finish(model, choice: StageChoice, ep_size: int, fused_cross_entropy: bool):
-    patch_model(model, choice, ep_size=ep_size)
+def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, fused_cross_entropy: bool):
+    patch_model(model, choice, ep_size=ep_size, fsdp=fsdp)
     if fused_cross_entropy:
         from .fused_ce import enable_fused_cross_entropy
 

@@ -1,8 +1,5 @@
 """Cells over two processes on the CPU (gloo), launched by the sweep through torch.distributed.run:
-v5's FSDP2 via DistributedConfig, and moe_lab's expert parallel (or its not-implemented placeholder)."""
-import inspect
-
-import moe_lab
+v5's FSDP2 via DistributedConfig, and moe_lab's expert parallel (replicated, and with FSDP2 for the rest)."""
 import pytest
 
 from experiments import sweep
@@ -15,15 +12,12 @@ TINY = {"model": "tiny-qwen3-moe", "layers": 1, "batch": 1, "seq": 32, "dtype": 
 def test_two_process_cells(tmp_path):
     conf = {"name": "d", "defaults": TINY, "cell_timeout_s": 150, "env": {"OMP_NUM_THREADS": "1"},
             "cells": [{"system": "v5-grouped_mm"}, {"system": "v5-fsdp2-grouped_mm", "nproc": 2},
-                      {"system": "ep2-all2all-torch", "nproc": 2}]}
-    single, fsdp, ep = sweep.run_sweep(conf, tmp_path / "d", progress=False)
+                      {"system": "ep2-all2all-torch", "nproc": 2}, {"system": "ep2-all2all-torch-fsdp", "nproc": 2}]}
+    single, fsdp, ep, ep_fsdp = sweep.run_sweep(conf, tmp_path / "d", progress=False)
     assert single["status"] == "ok" and fsdp["status"] == "ok", fsdp.get("error")
     assert fsdp["world"] == 2 and "torch.distributed.run" in " ".join(fsdp["launcher"]["command"])
     # rank 0 trains on the single-process batch from the same weights: same first-step loss
     assert fsdp["metrics"]["first_loss"] == pytest.approx(single["metrics"]["first_loss"], rel=1e-5)
-    has_ep = "ep_size" in inspect.signature(moe_lab.AutoModelForCausalLM.from_config).parameters
-    if has_ep:
-        assert ep["status"] == "ok", ep.get("error")
-        assert ep["metrics"]["first_loss"] == pytest.approx(single["metrics"]["first_loss"], rel=1e-5)
-    else:
-        assert ep["status"] == "not_implemented" and "placeholder" in ep["error"]
+    for record in (ep, ep_fsdp):
+        assert record["status"] == "ok", record.get("error")
+        assert record["metrics"]["first_loss"] == pytest.approx(single["metrics"]["first_loss"], rel=1e-5)

@@ -93,6 +93,8 @@ def test_system_names():
     assert systems.parse("v5-fsdp2-grouped_mm").kind == "v5-fsdp2"
     s = systems.parse("ep2-all2all-torch")
     assert (s.kind, s.ep, s.dispatcher, s.moe_backend) == ("moe_lab-ep", 2, "all2all", "torch")
+    sharded = systems.parse("ep2-all2all-triton-fsdp")
+    assert (sharded.moe_backend, sharded.ep, dict(sharded.options)) == ("triton", 2, {"fsdp": True})
     fused = systems.parse("triton-fusedce")
     assert (fused.moe_backend, dict(fused.options)) == ("triton", {"fused_cross_entropy": True})
 

@@ -36,7 +36,7 @@ def _skew_router(model):
             gate.register_forward_hook(_force_routing_to_experts_0_and_1)
 
 
-def _worker(rank, world, ep_size, family, skew, port, tmpdir, results):
+def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=False):
     sys.path.insert(0, TESTS_DIR)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -51,7 +51,12 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results):
         config = tiny_config(family, num_experts=8, top_k=2, **overrides)
         torch.manual_seed(0)
         reference = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager")
-        ours = moe_lab.patch_model(copy.deepcopy(reference), "torch", ep_size=ep_size)
+        ours = moe_lab.patch_model(copy.deepcopy(reference), "torch", ep_size=ep_size, fsdp=fsdp)
+        if fsdp:
+            from torch.distributed.tensor import DTensor
+
+            sharded = [n for n, p in ours.named_parameters() if isinstance(p, DTensor)]
+            assert sharded and not any(".experts." in n for n in sharded), sharded
         if skew:
             _skew_router(reference)
             _skew_router(ours)
@@ -75,6 +80,8 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results):
             if shard is not None:
                 expected = expected[shard[0] : shard[1]]
             got = param.grad if param.grad is not None else torch.zeros_like(param)
+            if hasattr(got, "full_tensor"):  # an FSDP2 shard
+                got = got.full_tensor()
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
 
         received = [int(layer.mlp.dispatcher.last_local_rows) for layer in ours.model.layers
@@ -94,11 +101,11 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results):
         dist.destroy_process_group()
 
 
-def _run(world, ep_size, family, skew, tmp_path):
+def _run(world, ep_size, family, skew, tmp_path, fsdp=False):
     manager = mp.Manager()
     results = manager.dict()
     try:
-        mp.spawn(_worker, args=(world, ep_size, family, skew, _free_port(), str(tmp_path), results), nprocs=world)
+        mp.spawn(_worker, args=(world, ep_size, family, skew, _free_port(), str(tmp_path), results, fsdp), nprocs=world)
     except Exception:
         errors = [v[1] for v in results.values() if v[0] == "error"]
         pytest.fail(errors[0] if errors else "a worker died")
@@ -127,6 +134,12 @@ def test_experts_replicated_over_two_groups(tmp_path):
 def _single_process_group():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def test_fsdp2_for_the_rest_of_the_model(tmp_path):
+    """world 4, ep 2, the non-expert parameters sharded with FSDP2 over all four ranks."""
+    results = _run(4, 2, "deepseek_v3", skew=False, tmp_path=tmp_path, fsdp=True)
+    assert all(status == "ok" for status, _ in results.values())
 
 
 def test_mesh_the_model_cannot_use_is_refused():
