@@ -161,7 +161,13 @@ def _make_batch(spec, vocab, step, rank, replicated, device):
 def _optimizer(spec, model, device):
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    from torch.distributed.tensor import DTensor
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # One optimizer step call cannot mix DTensors and plain tensors (v5's expert parallel makes its
+    # experts DTensors, fused AdamW then fails): one param group of each, same hyper-parameters.
+    params = [group for group in ({"params": [p for p in trainable if isinstance(p, DTensor)]},
+                                  {"params": [p for p in trainable if not isinstance(p, DTensor)]}) if group["params"]]
     if spec["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=spec["lr"])
     if spec["optimizer"] == "adamw_fused":
