@@ -111,6 +111,13 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, moe_backend: MoeBackend = None,
                         ep_size: int = 1, fsdp: bool = False, fused_cross_entropy: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)  # fail on a bad backend before loading any weights
+        if ep_size > 1 and not model_args:
+            from .ep_loading import load_local_experts
+
+            model = load_local_experts(pretrained_model_name_or_path, choice, ep_size, fsdp, **kwargs)
+            if model is not None:  # only this rank's experts were read
+                return _finish(model, choice, ep_size, fsdp, fused_cross_entropy, patched=True)
+            logger.info("moe_lab: loading %s in full, then keeping this rank's experts", pretrained_model_name_or_path)
         model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         return _finish(model, choice, ep_size, fsdp, fused_cross_entropy)
 
@@ -122,8 +129,9 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
         return _finish(model, choice, ep_size, fsdp, fused_cross_entropy)
 
 
-def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, fused_cross_entropy: bool):
-    patch_model(model, choice, ep_size=ep_size, fsdp=fsdp)
+def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, fused_cross_entropy: bool, patched: bool = False):
+    if not patched:
+        patch_model(model, choice, ep_size=ep_size, fsdp=fsdp)
     if fused_cross_entropy:
         from .fused_ce import enable_fused_cross_entropy
 

@@ -87,6 +87,18 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=Fals
         received = [int(layer.mlp.dispatcher.last_local_rows) for layer in ours.model.layers
                     if hasattr(layer.mlp, "dispatcher")]
         ours.save_pretrained(os.path.join(tmpdir, "ckpt"))
+        # load it back with ep_size: only this rank's experts are read (the meta-device path)
+        loaded = moe_lab.AutoModelForCausalLM.from_pretrained(os.path.join(tmpdir, "ckpt"), ep_size=ep_size, fsdp=fsdp)
+        assert getattr(loaded, "moe_lab_loaded_local_experts", False), "the local-expert loader must take this checkpoint"
+        full_state = ours.state_dict()
+        for name, tensor in loaded.state_dict().items():
+            expected = full_state[name]
+            if hasattr(expected, "full_tensor"):
+                expected, tensor = expected.full_tensor(), tensor.full_tensor()
+            torch.testing.assert_close(tensor, expected, rtol=0, atol=0, msg=lambda m: f"rank {rank} loaded {name}: {m}")
+        if not skew:  # (the skewed run's routing comes from hooks the loaded model does not have)
+            loaded.train()
+            torch.testing.assert_close(loaded(mine, labels=mine).loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
         if rank == 0:
             saved = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmpdir, "ckpt"))
             for name, tensor in reference.state_dict().items():
