@@ -45,6 +45,7 @@ def _checkpoint_files(path: Path) -> dict[str, Path] | None:
     return None
 
 
+_QUANTIZED_SUFFIXES = ("_scale_inv", "_scale", "_blocks", "_scales")
 _PER_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 
 
@@ -104,8 +105,11 @@ class _CheckpointReader:
 def _rebuild_non_persistent_buffers(model: nn.Module, device) -> bool:
     """Recompute buffers that checkpoints do not hold (rotary tables) by rebuilding their modules."""
     for name, module in list(model.named_modules()):
-        if not getattr(module, "_non_persistent_buffers_set", None) or list(module.parameters(recurse=False)):
+        if not getattr(module, "_non_persistent_buffers_set", None):
             continue
+        if list(module.parameters(recurse=False)):
+            logger.info("ep loading: %s holds parameters and non-persistent buffers; cannot rebuild it", name)
+            return False
         params = list(inspect.signature(type(module).__init__).parameters)
         config = getattr(module, "config", None)
         if len(params) < 2 or params[1] != "config" or config is None:
@@ -131,6 +135,9 @@ def load_local_experts(path, choice, ep_size: int, fsdp: bool, device="cpu", **k
     if files is None:
         return None
     config = transformers.AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) or any(k.endswith(_QUANTIZED_SUFFIXES) for k in files):
+        logger.info("ep loading: %s is quantised; v5 loads it", path)
+        return None
     dtype = kwargs.get("dtype")
     if dtype in (None, "auto"):
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -157,6 +164,9 @@ def load_local_experts(path, choice, ep_size: int, fsdp: bool, device="cpu", **k
             if not reader.can_read(name):
                 continue  # tied to another tensor: tie_weights() below
             data = reader.read(name, getattr(tensor, "moe_lab_expert_shard", None))
+            if data.is_floating_point() != tensor.is_floating_point() or (data.is_floating_point() and data.element_size() < 2):
+                raise ValueError(f"{path}: {name} is stored as {data.dtype}; moe_lab's expert-parallel loader reads "
+                                 "unquantised checkpoints only")
             if tuple(data.shape) != tuple(tensor.shape):
                 raise ValueError(f"{path}: {name} has shape {tuple(data.shape)}, the model expects {tuple(tensor.shape)}")
             tensor.copy_(data)

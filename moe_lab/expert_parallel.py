@@ -72,12 +72,16 @@ def init_distributed_if_needed() -> None:
     dist.init_process_group(backend)
 
 
-def make_context(ep_size: int, num_experts: int, model_type: str = "?") -> ExpertParallelContext:
-    """Build the (dp_replicate, ep) DeviceMesh over all ranks; refuse a mesh the model cannot use."""
+def check_divisible(num_experts: int, ep_size: int, model_type: str = "?") -> None:
     if ep_size < 1 or num_experts % ep_size:
         raise ValueError(
             f"model type {model_type!r} has {num_experts} experts per layer, not divisible by ep_size={ep_size}"
         )
+
+
+def make_context(ep_size: int, num_experts: int, model_type: str = "?") -> ExpertParallelContext:
+    """Build the (dp_replicate, ep) DeviceMesh over all ranks; refuse a mesh the model cannot use."""
+    check_divisible(num_experts, ep_size, model_type)
     init_distributed_if_needed()
     world = dist.get_world_size()
     if world % ep_size:
@@ -219,8 +223,11 @@ def shard_non_experts_fsdp2(model: nn.Module, ep: ExpertParallelContext) -> None
 def reduce_gradients(model: nn.Module, ep: ExpertParallelContext) -> None:
     """After backward: every gradient becomes that of the mean loss over all ranks (see module doc)."""
     for param in model.parameters():
-        if param.grad is None or _is_dtensor(param):  # FSDP2 reduced its own shards already
+        if _is_dtensor(param) or not param.requires_grad:  # FSDP2 reduced its own shards already
             continue
+        if param.grad is None:
+            # e.g. experts that got no row on this rank: every rank must run the same collectives
+            param.grad = torch.zeros_like(param)
         if is_expert_shard(param):
             if ep.dp_replicate > 1:
                 dist.all_reduce(param.grad, group=ep.replica_group)

@@ -104,16 +104,25 @@ def _alignment_pad(size: int, dtype: torch.dtype) -> int:
     return (-size) % per16
 
 
+def _grouped_mm_layout_ok(t: torch.Tensor) -> bool:
+    """grouped_mm reads a matrix with one unit stride and the other a multiple of 16 bytes; a
+    transpose view of v5's [E, out, in] weights qualifies and must not be copied."""
+    row, col = t.stride(-2), t.stride(-1)
+    size = t.element_size()
+    return (col == 1 and row * size % 16 == 0) or (row == 1 and col * size % 16 == 0)
+
+
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [S, K] rows in expert order, weight [E, K, N] (any strides), offsets [E] int32 -> [S, N].
 
-    `torch.nn.functional.grouped_mm` wants 16-byte aligned row strides; odd K or N are zero-padded
-    (exact: padded columns contribute zeros) so any shape works.
+    `torch.nn.functional.grouped_mm` wants 16-byte aligned strides; odd K or N are zero-padded
+    (exact: padded columns contribute zeros) so any shape works. Aligned shapes, transposed views
+    included, go straight through: the weights are never copied.
     """
     pad_k, pad_n = _alignment_pad(x.shape[1], x.dtype), _alignment_pad(weight.shape[2], x.dtype)
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[2])
-    if pad_k or pad_n or weight.stride(1) * weight.element_size() % 16 or weight.stride(2) * weight.element_size() % 16:
+    if pad_k or pad_n or not (_grouped_mm_layout_ok(x) and _grouped_mm_layout_ok(weight)):
         xp = F.pad(x, (0, pad_k))
         wp = F.pad(weight, (0, pad_n, 0, pad_k))
         return F.grouped_mm(xp, wp, offs=offsets)[:, : weight.shape[2]]

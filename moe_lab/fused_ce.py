@@ -90,6 +90,7 @@ def _fused_forward(self, *args, labels=None, num_items_in_batch=None, **kwargs):
     """The model's forward with the loss from `causal_lm_loss`; `logits` come back empty [B, 0, V]."""
     if labels is None:
         return self._moe_lab_plain_forward(*args, **kwargs)
+    kwargs.pop("logits_to_keep", None)  # the loss needs every position; no logits are returned
     captured = {}
     handle = self.get_decoder().register_forward_hook(
         lambda module, inputs, output: captured.__setitem__("hidden", output.last_hidden_state))

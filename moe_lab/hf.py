@@ -64,9 +64,12 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
     # every check is done before anything changes: a refused model is left as it was
     ep = None
     if ep_size > 1 and targets:
-        from .expert_parallel import make_context
+        from .expert_parallel import check_divisible, make_context
 
-        ep = make_context(ep_size, targets[0][2].num_experts, model_type)
+        counts = sorted({spec.num_experts for _, _, spec in targets})  # every layer's count must divide
+        for count in counts[1:]:
+            check_divisible(count, ep_size, model_type)
+        ep = make_context(ep_size, counts[0], model_type)
     for name, module, spec in targets:
         if family is not None:
             _replace_child(model, name, MoELayer(module, family, config, choice, spec, ep=ep))

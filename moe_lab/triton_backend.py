@@ -83,12 +83,18 @@ def _fused_activation(spec: ExpertsSpec) -> str | None:
     return None
 
 
+@functools.cache
+def _warn_unfused(spec: ExpertsSpec) -> None:
+    logger.warning("triton experts: no fused kernel for activation %r (%s); these experts use grouped_mm",
+                   spec.act_name, spec.activation)
+
+
 def experts_triton(x, counts, offsets, module, spec: ExpertsSpec):
     """x [S, H] rows in expert order -> y [S, H] through the fused Triton expert MLP."""
     activation = _fused_activation(spec)
     w1 = first_weight(module, spec)
-    if activation is None or not spec.gated:
-        logger.warning("triton experts: no fused kernel for activation %r (%s); using grouped_mm", spec.act_name, spec.activation)
+    if activation is None:
+        _warn_unfused(spec)
         return experts_grouped_mm(x, counts, offsets, module, spec)
     return _kernels().expert_mlp(
         x.to(w1.dtype),

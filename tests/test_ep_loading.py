@@ -25,3 +25,18 @@ def test_reader_rebuilds_every_tensor_and_expert_slices(family, tmp_path):
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             assert torch.equal(reader.read(name, (1, 3, 4)), tensor[1:3]), name
     assert not reader.can_read("model.layers.0.mlp.nonexistent.weight")
+
+
+def test_quantised_checkpoints_go_through_v5(tmp_path):
+    """A checkpoint with scale tensors (fp8 block quantisation) is not read raw by the EP loader."""
+    from safetensors.torch import load_file, save_file
+
+    import moe_lab
+    from moe_lab.ep_loading import load_local_experts
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", num_experts=4))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert load_local_experts(tmp_path, moe_lab.resolve_backend("torch"), ep_size=2, fsdp=False) is None

@@ -154,6 +154,61 @@ def test_fsdp2_for_the_rest_of_the_model(tmp_path):
     assert all(status == "ok" for status, _ in results.values())
 
 
+def _replica_worker(rank, world, port, results):
+    """EP=2 x 2 replicas; ranks 0 and 1 route every token to experts 0 and 1 (shard 0), ranks 2 and
+    3 to experts 4 and 5 (shard 1): each shard gets rows on one replica and none on the other."""
+    sys.path.insert(0, TESTS_DIR)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import transformers
+
+        import moe_lab
+        from moe_lab.expert_parallel import reduce_gradients
+        from tiny_models import tiny_config
+
+        config = tiny_config("qwen3_moe", num_experts=8, top_k=2)
+        torch.manual_seed(0)
+        model = moe_lab.patch_model(transformers.AutoModelForCausalLM.from_config(config), "torch", ep_size=2)
+        first = 0 if rank < 2 else 4
+
+        def force(module, inputs, output):
+            logits, weights, ids = output
+            forced = torch.tensor([first, first + 1]).expand_as(ids).clone()
+            return logits, torch.softmax(logits.float(), -1).gather(1, forced).to(weights.dtype), forced
+
+        for layer in model.model.layers:
+            layer.mlp.gate.register_forward_hook(force)
+        ids = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(rank))
+        model(ids, labels=ids).loss.backward()
+        reduce_gradients(model, model.moe_lab_ep)  # must not hang
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(grads) for _ in range(world)]
+        dist.all_gather(gathered, grads)
+        # replicas hold the same expert shard: after the reduction their gradients are equal
+        replica = rank + 2 if rank < 2 else rank - 2
+        torch.testing.assert_close(gathered[replica], grads)
+        results[rank] = ("ok", None)
+    except Exception:
+        import traceback
+
+        results[rank] = ("error", traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_replicas_agree_when_one_gets_no_rows():
+    manager = mp.Manager()
+    results = manager.dict()
+    try:
+        mp.spawn(_replica_worker, args=(4, _free_port(), results), nprocs=4)
+    except Exception:
+        errors = [v[1] for v in results.values() if v[0] == "error"]
+        pytest.fail(errors[0] if errors else "a worker died")
+    assert all(status == "ok" for status, _ in results.values())
+
+
 def test_mesh_the_model_cannot_use_is_refused():
     from moe_lab.expert_parallel import make_context
 
