@@ -17,7 +17,7 @@ from . import models, provenance, regimes, store, systems
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ["v5-grouped_mm", "v5-eager", "torch", "triton"]
+SYSTEMS = ["v5-grouped_mm", "v5-eager", "torch", "triton", "triton_gather"]
 
 
 def block_flops(config, tokens: int) -> float:

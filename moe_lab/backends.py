@@ -13,9 +13,11 @@ from .dispatch import LocalDispatcher
 from .expert_parallel import AllToAllDispatcher
 from .experts import experts_grouped_mm, experts_loop
 from .permutation import combine_eager, combine_sorted, gather_rows, plan_eager, plan_sorted
-from .registry import register_backend, register_stage
+from .registry import register_backend, register_fused_pair, register_stage
 from .routing import route_reference
-from .triton_backend import combine_triton, experts_triton, permute_triton, route_triton, why_triton_unavailable
+from .triton_backend import (
+    combine_triton, experts_triton, gathered_experts_triton, permute_triton, route_triton, why_triton_unavailable,
+)
 
 
 def permute_eager(hidden, ids, num_experts):
@@ -54,6 +56,12 @@ register_stage("permutation", "triton", permute_triton, why_triton_unavailable, 
 register_stage("experts", "triton", experts_triton, why_triton_unavailable, description="fused grouped GEMM MLP (activation in epilogue)")
 register_stage("combine", "triton", combine_triton, why_triton_unavailable, description="fixed-order weighted un-permute kernel")
 
+register_stage("experts", "triton_gather", experts_triton, why_triton_unavailable,
+               description="fused expert MLP; with the triton permutation, the gather runs in the GEMM prologue")
+register_fused_pair("triton", "triton_gather", gathered_experts_triton)
+
 register_backend("eager", {"router": "eager", "permutation": "eager", "dispatch": "local", "experts": "eager", "combine": "eager"})
 register_backend("torch", {"router": "torch", "permutation": "torch", "dispatch": "local", "experts": "torch", "combine": "torch"})
 register_backend("triton", {"router": "triton", "permutation": "triton", "dispatch": "local", "experts": "triton", "combine": "triton"})
+register_backend("triton_gather", {"router": "triton", "permutation": "triton", "dispatch": "local",
+                                   "experts": "triton_gather", "combine": "triton"})

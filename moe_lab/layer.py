@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .experts import ExpertsSpec
 from .families import Family
-from .registry import StageChoice
+from .registry import StageChoice, fused_pair
 from .routing import RoutingSpec
 
 
@@ -27,6 +27,9 @@ def run_routed_experts(
     dispatcher,
 ) -> torch.Tensor:
     """hidden [T, H], ids [T, k], weights [T, k] -> out [T, H]: permute, dispatch, experts, combine."""
+    fused = fused_pair(choice)
+    if fused is not None and dispatcher.name == "local":
+        return fused(hidden, ids, weights, experts, spec, choice)
     rows, perm = choice.permutation(hidden, ids, spec.num_experts)
     dispatched = dispatcher.dispatch(rows, perm)
     expert_out = choice.experts(dispatched.x, dispatched.counts, dispatched.offsets, experts, spec)

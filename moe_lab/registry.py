@@ -45,6 +45,21 @@ def register_backend(word: str, per_stage: Mapping[str, str]) -> None:
     _BACKENDS[word] = dict(per_stage)
 
 
+# (permutation impl, experts impl) -> a function that runs both (and the combine) as one, for
+# kernels that fuse across the stage boundary (e.g. the gather into the GEMM prologue). Used only
+# when rows stay local; under expert parallelism the stages run one by one.
+_FUSED_PAIRS: dict[tuple[str, str], object] = {}
+
+
+def register_fused_pair(permutation: str, experts: str, fn) -> None:
+    """fn(hidden [T, H], ids [T, k], weights [T, k], experts_module, spec, choice) -> out [T, H]."""
+    _FUSED_PAIRS[(permutation, experts)] = fn
+
+
+def fused_pair(choice: "StageChoice"):
+    return _FUSED_PAIRS.get((choice.names["permutation"], choice.names["experts"]))
+
+
 def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 

@@ -109,3 +109,28 @@ def experts_triton(x, counts, offsets, module, spec: ExpertsSpec):
         alpha=spec.alpha,
         limit=spec.limit,
     )
+
+
+def gathered_experts_triton(hidden, ids, weights, module, spec: ExpertsSpec, choice):
+    """Permutation, experts and combine with the gather in the gate_up GEMM's prologue: the permuted
+    copy of the rows [S, H] is neither written nor kept for backward. hidden [T, H] -> out [T, H]."""
+    activation = _fused_activation(spec)
+    if activation is None:
+        rows, perm = permute_triton(hidden, ids, spec.num_experts)
+        return choice.combine(experts_triton(rows, perm.counts, perm.offsets, module, spec), perm, weights, hidden.dtype)
+    _check_ids(ids, spec.num_experts)
+    kernels = _kernels()
+    slots, counts, offsets, inverse = kernels.sort_by_expert(ids, spec.num_experts, return_inverse=True)
+    perm = Permutation(slots, counts, offsets, ids.shape[0], ids.shape[1], inverse=inverse)
+    w1 = first_weight(module, spec)
+    out_rows = kernels.expert_mlp_gathered(
+        hidden.to(w1.dtype), slots, inverse, ids.shape[1], w1, module.down_proj, offsets,
+        activation=activation,
+        gate_up_bias=first_bias(module, spec),
+        down_bias=module.down_proj_bias if spec.has_bias else None,
+        transposed=spec.transposed,
+        concatenated=not spec.interleaved,
+        alpha=spec.alpha,
+        limit=spec.limit,
+    )
+    return choice.combine(out_rows, perm, weights, hidden.dtype)

@@ -46,3 +46,18 @@ def test_torch_backend_keeps_no_more_than_v5_grouped_mm(dtype):
     our_bytes = saved_bytes(lambda: our_block(hidden), list(our_block.parameters()))
     routed_rows_bytes = 512 * 4 * 64 * hidden.element_size()  # one copy of the S x H routed rows
     assert our_bytes <= v5_bytes + routed_rows_bytes // 4, (our_bytes, v5_bytes)
+
+
+def test_gather_in_prologue_keeps_no_permuted_copy():
+    """triton_gather saves at least one [S, H] copy less than triton (the permuted rows)."""
+    config = tiny_config("qwen3_moe", num_experts=8, top_k=4, hidden_size=64, moe_intermediate_size=32)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    hidden = torch.randn(1, 128, 64, requires_grad=True)
+    saved = {}
+    for backend in ("triton", "triton_gather"):
+        block = moe_lab.patch_model(copy.deepcopy(base), backend).model.layers[0].mlp
+        saved[backend] = saved_bytes(lambda: block(hidden), list(block.parameters()))
+    permuted_rows_bytes = 128 * 4 * 64 * 4  # S x H float32
+    row_index_bytes = 128 * 4 * 8  # the token of each row (int64), kept instead
+    assert saved["triton_gather"] <= saved["triton"] - permuted_rows_bytes + row_index_bytes, saved

@@ -15,7 +15,7 @@ import moe_lab
 from tiny_models import FAMILIES, GENERIC, tiny_config
 
 # "triton" runs under Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1).
-BACKENDS = ["eager", "torch", "triton"]
+BACKENDS = ["eager", "torch", "triton", "triton_gather"]
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 

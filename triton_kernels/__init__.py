@@ -10,9 +10,11 @@ are int32 cumulative END offsets per expert ``[E]`` over rows sorted by expert.
 - ``permute(x [T, H], sorted_slots, top_k) -> [S, H]``
 - ``grouped_mm(x [S, K], w [E, K, N], offsets, bias=None) -> [S, N]``
 - ``expert_mlp(x [S, H], gate_up, down, offsets, activation=..., ...) -> [S, H]``
+- ``expert_mlp_gathered(x [T, H], sorted_slots, inv_slots, k, gate_up, down, offsets, ...) -> [S, H]``:
+  the same MLP gathering token rows in the GEMM prologue (no permuted copy)
 - ``combine(y [S, H], weights [T, k], sorted_slots) -> [T, H]``
 """
-from .expert_mlp import expert_mlp
+from .expert_mlp import expert_mlp, expert_mlp_gathered
 from .grouped_gemm import grouped_mm
 from .permute import combine, expert_counts, inverse_permutation, permute, sort_by_expert
 from .router import route
@@ -25,5 +27,6 @@ __all__ = [
     "permute",
     "grouped_mm",
     "expert_mlp",
+    "expert_mlp_gathered",
     "combine",
 ]

@@ -33,6 +33,7 @@ from ._common import bucket, check_offsets, next_pow2
 from .grouped_gemm import (
     _fwd_configs, _gemm_flags, expert_tile, grouped_mm_forward, grouped_mm_weight_grad, mma,
 )
+from .permute import _check_slots, _reduce
 
 ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
 GPT_OSS_ALPHA = 1.702
@@ -75,19 +76,20 @@ def _act_bwd(g, u, da, ACT: tl.constexpr, alpha, limit):
 @triton.autotune(configs=_fwd_configs(), key=["N", "K", "S_BUCKET"])
 @triton.jit
 def _gate_up_act_kernel(
-    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, a_ptr, hg_ptr, hu_ptr, offsets_ptr,
+    x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, a_ptr, hg_ptr, hu_ptr, offsets_ptr, src_ptr,
     N, K, E, S_BUCKET, alpha, limit,
     stride_xs, stride_xk,
     stride_we, stride_wk, stride_wn,
     stride_be, stride_bn,
     stride_as, stride_an,
     stride_hs, stride_hn,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr, GATHER: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """act[rows, n] = ACT(x @ wg[e] + bg[e], x @ wu[e] + bu[e]) for one (M, N) tile; N = I.
-    Optionally stores the pre-activations (gate into hg, up into hu)."""
+    Optionally stores the pre-activations (gate into hg, up into hu). With GATHER, row r of the
+    GEMM reads x[src[r]] (the token of a routed row): the permuted copy is never written."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_n
@@ -102,7 +104,11 @@ def _gate_up_act_kernel(
     cmask = cols < N
     ks = tl.arange(0, BLOCK_K)
 
-    x_ptrs = x_ptr + rows[:, None] * stride_xs + ks[None, :] * stride_xk
+    if GATHER:
+        src = tl.load(src_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        src = rows
+    x_ptrs = x_ptr + src[:, None] * stride_xs + ks[None, :] * stride_xk
     w_off = expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     wg_ptrs = wg_ptr + w_off
     wu_ptrs = wu_ptr + w_off
@@ -197,8 +203,10 @@ def _split_cols(t: torch.Tensor, concatenated: bool):
     return t[..., 0::2], t[..., 1::2]
 
 
-def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, store_h):
-    S, H = x.shape
+def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, store_h, src_rows=None):
+    """x [S, H] (or, with src_rows [S], x [T, H] gathered row by row in the prologue) -> act [S, I], h."""
+    H = x.shape[1]
+    S = x.shape[0] if src_rows is None else src_rows.shape[0]
     E, _, two_i = w_gu.shape
     I = two_i // 2
     act = torch.empty((S, I), dtype=x.dtype, device=x.device)
@@ -212,14 +220,14 @@ def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, sto
     ieee, upcast = _gemm_flags(x.dtype)
     grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
     _gate_up_act_kernel[grid](
-        x, wg, wu, bg, bu, act, hg, hu, offsets,
+        x, wg, wu, bg, bu, act, hg, hu, offsets, src_rows if src_rows is not None else offsets,
         I, H, E, bucket(S), float(alpha), float(limit),
         x.stride(0), x.stride(1),
         wg.stride(0), wg.stride(1), wg.stride(2),
         sb[0], sb[1],
         act.stride(0), act.stride(1),
         hg.stride(0), hg.stride(1),
-        ACT=act_id, HAS_BIAS=b_gu is not None, STORE_H=store_h,
+        ACT=act_id, HAS_BIAS=b_gu is not None, STORE_H=store_h, GATHER=src_rows is not None,
         IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
     )
     return act, h
@@ -279,6 +287,87 @@ class ExpertMLP(torch.autograd.Function):
             dw_gu, db_gu = grouped_mm_weight_grad(x, dh, offsets, w_gu, with_bias=has_bgu and need[4])
             dw_gu = dw_gu if need[1] else None
         return dx, dw_gu, dw_down, None, db_gu, db_down, None, None, None, None
+
+
+class ExpertMLPGathered(torch.autograd.Function):
+    """The fused expert MLP reading token rows through ``src_rows`` in its prologue.
+
+    Saves the token activations ``x [T, H]`` (which the caller keeps alive anyway) instead of the
+    permuted copy ``[S, H]``; dx is reduced over each token's k rows in a fixed order (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, src_rows, inv_slots, top_k, w_gu, w_down, offsets, b_gu, b_down, act_id, concatenated,
+                alpha, limit):
+        act, h = _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, store_h=True,
+                              src_rows=src_rows)
+        y = grouped_mm_forward(act, w_down, offsets, b_down)
+        del act
+        ctx.save_for_backward(x, src_rows, inv_slots, w_gu, w_down, offsets, h)
+        ctx.cfg = (top_k, act_id, concatenated, alpha, limit, b_gu is not None, b_down is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, src_rows, inv_slots, w_gu, w_down, offsets, h = ctx.saved_tensors
+        top_k, act_id, concatenated, alpha, limit, has_bgu, has_bdown = ctx.cfg
+        dy = dy.contiguous()
+        dh, act = _down_bwd_act(dy, w_down, h, offsets, act_id, concatenated, alpha, limit)
+        need = ctx.needs_input_grad
+        dx = dw_gu = dw_down = db_gu = db_down = None
+        if need[5] or (has_bdown and need[8]):
+            dw_down, db_down = grouped_mm_weight_grad(act, dy, offsets, w_down, with_bias=has_bdown and need[8])
+            dw_down = dw_down if need[5] else None
+        del act
+        if need[0]:
+            dx_rows = grouped_mm_forward(dh, w_gu.transpose(1, 2), offsets)  # [S, H], expert order
+            dx = _reduce(dx_rows, inv_slots, x.shape[0], top_k)  # [T, H]: sum over each token's k rows
+        if need[4] or (has_bgu and need[7]):
+            dw_gu, db_gu = grouped_mm_weight_grad(x, dh, offsets, w_gu, with_bias=has_bgu and need[7], src_rows=src_rows)
+            dw_gu = dw_gu if need[4] else None
+        return dx, None, None, None, dw_gu, dw_down, None, db_gu, db_down, None, None, None, None
+
+
+def expert_mlp_gathered(
+    x: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    inv_slots: torch.Tensor,
+    top_k: int,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    offsets: torch.Tensor,
+    activation: str = "swiglu",
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+    transposed: bool = False,
+    concatenated: Optional[bool] = None,
+    alpha: float = GPT_OSS_ALPHA,
+    limit: float = GPT_OSS_LIMIT,
+) -> torch.Tensor:
+    """``expert_mlp(permute(x, sorted_slots, top_k), ...)`` without the permuted copy: the gate_up
+    GEMM gathers token rows in its prologue (and so does its weight gradient).
+
+    x [T, H] token activations; sorted_slots [S] int64 (flat slot t*k+j of each expert-sorted row)
+    and inv_slots [S] its inverse (``sort_by_expert(..., return_inverse=True)``); other arguments
+    as ``expert_mlp``. Returns [S, H] in expert order; differentiable w.r.t. x, weights and biases.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"expert_mlp_gathered: unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+    T = x.shape[0]
+    _check_slots(sorted_slots, T * top_k, "expert_mlp_gathered")
+    if concatenated is None:
+        concatenated = not transposed
+    w_gu = gate_up if transposed else gate_up.transpose(1, 2)  # [E, H, 2I]
+    w_down = down if transposed else down.transpose(1, 2)  # [E, I, H]
+    E = w_gu.shape[0]
+    if w_gu.shape[1] != x.shape[1] or w_down.shape != (E, w_gu.shape[2] // 2, x.shape[1]):
+        raise ValueError(f"expert_mlp_gathered: shapes do not match: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
+                         f"down {tuple(down.shape)}, transposed={transposed}")
+    if not (x.dtype == gate_up.dtype == down.dtype):
+        raise TypeError(f"expert_mlp_gathered: dtypes differ: x {x.dtype}, gate_up {gate_up.dtype}, down {down.dtype}")
+    check_offsets(offsets, E, x.device)
+    src_rows = sorted_slots // top_k  # [S] the token of each routed row
+    return ExpertMLPGathered.apply(x, src_rows, inv_slots, top_k, w_gu, w_down, offsets, gate_up_bias, down_bias,
+                                   ACTIVATIONS[activation], concatenated, alpha, limit)
 
 
 def expert_mlp(

@@ -158,15 +158,16 @@ def _grouped_mm_kernel(
 @triton.autotune(configs=_dw_configs(), key=["K", "N", "S_BUCKET"])
 @triton.jit
 def _grouped_mm_dw_kernel(
-    x_ptr, dy_ptr, dw_ptr, db_ptr, offsets_ptr,
+    x_ptr, dy_ptr, dw_ptr, db_ptr, offsets_ptr, src_ptr,
     K, N, S_BUCKET,
     stride_xs, stride_xk,
     stride_ds, stride_dn,
     stride_we, stride_wk, stride_wn,
     stride_be, stride_bn,
-    HAS_DBIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """dw[e] = x[rows of e]^T @ dy[rows of e]; with GATHER, row r reads x[src[r]]."""
     pid = tl.program_id(0)
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -186,7 +187,11 @@ def _grouped_mm_dw_kernel(
     for s0 in range(start, end, BLOCK_S):
         rows = (s0 + ss).to(tl.int64)
         smask = rows < end
-        xt = tl.load(x_ptr + rows[None, :] * stride_xs + kk[:, None] * stride_xk,
+        if GATHER:
+            src = tl.load(src_ptr + rows, mask=smask, other=0).to(tl.int64)
+        else:
+            src = rows
+        xt = tl.load(x_ptr + src[None, :] * stride_xs + kk[:, None] * stride_xk,
                      mask=kmask[:, None] & smask[None, :], other=0.0)
         g = tl.load(dy_ptr + rows[:, None] * stride_ds + nn[None, :] * stride_dn,
                     mask=smask[:, None] & nmask[None, :], other=0.0)
@@ -260,14 +265,15 @@ def grouped_mm_forward(
 
 def grouped_mm_weight_grad(
     x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, like: torch.Tensor,
-    with_bias: bool = False,
+    with_bias: bool = False, src_rows: Optional[torch.Tensor] = None,
 ):
     """Ragged-K grouped GEMM: ``dw[e] = x[rows of e]^T @ dy[rows of e]`` (zero for empty experts).
 
-    x [S, K], dy [S, N], offsets int32 [E], like: the weight [E, K, N] whose layout dw copies.
+    x [S, K] (or, with src_rows [S] int64, x [T, K] read as x[src_rows]), dy [S, N], offsets int32
+    [E], like: the weight [E, K, N] whose layout dw copies.
     Returns dw [E, K, N] (and dbias [E, N] = per-expert row sums of dy when with_bias).
     """
-    S, K = x.shape
+    S, K = dy.shape[0], x.shape[1]
     E, _, N = like.shape
     dw = empty_like_layout(like)
     db = torch.empty((E, N), dtype=like.dtype, device=like.device) if with_bias else None
@@ -283,13 +289,13 @@ def grouped_mm_weight_grad(
     sb = (db.stride(0), db.stride(1)) if db is not None else (0, 0)
     grid = lambda meta: (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _grouped_mm_dw_kernel[grid](
-        x, dy, dw, dbp, offsets,
+        x, dy, dw, dbp, offsets, src_rows if src_rows is not None else offsets,
         K, N, bucket(S),
         x.stride(0), x.stride(1),
         dy.stride(0), dy.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2),
         sb[0], sb[1],
-        HAS_DBIAS=with_bias, IEEE=ieee, UPCAST=upcast,
+        HAS_DBIAS=with_bias, GATHER=src_rows is not None, IEEE=ieee, UPCAST=upcast,
     )
     return dw, db
 
