@@ -106,8 +106,8 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
     `from_config(config, moe_backend="torch", **hf_kwargs)`; `moe_backend` is a backend word
     (see `moe_lab.available_backends()`) or a mapping stage -> backend. `ep_size=N` shards the experts
     over N ranks (see `moe_lab.expert_parallel`), and `fsdp=True` shards everything else with FSDP2;
-    `fused_cross_entropy=True` computes the training
-    loss with the chunked LM-head loss of `moe_lab.fused_ce` (no full logits).
+    `fused_cross_entropy=True` computes the training loss with the chunked LM-head loss of
+    `moe_lab.fused_ce` (no full logits).
     """
 
     @classmethod
