@@ -61,13 +61,17 @@ def route_triton(hidden, weight, bias, correction_bias, spec: RoutingSpec) -> Ro
     return RouterOutput(logits, weights, ids)
 
 
+def plan_triton(ids, num_experts) -> Permutation:
+    """ids [T, k] -> Permutation (counting sort by expert, stable; with its inverse)."""
+    _check_ids(ids, num_experts)
+    slots, counts, offsets, inverse = _kernels().sort_by_expert(ids, num_experts, return_inverse=True)
+    return Permutation(slots, counts, offsets, ids.shape[0], ids.shape[1], inverse=inverse)
+
+
 def permute_triton(hidden, ids, num_experts):
     """hidden [T, H], ids [T, k] -> (x [S, H] in expert order, Permutation with its inverse)."""
-    _check_ids(ids, num_experts)
-    kernels = _kernels()
-    slots, counts, offsets, inverse = kernels.sort_by_expert(ids, num_experts, return_inverse=True)
-    perm = Permutation(slots, counts, offsets, ids.shape[0], ids.shape[1], inverse=inverse)
-    return kernels.permute(hidden, slots, ids.shape[1], inverse), perm
+    perm = plan_triton(ids, num_experts)
+    return _kernels().permute(hidden, perm.slot_of_row, perm.top_k, perm.inverse), perm
 
 
 def combine_triton(rows, perm: Permutation, weights, out_dtype):
@@ -89,18 +93,9 @@ def _warn_unfused(spec: ExpertsSpec) -> None:
                    spec.act_name, spec.activation)
 
 
-def experts_triton(x, counts, offsets, module, spec: ExpertsSpec):
-    """x [S, H] rows in expert order -> y [S, H] through the fused Triton expert MLP."""
-    activation = _fused_activation(spec)
-    w1 = first_weight(module, spec)
-    if activation is None:
-        _warn_unfused(spec)
-        return experts_grouped_mm(x, counts, offsets, module, spec)
-    return _kernels().expert_mlp(
-        x.to(w1.dtype),
-        w1,
-        module.down_proj,
-        offsets,
+def _mlp_weights(module, spec: ExpertsSpec, activation: str) -> dict:
+    """The keyword arguments of triton_kernels' expert MLPs for a v5 experts module."""
+    return dict(
         activation=activation,
         gate_up_bias=first_bias(module, spec),
         down_bias=module.down_proj_bias if spec.has_bias else None,
@@ -109,6 +104,16 @@ def experts_triton(x, counts, offsets, module, spec: ExpertsSpec):
         alpha=spec.alpha,
         limit=spec.limit,
     )
+
+
+def experts_triton(x, counts, offsets, module, spec: ExpertsSpec):
+    """x [S, H] rows in expert order -> y [S, H] through the fused Triton expert MLP."""
+    activation = _fused_activation(spec)
+    if activation is None:
+        _warn_unfused(spec)
+        return experts_grouped_mm(x, counts, offsets, module, spec)
+    w1 = first_weight(module, spec)
+    return _kernels().expert_mlp(x.to(w1.dtype), w1, module.down_proj, offsets, **_mlp_weights(module, spec, activation))
 
 
 def gathered_experts_triton(hidden, ids, weights, module, spec: ExpertsSpec, choice):
@@ -118,19 +123,9 @@ def gathered_experts_triton(hidden, ids, weights, module, spec: ExpertsSpec, cho
     if activation is None:
         rows, perm = permute_triton(hidden, ids, spec.num_experts)
         return choice.combine(experts_triton(rows, perm.counts, perm.offsets, module, spec), perm, weights, hidden.dtype)
-    _check_ids(ids, spec.num_experts)
-    kernels = _kernels()
-    slots, counts, offsets, inverse = kernels.sort_by_expert(ids, spec.num_experts, return_inverse=True)
-    perm = Permutation(slots, counts, offsets, ids.shape[0], ids.shape[1], inverse=inverse)
+    perm = plan_triton(ids, spec.num_experts)
     w1 = first_weight(module, spec)
-    out_rows = kernels.expert_mlp_gathered(
-        hidden.to(w1.dtype), slots, inverse, ids.shape[1], w1, module.down_proj, offsets,
-        activation=activation,
-        gate_up_bias=first_bias(module, spec),
-        down_bias=module.down_proj_bias if spec.has_bias else None,
-        transposed=spec.transposed,
-        concatenated=not spec.interleaved,
-        alpha=spec.alpha,
-        limit=spec.limit,
-    )
+    out_rows = _kernels().expert_mlp_gathered(
+        hidden.to(w1.dtype), perm.slot_of_row, perm.inverse, perm.top_k, w1, module.down_proj, perm.offsets,
+        **_mlp_weights(module, spec, activation))
     return choice.combine(out_rows, perm, weights, hidden.dtype)
