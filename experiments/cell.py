@@ -290,6 +290,9 @@ def run(spec: dict) -> dict:
         "world": world,
         "device": device.type,
         "params_approx": n_params,
+        "moe_lab_stages": ({"backend": getattr(model, "moe_lab_backend", None),
+                            "notes": list(getattr(model, "moe_lab_stage_notes", []))}
+                           if hasattr(model, "moe_lab_backend") else None),
         "flops": {"train_flops_per_token": flops.train_flops_per_token(config, spec["seq"]),
                   "forward_parts_per_token": flops.forward_flops_per_token(config, spec["seq"]),
                   "train_flops_per_step_per_gpu": flops_per_gpu},
@@ -325,7 +328,7 @@ def classify(exc: BaseException) -> str:
         return "oom"
     if isinstance(exc, NotImplementedError):
         return "not_implemented"
-    if isinstance(exc, _Unavailable):
+    if isinstance(exc, _Unavailable) or name == "BackendUnavailableError":
         return "unavailable"
     return "failed"
 

@@ -11,7 +11,8 @@ Names (the ``system`` field of a cell and the last part of a summary key):
   batch, so tokens/s/GPU divides the batch by the world size.
 * ``<backend>[-<variant>]``: moe_lab with ``moe_backend=<backend>`` (``eager``, ``torch``,
   ``triton``, ``te`` ...); a variant in ``VARIANTS`` adds options (``triton-fusedce``: the chunked
-  linear + cross-entropy loss, ``fused_cross_entropy=True``); any other name is passed to moe_lab
+  linear + cross-entropy loss, ``fused_cross_entropy=True``; ``te-cutlass``: the backend word
+  ``te_cutlass``, TE's CUTLASS grouped GEMM); any other name is passed to moe_lab
   whole, which refuses words it does not know.
 * ``ep<N>-<dispatcher>-<backend>[-<variant>]``: moe_lab expert parallelism over N ranks
   (``-fsdp``: the non-expert parameters sharded with FSDP2)
@@ -32,6 +33,8 @@ _EP_RE = re.compile(r"^ep(\d+)-([a-z0-9_]+)-([a-z0-9_]+(?:-[a-z0-9_]+)?)$")
 
 # moe_lab system-name suffixes -> from_config options
 VARIANTS = {"fusedce": {"fused_cross_entropy": True}, "fsdp": {"fsdp": True}}
+# moe_lab system-name suffixes that name another backend word: te-cutlass -> moe_backend "te_cutlass"
+BACKEND_VARIANTS = {"cutlass": "_cutlass"}
 
 
 class NotImplementedYet(NotImplementedError):
@@ -66,11 +69,16 @@ def parse(name: str) -> System:
     if m:
         backend, _, variant = m.group(3).partition("-")
         options = tuple(sorted(VARIANTS[variant].items())) if variant in VARIANTS else ()
-        return System(name, "moe_lab-ep", moe_backend=backend if options else m.group(3), dispatcher=m.group(2),
+        if variant in BACKEND_VARIANTS:
+            backend, variant = backend + BACKEND_VARIANTS[variant], ""
+        return System(name, "moe_lab-ep", moe_backend=backend if (options or not variant) else m.group(3),
+                      dispatcher=m.group(2),
                       ep=int(m.group(1)), options=options)
     if not re.match(r"^[a-z0-9_]+(-[a-z0-9_]+)?$", name):
         raise ValueError(f"bad system name {name!r}")
     backend, _, variant = name.partition("-")
+    if variant in BACKEND_VARIANTS:
+        return System(name, "moe_lab", moe_backend=backend + BACKEND_VARIANTS[variant])
     if variant in VARIANTS:
         return System(name, "moe_lab", moe_backend=backend, options=tuple(sorted(VARIANTS[variant].items())))
     return System(name, "moe_lab", moe_backend=name)

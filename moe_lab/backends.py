@@ -3,18 +3,21 @@
 Stage call signatures (every implementation of a stage takes and returns the same things):
 - router(hidden [T, H], weight [E, H], bias [E] | None, correction_bias [E] | None, spec) -> RouterOutput
 - permutation(hidden [T, H], ids [T, k], num_experts) -> (x [S, H] in expert order, Permutation)
-- dispatch: a dispatcher class, built once per layer: .dispatch(x, perm) -> Dispatched; .combine(y, dispatched) -> y
+- dispatch: a dispatcher class, built once per layer: .dispatch(x, perm) -> Dispatched; .combine(y, dispatched) -> y;
+  or token-level (`token_level = True`, DeepEP): .run(hidden, ids, weights, local_fn) -> out [T, H]
 - experts(x [S, H], counts [E], offsets [E] int32, experts_module, ExpertsSpec) -> y [S, H]
 - combine(rows [S, H], perm, weights [T, k], out_dtype) -> out [T, H]
 """
 from __future__ import annotations
 
+from .deepep_dispatch import DeepEPDispatcher, why_deepep_unavailable
 from .dispatch import LocalDispatcher
 from .expert_parallel import AllToAllDispatcher
 from .experts import experts_grouped_mm, experts_loop
 from .permutation import combine_eager, combine_sorted, gather_rows, plan_eager, plan_sorted
 from .registry import register_backend, register_fused_pair, register_stage
 from .routing import route_reference
+from .te_backend import combine_te, experts_te, experts_te_cutlass, permute_te, route_te, why_te_unavailable
 from .triton_backend import (
     combine_triton, experts_triton, gathered_experts_triton, permute_triton, route_triton, why_triton_unavailable,
 )
@@ -46,6 +49,8 @@ register_stage("permutation", "eager", permute_eager, description="one nonzero()
 register_stage("permutation", "torch", permute_sorted, description="stable argsort + bincount")
 register_stage("dispatch", "local", LocalDispatcher, description="all experts in this process")
 register_stage("dispatch", "all2all", AllToAllDispatcher, description="torch.distributed all_to_all_single, uneven splits")
+register_stage("dispatch", "deepep", DeepEPDispatcher, why_deepep_unavailable,
+               description="DeepEP fused NVLink all-to-all (token-level: moves tokens, the other stages run on what arrives)")
 register_stage("experts", "eager", experts_loop, description="per-expert loop of F.linear")
 register_stage("experts", "torch", experts_grouped_mm, _no_grouped_mm, description="torch.nn.functional.grouped_mm")
 register_stage("combine", "eager", combine_eager, description="index_add_ in float32")
@@ -60,8 +65,20 @@ register_stage("experts", "triton_gather", experts_triton, why_triton_unavailabl
                description="fused expert MLP; with the triton permutation, the gather runs in the GEMM prologue")
 register_fused_pair("triton", "triton_gather", gathered_experts_triton)
 
+register_stage("router", "te", route_te, why_te_unavailable,
+               description="TransformerEngine fused top-k with score function (softmax families; else the reference)")
+register_stage("permutation", "te", permute_te, why_te_unavailable, description="TransformerEngine moe_permute (index map)")
+register_stage("experts", "te", experts_te, why_te_unavailable,
+               description="TransformerEngine GroupedLinear over views of v5's 3D weights")
+register_stage("experts", "te_cutlass", experts_te_cutlass, why_te_unavailable,
+               description="as te, with NVTE_USE_CUTLASS_GROUPED_GEMM=1 (process-wide)")
+register_stage("combine", "te", combine_te, why_te_unavailable, description="TransformerEngine moe_unpermute with merging probs")
+
 register_backend("eager", {"router": "eager", "permutation": "eager", "dispatch": "local", "experts": "eager", "combine": "eager"})
 register_backend("torch", {"router": "torch", "permutation": "torch", "dispatch": "local", "experts": "torch", "combine": "torch"})
 register_backend("triton", {"router": "triton", "permutation": "triton", "dispatch": "local", "experts": "triton", "combine": "triton"})
 register_backend("triton_gather", {"router": "triton", "permutation": "triton", "dispatch": "local",
                                    "experts": "triton_gather", "combine": "triton"})
+register_backend("te", {"router": "te", "permutation": "te", "dispatch": "local", "experts": "te", "combine": "te"})
+register_backend("te_cutlass", {"router": "te", "permutation": "te", "dispatch": "local", "experts": "te_cutlass",
+                                "combine": "te"})

@@ -85,6 +85,9 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
         )
         raise UnsupportedModelError(f"moe_lab cannot run model type {model_type!r}: {detail}")
     model.moe_lab_backend = choice.label
+    model.moe_lab_stage_notes = sorted({note for m in model.modules() if isinstance(m, MoELayer) for note in m.stage_notes})
+    for note in model.moe_lab_stage_notes:
+        logger.info("moe_lab: %s", note)
     if ep is not None:
         from .expert_parallel import enable_expert_parallel_save, shard_experts
 

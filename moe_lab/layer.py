@@ -14,7 +14,7 @@ import torch.nn as nn
 from .experts import ExpertsSpec
 from .families import Family
 from .registry import StageChoice, fused_pair
-from .routing import RoutingSpec
+from .routing import RoutingSpec, route_reference
 
 
 def run_routed_experts(
@@ -26,7 +26,11 @@ def run_routed_experts(
     choice: StageChoice,
     dispatcher,
 ) -> torch.Tensor:
-    """hidden [T, H], ids [T, k], weights [T, k] -> out [T, H]: permute, dispatch, experts, combine."""
+    """hidden [T, H], ids [T, k], weights [T, k] -> out [T, H]: permute, dispatch, experts, combine.
+    A token-level dispatcher (DeepEP) moves tokens first and runs the other stages on what it received."""
+    if getattr(dispatcher, "token_level", False):
+        return dispatcher.run(hidden, ids, weights, lambda x, local_ids, local_weights: run_local_experts(
+            x, local_ids, local_weights, experts, spec, choice, dispatcher.num_local))
     fused = fused_pair(choice)
     if fused is not None and dispatcher.name == "local":
         return fused(hidden, ids, weights, experts, spec, choice)
@@ -35,6 +39,19 @@ def run_routed_experts(
     expert_out = choice.experts(dispatched.x, dispatched.counts, dispatched.offsets, experts, spec)
     expert_out = dispatcher.combine(expert_out, dispatched)
     return choice.combine(expert_out, perm, weights, hidden.dtype)
+
+
+def run_local_experts(x, local_ids, local_weights, experts, spec, choice, num_local: int) -> torch.Tensor:
+    """Tokens received by a token-level dispatcher: x [R, H], local_ids [R, k] (a local expert, or -1
+    for an expert on another rank), local_weights [R, k] (0 where -1) -> [R, H], each token's weighted
+    sum over its local experts. The -1 slots are parked on an extra expert sorted after the real
+    ones, whose rows skip the GEMMs and contribute zeros."""
+    parked = local_ids.masked_fill(local_ids < 0, num_local)
+    rows, perm = choice.permutation(x, parked, num_local + 1)
+    real_rows = int(perm.offsets[num_local - 1]) if num_local else 0
+    y = choice.experts(rows[:real_rows], perm.counts[:num_local], perm.offsets[:num_local], experts, spec)
+    y = torch.cat([y, y.new_zeros(rows.shape[0] - real_rows, y.shape[1])])
+    return choice.combine(y, perm, local_weights, x.dtype)
 
 
 # ---- the router: v5's router module, its forward swapped for the chosen router stage -------------
@@ -90,7 +107,13 @@ class MoELayer(nn.Module):
         self.choice = choice
         self.dispatcher = choice.dispatch(ep=ep, num_experts=experts_spec.num_experts)
         self.jitter_noise = float(getattr(config, family.jitter_attr, 0.0) or 0.0) if family.jitter_attr else 0.0
-        adapt_router(self.router_module, self.routing, choice.router)
+        self.stage_notes: list[str] = []  # stages that run something other than what `choice` names, and why
+        route_fn = choice.router
+        unsupported = getattr(route_fn, "unsupported_reason", lambda spec: None)(self.routing)
+        if unsupported:
+            route_fn = route_reference
+            self.stage_notes.append(f"router {choice.names['router']!r} -> reference for {family.model_type}: {unsupported}")
+        adapt_router(self.router_module, self.routing, route_fn)
 
     @property
     def router_module(self) -> nn.Module:

@@ -16,6 +16,10 @@ STAGES = ("router", "permutation", "dispatch", "experts", "combine")
 DEFAULT_BACKEND = "torch"
 
 
+class BackendUnavailableError(RuntimeError):
+    """A chosen stage implementation cannot run on this machine (missing package or device)."""
+
+
 @dataclass
 class StageImpl:
     stage: str
@@ -100,7 +104,7 @@ def _lookup_impl(stage: str, name: str, requested) -> StageImpl:
     impl = impls[name]
     reason = impl.why_unavailable()
     if reason:
-        raise RuntimeError(f"moe_backend={requested!r}: the {stage} stage {name!r} cannot run here: {reason}")
+        raise BackendUnavailableError(f"moe_backend={requested!r}: the {stage} stage {name!r} cannot run here: {reason}")
     return impl
 
 

@@ -10,6 +10,12 @@ import pytest
 
 from experiments import cell, report, store, sweep, systems
 
+
+def moe_lab_deepep_usable() -> bool:
+    from moe_lab.deepep_dispatch import why_deepep_unavailable
+
+    return why_deepep_unavailable() is None
+
 TINY = {"model": "tiny-qwen3-moe", "layers": 1, "batch": 1, "seq": 32, "dtype": "fp32", "optimizer": "adamw",
         "warmup": 1, "steps": 2, "device": "cpu"}
 
@@ -99,14 +105,16 @@ def test_system_names():
     assert (fused.moe_backend, dict(fused.options)) == ("triton", {"fused_cross_entropy": True})
 
 
-def test_dispatcher_moe_lab_lacks_fails_as_not_implemented():
-    """deepep is not built yet: its cells are recorded as not_implemented, not as crashes."""
+@pytest.mark.skipif(moe_lab_deepep_usable(), reason="DeepEP is usable here")
+def test_dispatcher_that_cannot_run_here_is_recorded_unavailable():
+    """deepep without DeepEP (or a GPU): its cells are recorded as unavailable, not as crashes."""
     from experiments import models
 
     s = systems.parse("ep2-deepep-torch")
-    with pytest.raises(NotImplementedError) as e:
+    with pytest.raises(RuntimeError) as e:
         systems.build_model(s, models.build_config("tiny-qwen3-moe"), dtype=None, attn="sdpa", device="cpu", world=2)
-    assert cell.classify(e.value) == "not_implemented"
+    assert cell.classify(e.value) == "unavailable"
+    assert "DeepEP" in str(e.value)
 
 
 def test_presets_expand():
@@ -116,6 +124,7 @@ def test_presets_expand():
         specs = grid.expand(grid.load(name))
         assert specs and len({cell.cell_id(s) for s in specs}) == len(specs)
     h1 = grid.expand(grid.load("h200x1"))
-    assert {s["system"] for s in h1} == {"v5-eager", "v5-grouped_mm", "torch", "triton", "triton_gather", "triton-fusedce"}
+    assert {s["system"] for s in h1} == {"v5-eager", "v5-grouped_mm", "torch", "triton", "triton_gather", "triton-fusedce",
+                                               "te", "te-cutlass"}
     assert {s["routing"] for s in h1} == {"real", "balanced", "skewed"}
     assert all(s["seq"] == 4096 and s["layers"] == 8 and s["dtype"] == "bf16" for s in h1)

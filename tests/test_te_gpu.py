@@ -1,0 +1,112 @@
+"""On a CUDA GPU with TransformerEngine: the `te` backend against the reference and v5, per family.
+
+Run on the GPU machine: `python -m pytest -q -m gpu tests/test_te_gpu.py` (with
+NVTE_USE_CUTLASS_GROUPED_GEMM=1 in the environment the same tests cover the CUTLASS variant).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from gpu_checks import check_bf16_against_fp32_v5, check_router_matches_reference_up_to_ties
+from tiny_models import FAMILIES, tiny_config
+
+import moe_lab
+from moe_lab.te_backend import why_te_unavailable
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(why_te_unavailable() is not None, reason=str(why_te_unavailable()))]
+
+TE_STAGES_REFERENCE_ROUTER = {"router": "torch", "permutation": "te", "experts": "te", "combine": "te"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_te_stages_bf16_against_fp32_v5(family):
+    check_bf16_against_fp32_v5(family, TE_STAGES_REFERENCE_ROUTER)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_te_router_matches_reference_up_to_ties(family):
+    from moe_lab.te_backend import route_te
+
+    check_router_matches_reference_up_to_ties(family, "te", route_te)
+
+
+def _config(family):
+    return tiny_config(family, num_experts=8, top_k=2, hidden_size=128, intermediate_size=256,
+                       **({"moe_intermediate_size": 64} if family in ("qwen3_moe", "deepseek_v3") else {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_te_permutation_and_combine_match_reference(family):
+    """TE's permute gives the reference's expert-sorted rows (same counts, each row its token's),
+    and TE's weighted unpermute equals the reference combine, forward and gradients (fp32 rows)."""
+    from moe_lab.permutation import combine_eager, gather_rows, plan_sorted
+    from moe_lab.te_backend import combine_te, permute_te
+
+    torch.manual_seed(0)
+    T, H, E, k = 1000, 96, 12, 4
+    hidden = torch.randn(T, H, device="cuda", requires_grad=True)
+    ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)])
+    ids[:100] = torch.arange(k, device="cuda")  # a crowded expert set
+    weights = torch.rand(T, k, device="cuda", requires_grad=True)
+    rows, perm = permute_te(hidden, ids, E)
+    ref_perm = plan_sorted(ids, E)
+    assert torch.equal(perm.counts, ref_perm.counts)
+    assert torch.equal(perm.offsets, ref_perm.offsets)
+    torch.testing.assert_close(rows, gather_rows(hidden, perm), rtol=0, atol=0)
+    assert torch.equal(perm.slot_of_row.sort().values, torch.arange(T * k, device="cuda"))
+    expert_of_row = torch.repeat_interleave(torch.arange(E, device="cuda"), perm.counts)
+    assert torch.equal(ids.flatten()[perm.slot_of_row], expert_of_row)
+    y = torch.randn_like(rows) * rows  # rows' grads flow through the permutation
+    out = combine_te(y, perm, weights, torch.float32)
+    ref = combine_eager(y, perm, weights, torch.float32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, (hidden, weights), g)
+    ref_grads = torch.autograd.grad(ref, (hidden, weights), g)
+    for got_g, ref_g in zip(got_grads, ref_grads):
+        torch.testing.assert_close(got_g, ref_g, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_te_checkpoint_round_trip_and_names(family, tmp_path):
+    """A `te` model has v5's parameter names (no GroupedLinear weights), trains one step, saves a
+    checkpoint that plain v5 loads to the same logits."""
+    config = _config(family)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        v5 = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        ours = moe_lab.AutoModelForCausalLM.from_config(config, moe_backend="te", dtype=torch.bfloat16)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in v5.named_parameters()]
+    assert set(ours.state_dict()) == set(v5.state_dict())
+    if family == "deepseek_v3":
+        assert any("router 'te' -> reference" in note for note in ours.moe_lab_stage_notes)
+    ids = torch.randint(0, config.vocab_size, (2, 48), device="cuda")
+    ours(ids, labels=ids).loss.backward()
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    opt.step()
+    ours.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda()
+    ours.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            moe_lab.AutoModelForCausalLM.from_pretrained(tmp_path, moe_backend="torch", dtype=torch.bfloat16).cuda()(ids).logits,
+            reloaded(ids).logits, rtol=0, atol=0)
+        assert (ours(ids).logits.float() - reloaded(ids).logits.float()).abs().max() < 0.1
+
+
+def test_te_experts_grads_reach_the_3d_weights():
+    """The experts' gradients land on v5's 3D parameters, equal to the torch backend's (bf16 tolerance)."""
+    config = _config("qwen3_moe")
+    grads = {}
+    for backend in ("torch", "te"):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = moe_lab.AutoModelForCausalLM.from_config(config, moe_backend={**TE_STAGES_REFERENCE_ROUTER, "experts": backend} if backend == "te" else "torch", dtype=torch.bfloat16)
+        ids = torch.randint(0, config.vocab_size, (2, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        model(ids, labels=ids).loss.backward()
+        grads[backend] = {n: p.grad.float() for n, p in model.named_parameters() if "experts" in n}
+    for name, ref in grads["torch"].items():
+        got = grads["te"][name]
+        assert got.shape == ref.shape, name
+        assert (got - ref).norm() <= 0.03 * ref.norm() + 1e-6, name
