@@ -28,16 +28,19 @@ def _git(*args: str) -> str | None:
 
 
 def git_state() -> dict:
-    """{"commit": sha or "unknown", "dirty": bool | None, "source": "git" | "env" | "none"}."""
-    commit = _git("rev-parse", "HEAD")
-    if commit:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        return {"commit": commit, "dirty": bool(status), "source": "git"}
+    """{"commit": sha or "unknown", "dirty": bool | None, "source": "env" | "git" | "none"}.
+
+    MOE_LAB_GIT_COMMIT, when set by whoever launched the run, wins: a copied checkout (the device
+    machine's) may carry a stale `.git` that names another commit."""
     env_commit = os.environ.get("MOE_LAB_GIT_COMMIT")
     if env_commit:
         dirty = os.environ.get("MOE_LAB_GIT_DIRTY")
         return {"commit": env_commit, "dirty": None if dirty is None else dirty not in ("0", "false", ""),
                 "source": "env"}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        return {"commit": commit, "dirty": bool(status), "source": "git"}
     return {"commit": "unknown", "dirty": None, "source": "none"}
 
 
