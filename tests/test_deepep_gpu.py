@@ -62,7 +62,8 @@ def _worker(rank, world, family, backend, skew, port, results):
             got = grads["deepep"][name]
             err = float((got - ref).norm() / ref.norm().clamp_min(1e-6))
             assert err < 3e-2 or (got - ref).abs().max() < 1e-3, f"rank {rank} {name}: rel err {err:.3e}"
-        received = [layer.mlp.dispatcher.last_local_rows for layer in models["deepep"].model.layers]
+        received = [layer.mlp.dispatcher.last_local_rows for layer in models["deepep"].model.layers
+                    if hasattr(layer.mlp, "dispatcher")]  # DeepSeek-V3's leading layers are dense
         results[rank] = ("ok", received)
     except Exception:
         import traceback
