@@ -1,0 +1,224 @@
+"""Where a training step's time goes: forward and backward of the MoE blocks, of the rest of the
+decoder (attention, norms, embeddings, dense MLPs), of the LM head + loss, then the gradient
+reduction, the optimizer step and zeroing the gradients.
+
+Timed with CUDA events recorded by module hooks (CPU clocks without a GPU), over a few steps after
+warm-up, one system at a time on one device; the parts of a step add up to its total. The hooks
+cost a few microseconds per block, so the totals run slightly above the harness's step times.
+
+    python -m experiments.step_breakdown --model qwen3-30b-a3b --layers 8 --seq 4096 \\
+        --systems v5-grouped_mm,triton --out results/runs/h200x1-breakdown/breakdown.json
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+
+from . import cell, models, provenance, regimes, store, systems
+
+log = logging.getLogger(__name__)
+
+PARTS = ("fwd_moe", "fwd_decoder_rest", "fwd_head_loss", "bwd_head_loss", "bwd_moe", "bwd_decoder_rest",
+         "grad_reduce", "optimizer", "zero_grad")
+
+
+class _Clock:
+    """Marks on the device's stream (CUDA events) or the host clock; `ms(a, b)` after a sync."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+
+    def mark(self):
+        if self.cuda:
+            event = self.torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+
+def moe_blocks(model) -> list:
+    """The sparse MoE blocks of a v5 or moe_lab model (by the family's block class, or MoELayer)."""
+    from moe_lab import FAMILIES
+    from moe_lab.layer import MoELayer
+
+    family = FAMILIES.get(model.config.model_type)
+    names = {family.block_class} if family else set()
+    return [m for m in model.modules() if isinstance(m, MoELayer) or type(m).__name__ in names]
+
+
+def _first_tensor(value):
+    if isinstance(value, (tuple, list)):
+        return value[0] if value else None
+    return getattr(value, "last_hidden_state", value)
+
+
+class _StepMarks:
+    """Marks around every MoE block's forward and backward, and where the decoder's forward ends and
+    its backward starts. Backward marks are gradient hooks on the tensors: a block's output gradient
+    arriving starts its backward, its input gradient being ready ends it."""
+
+    def __init__(self, model, clock: _Clock):
+        self.clock, self.handles = clock, []
+        self.reset()
+        for block in moe_blocks(model):
+            self.handles += [block.register_forward_pre_hook(self._block_starts),
+                             block.register_forward_hook(self._block_ends)]
+        self.handles.append(model.get_decoder().register_forward_hook(self._decoder_ends))
+
+    def reset(self):
+        self.moe_fwd, self.moe_bwd, self.marks = [], [], {}
+
+    def _block_starts(self, module, args):
+        x = _first_tensor(args)
+        if x is not None and x.requires_grad:
+            x.register_hook(lambda g: self.moe_bwd[-1].__setitem__(1, self.clock.mark()))
+        self.moe_fwd.append([self.clock.mark(), None])
+
+    def _block_ends(self, module, args, output):
+        self.moe_fwd[-1][1] = self.clock.mark()
+        out = _first_tensor(output)
+        if out is not None and out.requires_grad:
+            out.register_hook(lambda g: self.moe_bwd.append([self.clock.mark(), None]))
+
+    def _decoder_ends(self, module, args, output):
+        self.marks["decoder_fwd_end"] = self.clock.mark()
+        out = _first_tensor(output)
+        if out is not None and out.requires_grad:
+            out.register_hook(lambda g: self.marks.__setitem__("decoder_bwd_start", self.clock.mark()))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def breakdown_steps(model, optimizer, batches, device, after_backward) -> list[dict]:
+    """Run one step per batch; returns per step {part: ms} and "step"."""
+    clock = _Clock(device)
+    marks = _StepMarks(model, clock)
+    steps = []
+    try:
+        for ids in batches:
+            marks.reset()
+            cell._sync(device)
+            t0 = clock.mark()
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            t_fwd = clock.mark()
+            loss.backward()
+            t_bwd = clock.mark()
+            after_backward(model)
+            t_reduce = clock.mark()
+            optimizer.step()
+            t_opt = clock.mark()
+            optimizer.zero_grad(set_to_none=True)
+            t_end = clock.mark()
+            cell._sync(device)
+            ms = clock.ms
+            fwd_moe = sum(ms(a, b) for a, b in marks.moe_fwd)
+            bwd_moe = sum(ms(a, b) for a, b in marks.moe_bwd if b is not None)
+            decoder_end, decoder_bwd = marks.marks["decoder_fwd_end"], marks.marks["decoder_bwd_start"]
+            bwd_head = ms(t_fwd, decoder_bwd)
+            steps.append({
+                "fwd_moe": fwd_moe,
+                "fwd_decoder_rest": ms(t0, decoder_end) - fwd_moe,
+                "fwd_head_loss": ms(decoder_end, t_fwd),
+                "bwd_head_loss": bwd_head,
+                "bwd_moe": bwd_moe,
+                "bwd_decoder_rest": ms(t_fwd, t_bwd) - bwd_head - bwd_moe,
+                "grad_reduce": ms(t_bwd, t_reduce),
+                "optimizer": ms(t_reduce, t_opt),
+                "zero_grad": ms(t_opt, t_end),
+                "step": ms(t0, t_end),
+            })
+    finally:
+        marks.remove()
+    return steps
+
+
+def breakdown_system(spec: dict) -> dict:
+    """spec: a normalised cell spec (one device). Returns {"system", "parts_ms" (medians), "step_ms", "steps"}."""
+    import torch
+
+    device, _, world = cell._setup_device(spec)
+    if world != 1:
+        raise ValueError("step_breakdown runs one process on one device")
+    system = systems.parse(spec["system"])
+    config = models.build_config(spec["model"], spec["layers"])
+    dtype = getattr(torch, cell._DTYPES[spec["dtype"]])
+    attn = models.attn_implementation(spec["model"], spec["attn"])
+    torch.manual_seed(spec["seed"])
+    model = systems.build_model(system, config, dtype=dtype, attn=attn, device=device, world=1)
+    model.train()
+    hooks = regimes.apply(model, spec["routing"], seed=spec["seed"])
+    optimizer = cell._optimizer(spec, model, device)
+    batches = [cell._make_batch(spec, config.vocab_size, s, 0, False, device) for s in range(spec["warmup"] + spec["steps"])]
+    steps = breakdown_steps(model, optimizer, batches, device, systems.after_backward)[spec["warmup"]:]
+    for h in hooks:
+        h.remove()
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    parts = {p: statistics.median(s[p] for s in steps) for p in PARTS}
+    return {"system": spec["system"], "routing": spec["routing"], "parts_ms": parts,
+            "step_ms": statistics.median(s["step"] for s in steps), "steps": steps}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = "| system | routing | step ms | " + " | ".join(PARTS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(PARTS))]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['system']} | {r['routing']} | {r.get('status')} | " + " | ".join("-" for _ in PARTS) + " |")
+            continue
+        lines.append(f"| {r['system']} | {r['routing']} | {r['step_ms']:.1f} | "
+                     + " | ".join(f"{r['parts_ms'][p]:.1f}" for p in PARTS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen3-30b-a3b")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--systems", default="v5-grouped_mm,triton")
+    ap.add_argument("--routing", default="real")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--optimizer", default="adamw_fused")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", required=True, help="JSON file for the rows and their provenance")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rows = []
+    for system in args.systems.split(","):
+        spec = cell.normalise({"model": args.model, "layers": args.layers, "seq": args.seq, "batch": args.batch,
+                               "system": system, "routing": args.routing, "dtype": args.dtype,
+                               "optimizer": args.optimizer, "warmup": args.warmup, "steps": args.steps,
+                               "device": args.device})
+        try:
+            row = {**breakdown_system(spec), "status": "ok"}
+        except Exception as exc:  # noqa: BLE001 - a failed system is recorded; the others go on
+            log.exception("step breakdown of %s failed", system)
+            row = {"system": system, "routing": args.routing, "status": cell.classify(exc),
+                   "error": f"{type(exc).__name__}: {exc}"}
+        rows.append(row)
+    table = format_table(rows)
+    print(table, flush=True)
+    record = {"kind": "step-breakdown", "model": args.model, "layers": args.layers, "batch": args.batch,
+              "seq": args.seq, "rows": rows, "table": table, "provenance": provenance.collect(sys.argv if argv is None else argv)}
+    store.write_json(args.out, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The step breakdown on the CPU: every part measured, none negative, the parts add up to the step,
+one forward and one backward interval per MoE block, and a failed system recorded, not raised."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from experiments import cell, step_breakdown
+
+
+@pytest.mark.parametrize("system", ["v5-grouped_mm", "torch"])
+def test_parts_add_up_to_the_step(system):
+    spec = cell.normalise({"model": "tiny-qwen3-moe", "layers": 2, "seq": 32, "system": system,
+                           "device": "cpu", "warmup": 1, "steps": 2, "dtype": "fp32"})
+    row = step_breakdown.breakdown_system(spec)
+    assert len(row["steps"]) == 2
+    for step in row["steps"]:
+        parts = [step[p] for p in step_breakdown.PARTS]
+        assert all(p >= 0 for p in parts), step
+        assert sum(parts) == pytest.approx(step["step"], rel=1e-6, abs=1e-6)
+        assert step["fwd_moe"] > 0 and step["bwd_moe"] > 0
+
+
+def test_one_interval_per_moe_block():
+    import transformers
+
+    from tiny_models import tiny_config
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"))
+    clock = step_breakdown._Clock(torch.device("cpu"))
+    marks = step_breakdown._StepMarks(model, clock)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    blocks = len(step_breakdown.moe_blocks(model))
+    assert blocks == model.config.num_hidden_layers
+    assert len(marks.moe_fwd) == blocks and len(marks.moe_bwd) == blocks
+    assert all(end is not None for _, end in marks.moe_bwd)
+    assert "decoder_bwd_start" in marks.marks
+    marks.remove()
+
+
+def test_main_writes_rows_and_records_a_failed_system(tmp_path):
+    out = tmp_path / "b.json"
+    step_breakdown.main(["--model", "tiny-qwen3-moe", "--layers", "1", "--seq", "16", "--systems", "torch,nope",
+                         "--device", "cpu", "--warmup", "1", "--steps", "1", "--dtype", "fp32", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [r["status"] for r in record["rows"]] == ["ok", "not_implemented"]
+    assert "provenance" in record and "| torch |" in record["table"]
