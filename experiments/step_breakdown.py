@@ -70,15 +70,15 @@ class _StepMarks:
         self.clock, self.handles = clock, []
         self.reset()
         for block in moe_blocks(model):
-            self.handles += [block.register_forward_pre_hook(self._block_starts),
+            self.handles += [block.register_forward_pre_hook(self._block_starts, with_kwargs=True),
                              block.register_forward_hook(self._block_ends)]
         self.handles.append(model.get_decoder().register_forward_hook(self._decoder_ends))
 
     def reset(self):
         self.moe_fwd, self.moe_bwd, self.marks = [], [], {}
 
-    def _block_starts(self, module, args):
-        x = _first_tensor(args)
+    def _block_starts(self, module, args, kwargs):
+        x = _first_tensor(args) if args else kwargs.get("hidden_states")
         if x is not None and x.requires_grad:
             x.register_hook(lambda g: self.moe_bwd[-1].__setitem__(1, self.clock.mark()))
         self.moe_fwd.append([self.clock.mark(), None])
@@ -122,8 +122,12 @@ def breakdown_steps(model, optimizer, batches, device, after_backward) -> list[d
             t_end = clock.mark()
             cell._sync(device)
             ms = clock.ms
+            if len(marks.moe_bwd) != len(marks.moe_fwd) or any(b is None for _, b in marks.moe_bwd):
+                raise RuntimeError(f"step_breakdown: {len(marks.moe_fwd)} MoE blocks ran forward but "
+                                   f"{sum(b is not None for _, b in marks.moe_bwd)} backward intervals closed "
+                                   "(a block whose input needs no gradient cannot be timed in backward)")
             fwd_moe = sum(ms(a, b) for a, b in marks.moe_fwd)
-            bwd_moe = sum(ms(a, b) for a, b in marks.moe_bwd if b is not None)
+            bwd_moe = sum(ms(a, b) for a, b in marks.moe_bwd)
             decoder_end, decoder_bwd = marks.marks["decoder_fwd_end"], marks.marks["decoder_bwd_start"]
             bwd_head = ms(t_fwd, decoder_bwd)
             steps.append({

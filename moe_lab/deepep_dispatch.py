@@ -3,12 +3,13 @@
 DeepEP moves tokens, not expert-sorted rows: each token goes once to every rank owning one of its
 experts, with its top-k ids rewritten to that rank's local experts (-1 where the expert lives
 elsewhere, weight 0). So this dispatcher is token-level: it takes the place of permutation,
-dispatch and combine around the local work, which runs the layer's own permutation, experts and
-combine stages on the received tokens:
+dispatch and combine around the local work, which runs the layer's experts stage on the received
+tokens:
 
     hidden [T, H], ids [T, k], weights [T, k]
       -> DeepEP dispatch -> x [R, H], local ids [R, k] (-1: elsewhere), local weights [R, k]
-      -> permutation / experts / combine stages over the local experts -> y [R, H] (weighted sum)
+      -> the real (token, local expert) pairs, sorted by expert, through the experts stage,
+         weighted and summed per token (`moe_lab.layer.run_local_experts`) -> y [R, H]
       -> DeepEP combine (sum over the ranks each token went to) -> out [T, H]
 
 Autograd: the backward of a dispatch is a combine with the same handle, and the backward of a
@@ -59,11 +60,11 @@ class _Dispatch(torch.autograd.Function):
 
         ids = ids.to(deep_ep.topk_idx_t).contiguous()
         per_rank, per_rdma_rank, per_expert, in_rank, _ = buffer.get_dispatch_layout(ids, num_experts)
-        x, local_ids, local_weights, _, handle, _ = buffer.dispatch(
+        x, local_ids, local_weights, counts, handle, _ = buffer.dispatch(
             hidden.contiguous(), topk_idx=ids, topk_weights=weights.float().contiguous(),
             num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma_rank,
             is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
-        state["handle"] = handle
+        state["handle"], state["counts"] = handle, counts
         ctx.buffer, ctx.handle, ctx.dtypes = buffer, handle, (hidden.dtype, weights.dtype)
         ctx.mark_non_differentiable(local_ids)
         return x, local_ids, local_weights
@@ -106,6 +107,8 @@ class DeepEPDispatcher:
             raise ValueError("the deepep dispatcher needs expert parallelism: pass ep_size=N under torchrun")
         if ep.ep_size not in (2, 4, 8):
             raise ValueError(f"deepep: DeepEP's one-node kernels run on 2, 4 or 8 ranks per expert group, not {ep.ep_size}")
+        if num_experts // ep.ep_size > 128:
+            raise ValueError(f"deepep: {num_experts // ep.ep_size} experts per rank; DeepEP's layout kernel takes at most 128")
         self.ep = ep
         self.num_experts = num_experts
         self.num_local = num_experts // ep.ep_size
@@ -113,13 +116,15 @@ class DeepEPDispatcher:
 
     def run(self, hidden, ids, weights, local_fn):
         """hidden [T, H], ids [T, k] global experts, weights [T, k] -> out [T, H] in hidden's dtype."""
+        if hidden.shape[1] % 8:
+            raise ValueError(f"deepep: hidden size {hidden.shape[1]} must be a multiple of 8 (16-byte rows)")
         if hidden.dtype != torch.bfloat16:
             raise TypeError(f"deepep: DeepEP combines bf16 activations only; this model runs {hidden.dtype} "
                             "(load it with dtype=torch.bfloat16, or use the all2all dispatcher)")
         buffer = _buffer(self.ep.ep_group, hidden.shape[1] * hidden.element_size())
         state = {}
         x, local_ids, local_weights = _Dispatch.apply(hidden, weights, ids, self.num_experts, buffer, state)
-        self.last_local_rows = int((local_ids >= 0).sum())
+        self.last_local_rows = sum(state["counts"])  # DeepEP's host-side per-local-expert counts
         y = local_fn(x, local_ids, local_weights)
         if x.shape[0] == 0 and torch.is_grad_enabled() and x.requires_grad:
             y = y + x.sum() * 0  # keep the dispatch backward (a collective) reachable when no token came here

@@ -76,6 +76,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """hidden [N, H], weight [V, H], labels [N] (already aligned: label i is the target of row i) -> loss."""
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows but {labels.shape[0]} labels")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(f"linear_cross_entropy: labels must be in [0, {weight.shape[0]}) or ignore_index={ignore_index}; "
+                         f"found {labels[bad][:5].tolist()}")
     if num_items_in_batch is not None:
         denominator = float(num_items_in_batch)
     else:

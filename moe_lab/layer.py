@@ -43,15 +43,26 @@ def run_routed_experts(
 
 def run_local_experts(x, local_ids, local_weights, experts, spec, choice, num_local: int) -> torch.Tensor:
     """Tokens received by a token-level dispatcher: x [R, H], local_ids [R, k] (a local expert, or -1
-    for an expert on another rank), local_weights [R, k] (0 where -1) -> [R, H], each token's weighted
-    sum over its local experts. The -1 slots are parked on an extra expert sorted after the real
-    ones, whose rows skip the GEMMs and contribute zeros."""
-    parked = local_ids.masked_fill(local_ids < 0, num_local)
-    rows, perm = choice.permutation(x, parked, num_local + 1)
-    real_rows = int(perm.offsets[num_local - 1]) if num_local else 0
-    y = choice.experts(rows[:real_rows], perm.counts[:num_local], perm.offsets[:num_local], experts, spec)
-    y = torch.cat([y, y.new_zeros(rows.shape[0] - real_rows, y.shape[1])])
-    return choice.combine(y, perm, local_weights, x.dtype)
+    for an expert on another rank), local_weights [R, k] -> [R, H], each token's weighted sum over
+    its local experts.
+
+    Only the V real (token, slot) pairs are gathered and computed: sorted by local expert (stable),
+    run through the chosen experts stage, weighted, and summed per token in float32 (index_add:
+    summation order not fixed on CUDA). The permutation and combine stages of `choice` are not used
+    here; under a token-level dispatcher these two steps are this function.
+    """
+    R, k = local_ids.shape
+    flat = local_ids.reshape(-1)
+    slots = (flat >= 0).nonzero().squeeze(1)  # [V] (t*k + j), ascending
+    slot_of_row = slots[torch.argsort(flat[slots], stable=True)]  # by local expert, then slot
+    counts = torch.bincount(flat[slot_of_row], minlength=num_local)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    token_of_row = slot_of_row // k
+    y = choice.experts(x[token_of_row], counts, offsets, experts, spec)  # [V, H]
+    row_weights = local_weights.reshape(-1)[slot_of_row].to(y.dtype)
+    out = torch.zeros(R, y.shape[1], dtype=torch.float32, device=x.device)
+    out = out.index_add(0, token_of_row, (y * row_weights[:, None]).float())
+    return out.to(x.dtype)
 
 
 # ---- the router: v5's router module, its forward swapped for the chosen router stage -------------

@@ -12,8 +12,10 @@ experts: two `transformer_engine.pytorch.GroupedLinear` (gate_up, down) whose pe
     are, at each call, views of v5's 3D parameters (`unbind(0)`): the model keeps v5's names and
     layouts, and no second copy of the weights is kept. GPT-OSS stores its weights [E, in, out];
     GroupedLinear needs [out, in], so those experts make a transposed copy for the step.
-    `te_cutlass` is the same with TE's CUTLASS grouped GEMM (`NVTE_USE_CUTLASS_GROUPED_GEMM=1`,
-    which TE reads from the process environment: do not mix `te` and `te_cutlass` in one process).
+    `te_cutlass` is the same with TE's CUTLASS grouped GEMM: TE reads NVTE_USE_CUTLASS_GROUPED_GEMM
+    from the environment at each grouped GEMM, so each experts call sets it ("1" or "0"). The
+    backward GEMMs run under whatever the last forward set (the same unless `te` and `te_cutlass`
+    layers are mixed in one model).
 
 Shapes: T tokens, H hidden, E experts (local ones under expert parallelism), k top-k, S = T*k rows.
 """
@@ -108,7 +110,7 @@ def permute_te(hidden, ids, num_experts):
     T, k = ids.shape
     from transformer_engine.pytorch import moe_permute
 
-    rows, row_id_map = moe_permute(hidden, ids.int(), T * k, max_token_num=T, map_type="index")
+    rows, row_id_map = moe_permute(hidden.contiguous(), ids.int(), T * k, max_token_num=T, map_type="index")
     counts = torch.bincount(ids.flatten(), minlength=num_experts)
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     inverse = te_row_map_to_inverse(row_id_map, T, k)
@@ -124,7 +126,7 @@ def combine_te(rows, perm: Permutation, weights, out_dtype):
     row_id_map = inverse_to_te_row_map(inverse, perm.num_tokens, perm.top_k)
     if rows.shape[0] == 0:
         return rows.new_zeros(perm.num_tokens, rows.shape[1], dtype=out_dtype)
-    out = moe_unpermute(rows, row_id_map, merging_probs=weights.float(), map_type="index")
+    out = moe_unpermute(rows.contiguous(), row_id_map, merging_probs=weights.float(), map_type="index")
     return out.to(out_dtype)
 
 
@@ -189,8 +191,14 @@ def _out_in(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight.transpose(1, 2).contiguous() if transposed else weight
 
 
-def experts_te(x, counts, offsets, module, spec: ExpertsSpec):
+def _select_grouped_gemm(cutlass: bool) -> None:
+    """TE picks its grouped GEMM from NVTE_USE_CUTLASS_GROUPED_GEMM at each call: set it for this call."""
+    os.environ["NVTE_USE_CUTLASS_GROUPED_GEMM"] = "1" if cutlass else "0"
+
+
+def experts_te(x, counts, offsets, module, spec: ExpertsSpec, cutlass: bool = False):
     """x [S, H] rows in expert order, counts [E] -> y [S, H]: TE GroupedLinear, activation, GroupedLinear."""
+    _select_grouped_gemm(cutlass)
     w1, b1 = first_weight(module, spec), first_bias(module, spec)
     w2, b2 = module.down_proj, (module.down_proj_bias if spec.has_bias else None)
     x = x.to(w1.dtype)
@@ -204,8 +212,5 @@ def experts_te(x, counts, offsets, module, spec: ExpertsSpec):
 
 
 def experts_te_cutlass(x, counts, offsets, module, spec: ExpertsSpec):
-    """`experts_te` with TE's CUTLASS grouped GEMM (sets NVTE_USE_CUTLASS_GROUPED_GEMM=1 for the process)."""
-    if os.environ.get("NVTE_USE_CUTLASS_GROUPED_GEMM") != "1":
-        logger.info("te_cutlass: setting NVTE_USE_CUTLASS_GROUPED_GEMM=1 for this process")
-        os.environ["NVTE_USE_CUTLASS_GROUPED_GEMM"] = "1"
-    return experts_te(x, counts, offsets, module, spec)
+    """`experts_te` with TE's CUTLASS grouped GEMM."""
+    return experts_te(x, counts, offsets, module, spec, cutlass=True)

@@ -68,3 +68,11 @@ def test_inference_and_generate_unchanged():
     torch.testing.assert_close(ours(ids).logits, reference(ids).logits, **TOL)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(ids, **kw), reference.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("bad", [-1, 29])
+def test_out_of_range_labels_are_refused(bad):
+    hidden, weight = torch.randn(4, 8), torch.randn(29, 8)
+    labels = torch.tensor([0, 3, bad, -100])
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 29\)"):
+        linear_cross_entropy(hidden, weight, labels)
