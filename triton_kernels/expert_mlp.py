@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import bucket, check_offsets, next_pow2
 from .grouped_gemm import (
-    _fwd_configs, _gemm_flags, expert_tile, grouped_mm_forward, grouped_mm_weight_grad, mma,
+    _fwd_configs, _gemm_flags, expert_tile_coords, grouped_mm_forward, grouped_mm_weight_grad, mma, tile_matmul,
 )
 from .permute import _check_slots, _reduce
 
@@ -90,18 +90,9 @@ def _gate_up_act_kernel(
     """act[rows, n] = ACT(x @ wg[e] + bg[e], x @ wu[e] + bu[e]) for one (M, N) tile; N = I.
     Optionally stores the pre-activations (gate into hg, up into hu). With GATHER, row r of the
     GEMM reads x[src[r]] (the token of a routed row): the permuted copy is never written."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    expert, row0, row_end, valid = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, rows, rmask, cols, cmask, valid = expert_tile_coords(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
     if not valid:
         return
-    expert = expert.to(tl.int64)
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < row_end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
     ks = tl.arange(0, BLOCK_K)
 
     if GATHER:
@@ -157,30 +148,14 @@ def _down_bwd_act_kernel(
 ):
     """d_act = dy @ w[e] (w = w_down^T view [E, H, I]; K = H, N = I), then in the epilogue:
     recompute act from h and store act [S, I] and dh (gate part to dhg, up part to dhu)."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    expert, row0, row_end, valid = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, rows, rmask, cols, cmask, valid = expert_tile_coords(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
     if not valid:
         return
-    expert = expert.to(tl.int64)
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < row_end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
     ks = tl.arange(0, BLOCK_K)
-
     d_ptrs = dy_ptr + rows[:, None] * stride_ds + ks[None, :] * stride_dk
     w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + ks) < K
-        a = tl.load(d_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = mma(a, b, acc, IEEE, UPCAST)
-        d_ptrs += BLOCK_K * stride_dk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = tile_matmul(d_ptrs, w_ptrs, BLOCK_K * stride_dk, BLOCK_K * stride_wk, rmask, cmask, K,
+                      IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     omask = rmask[:, None] & cmask[None, :]
     h_off = rows[:, None] * stride_hs + cols[None, :] * stride_hn
     g = tl.load(hg_ptr + h_off, mask=omask, other=0.0).to(tl.float32)

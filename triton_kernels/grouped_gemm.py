@@ -102,6 +102,36 @@ def expert_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.conste
 
 
 @triton.jit
+def expert_tile_coords(offsets_ptr, N, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's output tile of a grouped GEMM over expert-sorted rows: (expert int64, rows
+    [BLOCK_M] int64, row mask, cols [BLOCK_N], col mask, valid). Programs are laid out M-tile major."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    expert, row0, row_end, valid = expert_tile(pid // num_n, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert.to(tl.int64), rows, rows < row_end, cols, cols < N, valid
+
+
+@triton.jit
+def tile_matmul(a_ptrs, b_ptrs, step_a, step_b, rmask, cmask, K,
+                IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = sum over K of a [BLOCK_M, BLOCK_K] tiles @ b [BLOCK_K, BLOCK_N]
+    tiles; the pointers advance by step_a / step_b per K block; masked loads read zeros."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = mma(a, b, acc, IEEE, UPCAST)
+        a_ptrs += step_a
+        b_ptrs += step_b
+    return acc
+
+
+@triton.jit
 def expert_rows(offsets_ptr, e):
     """(start, end) rows of expert ``e`` from cumulative end offsets."""
     end = tl.load(offsets_ptr + e)
@@ -124,30 +154,14 @@ def _grouped_mm_kernel(
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    expert, row0, row_end, valid = expert_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, rows, rmask, cols, cmask, valid = expert_tile_coords(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
     if not valid:
         return
-    expert = expert.to(tl.int64)
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < row_end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
     ks = tl.arange(0, BLOCK_K)
-
     x_ptrs = x_ptr + rows[:, None] * stride_xs + ks[None, :] * stride_xk
     w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + ks) < K
-        a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = mma(a, b, acc, IEEE, UPCAST)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = tile_matmul(x_ptrs, w_ptrs, BLOCK_K * stride_xk, BLOCK_K * stride_wk, rmask, cmask, K,
+                      IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         bias = tl.load(b_ptr + expert * stride_be + cols * stride_bn, mask=cmask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
