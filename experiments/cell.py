@@ -158,12 +158,20 @@ def _make_batch(spec, vocab, step, rank, replicated, device):
     return ids.to(device)
 
 
-def _optimizer(spec, model, device):
+def _optimizer(spec, model, device, in_backward: bool = False):
     import torch
 
     from torch.distributed.tensor import DTensor
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if in_backward:
+        from moe_lab.optim import OptimizerInBackward
+
+        if spec["nproc"] != 1:
+            raise ValueError("the optimizer-in-backward variant runs one process (gradients are not reduced before the step)")
+        if spec["optimizer"] == "sgd":
+            return OptimizerInBackward(trainable, torch.optim.SGD, lr=spec["lr"])
+        return OptimizerInBackward(trainable, lr=spec["lr"], fused=spec["optimizer"] == "adamw_fused")
     # One optimizer step call cannot mix DTensors and plain tensors (v5's expert parallel makes its
     # experts DTensors, fused AdamW then fails): one param group of each, same hyper-parameters.
     params = [group for group in ({"params": [p for p in trainable if isinstance(p, DTensor)]},
@@ -215,7 +223,7 @@ def run(spec: dict) -> dict:
     if spec["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hooks = regimes.apply(model, spec["routing"], seed=spec["seed"])
-    optimizer = _optimizer(spec, model, device)
+    optimizer = _optimizer(spec, model, device, in_backward=system.optimizer_in_backward)
     _sync(device)
     build_s = time.perf_counter() - t_start
     weights_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None

@@ -162,7 +162,7 @@ def breakdown_system(spec: dict) -> dict:
     model = systems.build_model(system, config, dtype=dtype, attn=attn, device=device, world=1)
     model.train()
     hooks = regimes.apply(model, spec["routing"], seed=spec["seed"])
-    optimizer = cell._optimizer(spec, model, device)
+    optimizer = cell._optimizer(spec, model, device, in_backward=system.optimizer_in_backward)
     batches = [cell._make_batch(spec, config.vocab_size, s, 0, False, device) for s in range(spec["warmup"] + spec["steps"])]
     steps = breakdown_steps(model, optimizer, batches, device, systems.after_backward)[spec["warmup"]:]
     for h in hooks:

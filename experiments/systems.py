@@ -12,7 +12,8 @@ Names (the ``system`` field of a cell and the last part of a summary key):
 * ``<backend>[-<variant>]``: moe_lab with ``moe_backend=<backend>`` (``eager``, ``torch``,
   ``triton``, ``te`` ...); a variant in ``VARIANTS`` adds options (``triton-fusedce``: the chunked
   linear + cross-entropy loss, ``fused_cross_entropy=True``; ``te-cutlass``: the backend word
-  ``te_cutlass``, TE's CUTLASS grouped GEMM); any other name is passed to moe_lab
+  ``te_cutlass``, TE's CUTLASS grouped GEMM; ``triton-optbwd``: the optimizer steps each parameter
+  inside backward, ``moe_lab.optim.OptimizerInBackward``, one process only); any other name is passed to moe_lab
   whole, which refuses words it does not know.
 * ``ep<N>-<dispatcher>-<backend>[-<variant>]``: moe_lab expert parallelism over N ranks
   (``-fsdp``: the non-expert parameters sharded with FSDP2)
@@ -35,6 +36,8 @@ _EP_RE = re.compile(r"^ep(\d+)-([a-z0-9_]+)-([a-z0-9_]+(?:-[a-z0-9_]+)?)$")
 VARIANTS = {"fusedce": {"fused_cross_entropy": True}, "fsdp": {"fsdp": True}}
 # moe_lab system-name suffixes that name another backend word: te-cutlass -> moe_backend "te_cutlass"
 BACKEND_VARIANTS = {"cutlass": "_cutlass"}
+# one-process system-name suffix: the optimizer steps inside backward (moe_lab.optim.OptimizerInBackward)
+OPTIMIZER_IN_BACKWARD = "optbwd"
 
 
 class NotImplementedYet(NotImplementedError):
@@ -51,6 +54,7 @@ class System:
     ep: int = 1
     replicated_input: bool = False  # all ranks train on the same batch (TP-style)
     options: tuple = ()  # extra from_config options of a variant, as (name, value) pairs
+    optimizer_in_backward: bool = False  # the `-optbwd` variant
 
     @property
     def distributed(self) -> bool:
@@ -77,6 +81,8 @@ def parse(name: str) -> System:
     if not re.match(r"^[a-z0-9_]+(-[a-z0-9_]+)?$", name):
         raise ValueError(f"bad system name {name!r}")
     backend, _, variant = name.partition("-")
+    if variant == OPTIMIZER_IN_BACKWARD:
+        return System(name, "moe_lab", moe_backend=backend, optimizer_in_backward=True)
     if variant in BACKEND_VARIANTS:
         return System(name, "moe_lab", moe_backend=backend + BACKEND_VARIANTS[variant])
     if variant in VARIANTS:
