@@ -59,9 +59,9 @@ def run_local_experts(x, local_ids, local_weights, experts, spec, choice, num_lo
     offsets = torch.cumsum(counts, 0).to(torch.int32)
     token_of_row = slot_of_row // k
     y = choice.experts(x[token_of_row], counts, offsets, experts, spec)  # [V, H]
-    row_weights = local_weights.reshape(-1)[slot_of_row].to(y.dtype)
+    row_weights = local_weights.reshape(-1)[slot_of_row].float()  # the product is float32; autograd keeps y and the weights
     out = torch.zeros(R, y.shape[1], dtype=torch.float32, device=x.device)
-    out = out.index_add(0, token_of_row, (y * row_weights[:, None]).float())
+    out = out.index_add(0, token_of_row, y * row_weights[:, None])
     return out.to(x.dtype)
 
 
