@@ -319,6 +319,26 @@ def block_summary_entries(rows: list[dict]) -> dict:
     return {r["key"]: {k: r.get(k) for k in fields} for r in rows if r["status"] == "ok"}
 
 
+def breakdown_markdown(runs: Path) -> str | None:
+    """Every ``breakdown.json`` (experiments.step_breakdown) under ``runs`` as tables, or None if none."""
+    root = Path(runs)
+    files = sorted(root.glob("*/breakdown.json")) + ([root / "breakdown.json"] if (root / "breakdown.json").exists() else [])
+    if not files:
+        return None
+    from .step_breakdown import format_table
+
+    lines = ["# Where a training step's time goes (ms, medians)", ""]
+    for path in files:
+        rec = store.read_json(path)
+        prov = rec.get("provenance", {})
+        versions, git = prov.get("versions", {}), prov.get("git", {})
+        lines += [f"## {path.parent.name}: {rec['model']}, {rec['layers']} layers, batch {rec['batch']} x {rec['seq']}, "
+                  f"{prov.get('hardware', {}).get('gpu', 'unknown')}", "", format_table(rec["rows"]), "",
+                  f"Versions: transformers {versions.get('transformers')}, torch {versions.get('torch')}, "
+                  f"triton {versions.get('triton')}, commit {str(git.get('commit'))[:12]}", ""]
+    return "\n".join(lines)
+
+
 def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool = True) -> dict:
     """Regenerate every derived file; returns {"rows": n, "files": [...]}."""
     run_dirs = find_runs(runs)
@@ -333,6 +353,10 @@ def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool =
     if blocks:
         store.write_text(out_dir / "moe_block.md", block_markdown(blocks))
         files.append(out_dir / "moe_block.md")
+    breakdown = breakdown_markdown(runs)
+    if breakdown is not None:
+        store.write_text(out_dir / "step_breakdown.md", breakdown)
+        files.append(out_dir / "step_breakdown.md")
     if summary is not None:
         merge_summary(summary, {**summary_entries(rows), **block_summary_entries(blocks)})
         files.append(Path(summary))

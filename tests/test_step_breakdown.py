@@ -48,3 +48,15 @@ def test_main_writes_rows_and_records_a_failed_system(tmp_path):
     record = json.loads(out.read_text())
     assert [r["status"] for r in record["rows"]] == ["ok", "not_implemented"]
     assert "provenance" in record and "| torch |" in record["table"]
+
+
+def test_report_renders_breakdowns(tmp_path):
+    from experiments import report
+
+    run = tmp_path / "runs" / "cpu-breakdown"
+    step_breakdown.main(["--model", "tiny-qwen3-moe", "--layers", "1", "--seq", "16", "--systems", "torch",
+                         "--device", "cpu", "--warmup", "1", "--steps", "1", "--dtype", "fp32",
+                         "--out", str(run / "breakdown.json")])
+    text = report.breakdown_markdown(tmp_path / "runs")
+    assert "## cpu-breakdown: tiny-qwen3-moe, 1 layers" in text and "| torch | real |" in text
+    assert report.breakdown_markdown(tmp_path / "nothing") is None
