@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 
 from . import models, provenance, regimes, store, systems
@@ -53,8 +54,9 @@ def bench_block(model_name: str, system_name: str, routing: str, tokens: int, se
 
     step()
     torch.cuda.synchronize()
-    ms = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median", grad_to_none=[x, *block.parameters()])
-    ms_fwd = triton.testing.do_bench(lambda: forward(), warmup=20, rep=100, return_mode="median")
+    samples = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="all", grad_to_none=[x, *block.parameters()])
+    samples_fwd = triton.testing.do_bench(lambda: forward(), warmup=20, rep=100, return_mode="all")
+    ms, ms_fwd = statistics.median(samples), statistics.median(samples_fwd)
 
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -67,7 +69,7 @@ def bench_block(model_name: str, system_name: str, routing: str, tokens: int, se
     flop = block_flops(config, tokens)
     return {
         "model": model_name, "system": system_name, "routing": routing, "tokens": tokens,
-        "ms": ms, "ms_forward": ms_fwd, "tflops": flop / (ms / 1e3) / 1e12, "flops": flop,
+        "ms": ms, "ms_forward": ms_fwd, "ms_samples": samples, "ms_forward_samples": samples_fwd, "tflops": flop / (ms / 1e3) / 1e12, "flops": flop,
         "activation_gib": activation / 2**30,
     }
 

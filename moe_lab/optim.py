@@ -2,7 +2,7 @@
 and the gradient is freed at once.
 
 A training step then never holds every gradient at the same time (at Qwen3-30B-A3B geometry with 8
-layers that is 10.8 GB of bf16 gradients), and the optimizer's passes over the parameters overlap
+layers that is 10.4 GiB of bf16 gradients), and the optimizer's passes over the parameters overlap
 the rest of backward. What it gives up: gradient clipping by global norm, gradient accumulation over
 micro-batches, and gradient reduction across ranks before the step (so one process only). Each
 parameter gets its own optimizer instance (fused AdamW by default on CUDA).

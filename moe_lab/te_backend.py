@@ -122,10 +122,10 @@ def combine_te(rows, perm: Permutation, weights, out_dtype):
     (any permutation stage: TE's row map is rebuilt from the permutation's inverse)."""
     from transformer_engine.pytorch import moe_unpermute
 
-    inverse = perm.inverse if perm.inverse is not None else slot_of_row_from_inverse(perm.slot_of_row)
-    row_id_map = inverse_to_te_row_map(inverse, perm.num_tokens, perm.top_k)
     if rows.shape[0] == 0:
         return rows.new_zeros(perm.num_tokens, rows.shape[1], dtype=out_dtype)
+    inverse = perm.inverse if perm.inverse is not None else slot_of_row_from_inverse(perm.slot_of_row)
+    row_id_map = inverse_to_te_row_map(inverse, perm.num_tokens, perm.top_k)
     out = moe_unpermute(rows.contiguous(), row_id_map, merging_probs=weights.float(), map_type="index")
     return out.to(out_dtype)
 

@@ -302,6 +302,28 @@ class ExpertMLPGathered(torch.autograd.Function):
         return dx, None, None, None, dw_gu, dw_down, None, db_gu, db_down, None, None, None, None
 
 
+def _checked_weights(who, x, gate_up, down, offsets, activation, transposed, concatenated):
+    """Validate the arguments shared by the MLP entry points; returns (w_gu [E, H, 2I] view,
+    w_down [E, I, H] view, concatenated with its default filled in)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{who}: unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+    if concatenated is None:
+        concatenated = not transposed
+    w_gu = gate_up if transposed else gate_up.transpose(1, 2)  # [E, H, 2I]
+    w_down = down if transposed else down.transpose(1, 2)  # [E, I, H]
+    H = x.shape[1]
+    E, H2, two_i = w_gu.shape
+    if H2 != H or two_i % 2 or w_down.shape != (E, two_i // 2, H):
+        raise ValueError(
+            f"{who}: shapes do not match: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
+            f"down {tuple(down.shape)}, transposed={transposed} (expected gate_up "
+            f"{'[E, H, 2I]' if transposed else '[E, 2I, H]'} and down {'[E, I, H]' if transposed else '[E, H, I]'})")
+    if not (x.dtype == gate_up.dtype == down.dtype):
+        raise TypeError(f"{who}: dtypes differ: x {x.dtype}, gate_up {gate_up.dtype}, down {down.dtype}")
+    check_offsets(offsets, E, x.device)
+    return w_gu, w_down, concatenated
+
+
 def expert_mlp_gathered(
     x: torch.Tensor,
     sorted_slots: torch.Tensor,
@@ -325,21 +347,9 @@ def expert_mlp_gathered(
     and inv_slots [S] its inverse (``sort_by_expert(..., return_inverse=True)``); other arguments
     as ``expert_mlp``. Returns [S, H] in expert order; differentiable w.r.t. x, weights and biases.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"expert_mlp_gathered: unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
-    T = x.shape[0]
-    _check_slots(sorted_slots, T * top_k, "expert_mlp_gathered")
-    if concatenated is None:
-        concatenated = not transposed
-    w_gu = gate_up if transposed else gate_up.transpose(1, 2)  # [E, H, 2I]
-    w_down = down if transposed else down.transpose(1, 2)  # [E, I, H]
-    E = w_gu.shape[0]
-    if w_gu.shape[1] != x.shape[1] or w_down.shape != (E, w_gu.shape[2] // 2, x.shape[1]):
-        raise ValueError(f"expert_mlp_gathered: shapes do not match: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
-                         f"down {tuple(down.shape)}, transposed={transposed}")
-    if not (x.dtype == gate_up.dtype == down.dtype):
-        raise TypeError(f"expert_mlp_gathered: dtypes differ: x {x.dtype}, gate_up {gate_up.dtype}, down {down.dtype}")
-    check_offsets(offsets, E, x.device)
+    _check_slots(sorted_slots, x.shape[0] * top_k, "expert_mlp_gathered")
+    w_gu, w_down, concatenated = _checked_weights("expert_mlp_gathered", x, gate_up, down, offsets, activation,
+                                                  transposed, concatenated)
     src_rows = sorted_slots // top_k  # [S] the token of each routed row
     return ExpertMLPGathered.apply(x, src_rows, inv_slots, top_k, w_gu, w_down, offsets, gate_up_bias, down_bias,
                                    ACTIVATIONS[activation], concatenated, alpha, limit)
@@ -374,22 +384,8 @@ def expert_mlp(
     Returns:
         [S, H] in x.dtype; differentiable w.r.t. x, gate_up, down and the biases.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"expert_mlp: unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
-    if concatenated is None:
-        concatenated = not transposed
-    w_gu = gate_up if transposed else gate_up.transpose(1, 2)  # [E, H, 2I]
-    w_down = down if transposed else down.transpose(1, 2)  # [E, I, H]
-    S, H = x.shape
-    E, H2, two_i = w_gu.shape
-    if H2 != H or two_i % 2 or w_down.shape != (E, two_i // 2, H):
-        raise ValueError(
-            f"expert_mlp: shapes do not match: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
-            f"down {tuple(down.shape)}, transposed={transposed} (expected gate_up "
-            f"{'[E, H, 2I]' if transposed else '[E, 2I, H]'} and down {'[E, I, H]' if transposed else '[E, H, I]'})")
-    if not (x.dtype == gate_up.dtype == down.dtype):
-        raise TypeError(f"expert_mlp: dtypes differ: x {x.dtype}, gate_up {gate_up.dtype}, down {down.dtype}")
-    check_offsets(offsets, E, x.device)
+    w_gu, w_down, concatenated = _checked_weights("expert_mlp", x, gate_up, down, offsets, activation,
+                                                  transposed, concatenated)
     act_id = ACTIVATIONS[activation]
     params = (x, gate_up, down, gate_up_bias, down_bias)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)):

@@ -68,19 +68,27 @@ def _group_mask(choice, cmask, cols, N_GROUP: tl.constexpr, TOPK_GROUP: tl.const
 
 
 @triton.jit
-def _router_fwd_kernel(
-    logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_l, scale,
-    MODE: tl.constexpr, K: tl.constexpr, RENORM: tl.constexpr, EPS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-):
+def _load_logits_tile(logits_ptr, T, E, stride_l, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's tokens [BLOCK_T] (and mask), expert columns [BLOCK_E] (mask [1, BLOCK_E]) and
+    their logits in fp32 [BLOCK_T, BLOCK_E], padding columns at -inf (they never win; padding rows
+    stay finite)."""
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = toks < T
     cols = tl.arange(0, BLOCK_E)
     cmask = (cols < E)[None, :]
     z = tl.load(logits_ptr + toks.to(tl.int64)[:, None] * stride_l + cols[None, :],
                 mask=tmask[:, None] & cmask, other=0.0).to(tl.float32)
-    z = tl.where(cmask, z, float("-inf"))  # padding columns never win; padding rows stay finite
+    return toks, tmask, cols, cmask, tl.where(cmask, z, float("-inf"))
+
+
+@triton.jit
+def _router_fwd_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, T, E, stride_l, scale,
+    MODE: tl.constexpr, K: tl.constexpr, RENORM: tl.constexpr, EPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    toks, tmask, cols, cmask, z = _load_logits_tile(logits_ptr, T, E, stride_l, BLOCK_T, BLOCK_E)
     if MODE == 0:
         zmax = tl.max(tl.where(cmask, z, float("-inf")), axis=1)
         ez = tl.where(cmask, tl.exp(z - zmax[:, None]), 0.0)
@@ -129,13 +137,7 @@ def _router_bwd_kernel(
     MODE: tl.constexpr, K: tl.constexpr, RENORM: tl.constexpr, EPS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = toks < T
-    cols = tl.arange(0, BLOCK_E)
-    cmask = (cols < E)[None, :]
-    z = tl.load(logits_ptr + toks.to(tl.int64)[:, None] * stride_l + cols[None, :],
-                mask=tmask[:, None] & cmask, other=0.0).to(tl.float32)
-    z = tl.where(cmask, z, float("-inf"))  # padding columns never win; padding rows stay finite
+    toks, tmask, cols, cmask, z = _load_logits_tile(logits_ptr, T, E, stride_l, BLOCK_T, BLOCK_E)
     kcols = tl.arange(0, BLOCK_K)
     kmask = (kcols < K)[None, :]
     out = toks.to(tl.int64)[:, None] * K + kcols[None, :]
