@@ -65,6 +65,8 @@ def summary_key(row: dict) -> str:
     suffix = "" if row["routing"] == "real" else f"@{row['routing']}"
     if row["ckpt"]:
         suffix += "+ckpt"
+    if row.get("batch", 1) not in (1, None):
+        suffix += f"+b{row['batch']}"
     return f"{row['gpu']}x{row['gpu_count']}/{row['model']}/{row['system']}{suffix}"
 
 

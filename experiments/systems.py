@@ -13,8 +13,8 @@ Names (the ``system`` field of a cell and the last part of a summary key):
   ``triton``, ``te`` ...); a variant in ``VARIANTS`` adds options (``triton-fusedce``: the chunked
   linear + cross-entropy loss, ``fused_cross_entropy=True``; ``te-cutlass``: the backend word
   ``te_cutlass``, TE's CUTLASS grouped GEMM; ``triton-optbwd``: the optimizer steps each parameter
-  inside backward, ``moe_lab.optim.OptimizerInBackward``, one process only); any other name is passed to moe_lab
-  whole, which refuses words it does not know.
+  inside backward, ``moe_lab.optim.OptimizerInBackward``, one process only). Variants combine
+  in any order: ``triton_gather-fusedce-optbwd``; an unknown variant word is refused.
 * ``ep<N>-<dispatcher>-<backend>[-<variant>]``: moe_lab expert parallelism over N ranks
   (``-fsdp``: the non-expert parameters sharded with FSDP2)
   (``from_config(..., moe_backend=<backend's stages with dispatch=<dispatcher>>, ep_size=N)``); every
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-_EP_RE = re.compile(r"^ep(\d+)-([a-z0-9_]+)-([a-z0-9_]+(?:-[a-z0-9_]+)?)$")
+_EP_RE = re.compile(r"^ep(\d+)-([a-z0-9_]+)-([a-z0-9_]+(?:-[a-z0-9_]+)*)$")
 
 
 # moe_lab system-name suffixes -> from_config options
@@ -61,6 +61,25 @@ class System:
         return self.kind in ("v5-fsdp2", "v5-ep", "moe_lab-ep")
 
 
+def _variant_options(name: str, words: list[str]) -> tuple[str, tuple, bool]:
+    """(suffix for the backend word, from_config options, optimizer in backward) of the variant
+    words after a backend word, in any order (``triton_gather-fusedce-optbwd``)."""
+    suffix, options, in_backward = "", {}, False
+    for w in words:
+        if w == OPTIMIZER_IN_BACKWARD:
+            in_backward = True
+        elif w in BACKEND_VARIANTS:
+            suffix += BACKEND_VARIANTS[w]
+        elif w in VARIANTS:
+            options.update(VARIANTS[w])
+        else:
+            known = sorted([*VARIANTS, *BACKEND_VARIANTS, OPTIMIZER_IN_BACKWARD])
+            raise ValueError(f"system {name!r}: unknown variant {w!r}; known variants: {', '.join(known)}")
+    if len(set(words)) != len(words):
+        raise ValueError(f"system {name!r} repeats a variant")
+    return suffix, tuple(sorted(options.items())), in_backward
+
+
 def parse(name: str) -> System:
     """The ``System`` a name stands for (see the module docstring)."""
     if name == "v5-ep":
@@ -71,23 +90,17 @@ def parse(name: str) -> System:
         return System(name, "v5", experts_impl=name[len("v5-"):])
     m = _EP_RE.match(name)
     if m:
-        backend, _, variant = m.group(3).partition("-")
-        options = tuple(sorted(VARIANTS[variant].items())) if variant in VARIANTS else ()
-        if variant in BACKEND_VARIANTS:
-            backend, variant = backend + BACKEND_VARIANTS[variant], ""
-        return System(name, "moe_lab-ep", moe_backend=backend if (options or not variant) else m.group(3),
-                      dispatcher=m.group(2),
+        backend, *words = m.group(3).split("-")
+        suffix, options, in_backward = _variant_options(name, words)
+        if in_backward:
+            raise ValueError(f"system {name!r}: the optimizer-in-backward variant is one-process only")
+        return System(name, "moe_lab-ep", moe_backend=backend + suffix, dispatcher=m.group(2),
                       ep=int(m.group(1)), options=options)
-    if not re.match(r"^[a-z0-9_]+(-[a-z0-9_]+)?$", name):
+    if not re.match(r"^[a-z0-9_]+(-[a-z0-9_]+)*$", name):
         raise ValueError(f"bad system name {name!r}")
-    backend, _, variant = name.partition("-")
-    if variant == OPTIMIZER_IN_BACKWARD:
-        return System(name, "moe_lab", moe_backend=backend, optimizer_in_backward=True)
-    if variant in BACKEND_VARIANTS:
-        return System(name, "moe_lab", moe_backend=backend + BACKEND_VARIANTS[variant])
-    if variant in VARIANTS:
-        return System(name, "moe_lab", moe_backend=backend, options=tuple(sorted(VARIANTS[variant].items())))
-    return System(name, "moe_lab", moe_backend=name)
+    backend, *words = name.split("-")
+    suffix, options, in_backward = _variant_options(name, words)
+    return System(name, "moe_lab", moe_backend=backend + suffix, options=options, optimizer_in_backward=in_backward)
 
 
 def _v5_distribute(model, dist_config):

@@ -128,3 +128,17 @@ def test_presets_expand():
                                                "triton_gather-optbwd", "te", "te-cutlass"}
     assert {s["routing"] for s in h1} == {"real", "balanced", "skewed"}
     assert all(s["seq"] == 4096 and s["layers"] == 8 and s["dtype"] == "bf16" for s in h1)
+
+
+def test_system_variants_combine_and_unknown_words_are_refused():
+    s = systems.parse("triton_gather-fusedce-optbwd")
+    assert (s.moe_backend, dict(s.options), s.optimizer_in_backward) == (
+        "triton_gather", {"fused_cross_entropy": True}, True)
+    assert systems.parse("te-cutlass-optbwd").moe_backend == "te_cutlass"
+    assert systems.parse("ep2-deepep-triton-fsdp-fusedce").options == (("fsdp", True), ("fused_cross_entropy", True))
+    with pytest.raises(ValueError, match="unknown variant 'fast'"):
+        systems.parse("triton-fast")
+    with pytest.raises(ValueError, match="one-process only"):
+        systems.parse("ep2-all2all-triton-optbwd")
+    with pytest.raises(ValueError, match="repeats"):
+        systems.parse("triton-fusedce-fusedce")

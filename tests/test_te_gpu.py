@@ -1,7 +1,7 @@
 """On a CUDA GPU with TransformerEngine: the `te` backend against the reference and v5, per family.
 
-Run on the GPU machine: `python -m pytest -q -m gpu tests/test_te_gpu.py` (with
-NVTE_USE_CUTLASS_GROUPED_GEMM=1 in the environment the same tests cover the CUTLASS variant).
+Run on the GPU machine: `python -m pytest -q -m gpu tests/test_te_gpu.py`; the model-level test
+covers both expert words, `te` (TE's default grouped GEMM) and `te_cutlass` (its CUTLASS one).
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(why_te_unavailable() is not No
 TE_STAGES_REFERENCE_ROUTER = {"router": "torch", "permutation": "te", "experts": "te", "combine": "te"}
 
 
+@pytest.mark.parametrize("experts", ["te", "te_cutlass"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_te_stages_bf16_against_fp32_v5(family):
-    check_bf16_against_fp32_v5(family, TE_STAGES_REFERENCE_ROUTER)
+def test_te_stages_bf16_against_fp32_v5(family, experts):
+    check_bf16_against_fp32_v5(family, {**TE_STAGES_REFERENCE_ROUTER, "experts": experts})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
