@@ -41,7 +41,7 @@ DEFAULTS = {
     "seq": 512,
     "routing": "real",
     "dtype": "bf16",  # bf16 | fp32: parameter dtype (pure bf16 training when bf16)
-    "optimizer": "adamw_fused",  # adamw_fused | adamw | sgd
+    "optimizer": "adamw_fused",  # adamw_fused | adamw | adamw_triton (moe_lab.optim.TritonAdamW) | sgd
     "lr": 1.0e-4,
     "ckpt": False,  # activation checkpointing (non-reentrant)
     "attn": None,  # None = the geometry's choice (sdpa unless the file says otherwise)
@@ -54,6 +54,7 @@ DEFAULTS = {
     "transformers_version": None,  # a pin: the cell fails if another version is imported
     "fail_at": None,  # test hook: "build"/"step" raise an injected error there, "crash" exits without a record
 }
+OPTIMIZERS = ("adamw_fused", "adamw", "adamw_triton", "sgd")
 STATUSES = ("ok", "failed", "oom", "not_implemented", "unavailable", "timeout")
 _DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
@@ -71,8 +72,8 @@ def normalise(spec: dict) -> dict:
     regimes.parse(out["routing"])
     if out["dtype"] not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {out['dtype']!r}")
-    if out["optimizer"] not in ("adamw_fused", "adamw", "sgd"):
-        raise ValueError(f"optimizer must be adamw_fused, adamw or sgd, got {out['optimizer']!r}")
+    if out["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {out['optimizer']!r}")
     for k in ("nproc", "batch", "seq", "steps", "layers"):
         if int(out[k]) < 1:
             raise ValueError(f"{k} must be >= 1, got {out[k]}")
@@ -171,6 +172,10 @@ def _optimizer(spec, model, device, in_backward: bool = False):
             raise ValueError("the optimizer-in-backward variant runs one process (gradients are not reduced before the step)")
         if spec["optimizer"] == "sgd":
             return OptimizerInBackward(trainable, torch.optim.SGD, lr=spec["lr"])
+        if spec["optimizer"] == "adamw_triton":
+            from moe_lab.optim import TritonAdamW
+
+            return OptimizerInBackward(trainable, TritonAdamW, lr=spec["lr"])
         return OptimizerInBackward(trainable, lr=spec["lr"], fused=spec["optimizer"] == "adamw_fused")
     # One optimizer step call cannot mix DTensors and plain tensors (v5's expert parallel makes its
     # experts DTensors, fused AdamW then fails): one param group of each, same hyper-parameters.
@@ -180,6 +185,10 @@ def _optimizer(spec, model, device, in_backward: bool = False):
         return torch.optim.SGD(params, lr=spec["lr"])
     if spec["optimizer"] == "adamw_fused":
         return torch.optim.AdamW(params, lr=spec["lr"], fused=True)
+    if spec["optimizer"] == "adamw_triton":
+        from moe_lab.optim import TritonAdamW
+
+        return TritonAdamW(params, lr=spec["lr"])
     return torch.optim.AdamW(params, lr=spec["lr"])
 
 

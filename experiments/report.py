@@ -65,6 +65,8 @@ def summary_key(row: dict) -> str:
     suffix = "" if row["routing"] == "real" else f"@{row['routing']}"
     if row["ckpt"]:
         suffix += "+ckpt"
+    if row.get("optimizer") == "adamw_triton":  # moe_lab's optimizer: its own key (fused/plain AdamW: the device's norm)
+        suffix += f"+{row['optimizer']}"
     if row.get("batch", 1) not in (1, None):
         suffix += f"+b{row['batch']}"
     return f"{row['gpu']}x{row['gpu_count']}/{row['model']}/{row['system']}{suffix}"
@@ -335,7 +337,8 @@ def breakdown_markdown(runs: Path) -> str | None:
         prov = rec.get("provenance", {})
         versions, git = prov.get("versions", {}), prov.get("git", {})
         lines += [f"## {path.parent.name}: {rec['model']}, {rec['layers']} layers, batch {rec['batch']} x {rec['seq']}, "
-                  f"{prov.get('hardware', {}).get('gpu', 'unknown')}", "", format_table(rec["rows"]), "",
+                  f"{prov.get('hardware', {}).get('gpu', 'unknown')}, optimizer {rec.get('optimizer', 'adamw_fused')} "
+                  "unless a row names its own", "", format_table(rec["rows"]), "",
                   f"Versions: transformers {versions.get('transformers')}, torch {versions.get('torch')}, "
                   f"triton {versions.get('triton')}, commit {str(git.get('commit'))[:12]}", ""]
     return "\n".join(lines)

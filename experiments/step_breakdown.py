@@ -7,7 +7,9 @@ warm-up, one system at a time on one device; the parts of a step add up to its t
 cost a few microseconds per block, so the totals run slightly above the harness's step times.
 
     python -m experiments.step_breakdown --model qwen3-30b-a3b --layers 8 --seq 4096 \\
-        --systems v5-grouped_mm,triton --out results/runs/h200x1-breakdown/breakdown.json
+        --systems v5-grouped_mm,triton,triton:adamw_triton --out results/runs/h200x1-breakdown/breakdown.json
+
+A system may name its own optimizer after a colon (`triton:adamw_triton`); the others use --optimizer.
 """
 from __future__ import annotations
 
@@ -193,7 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--systems", default="v5-grouped_mm,triton")
+    ap.add_argument("--systems", default="v5-grouped_mm,triton",
+                    help="comma-separated systems, each optionally <system>:<optimizer> (default: --optimizer)")
     ap.add_argument("--routing", default="real")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--optimizer", default="adamw_fused")
@@ -204,21 +207,23 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = []
-    for system in args.systems.split(","):
+    for entry in args.systems.split(","):
+        system, _, optimizer = entry.partition(":")
         spec = cell.normalise({"model": args.model, "layers": args.layers, "seq": args.seq, "batch": args.batch,
                                "system": system, "routing": args.routing, "dtype": args.dtype,
-                               "optimizer": args.optimizer, "warmup": args.warmup, "steps": args.steps,
+                               "optimizer": optimizer or args.optimizer, "warmup": args.warmup, "steps": args.steps,
                                "device": args.device})
         try:
-            row = {**breakdown_system(spec), "status": "ok"}
+            row = {**breakdown_system(spec), "status": "ok", "system": entry, "optimizer": spec["optimizer"]}
         except Exception as exc:  # noqa: BLE001 - a failed system is recorded; the others go on
             log.exception("step breakdown of %s failed", system)
-            row = {"system": system, "routing": args.routing, "status": cell.classify(exc),
+            row = {"system": entry, "routing": args.routing, "status": cell.classify(exc),
                    "error": f"{type(exc).__name__}: {exc}"}
         rows.append(row)
     table = format_table(rows)
     print(table, flush=True)
     record = {"kind": "step-breakdown", "model": args.model, "layers": args.layers, "batch": args.batch,
+              "optimizer": args.optimizer,
               "seq": args.seq, "rows": rows, "table": table, "provenance": provenance.collect(sys.argv if argv is None else argv)}
     store.write_json(args.out, record)
     return 0

@@ -10,6 +10,11 @@ Numerics follow v5's `ForCausalLMLoss`: logits in float32 for the softmax, label
 (the last position ignored), `ignore_index` -100, mean over the counted tokens, or a sum divided by
 `num_items_in_batch` when given. The input gradient is accumulated over slices in float32.
 Shapes: N tokens, H hidden, V vocabulary.
+
+On CUDA (and under Triton's interpreter) the per-row work runs as two Triton kernels over the logits
+in their own dtype (`triton_kernels.cross_entropy`: log-sum-exp + target logit in forward, the softmax
+gradient in place in backward), so each logits chunk is written once by the GEMM and read once; the
+plain PyTorch path (`impl="torch"`, the CPU default) goes through float32 copies.
 """
 from __future__ import annotations
 
@@ -18,11 +23,22 @@ import types
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk
+DEFAULT_CHUNK_BYTES = 256 * 2**20  # logits per chunk (float32 on the torch path, the model dtype with Triton)
+IMPLS = ("auto", "torch", "triton")
 
 
-def _chunk_rows(vocab: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (4 * vocab))
+def _chunk_rows(vocab: int, chunk_bytes: int, element_size: int = 4) -> int:
+    return max(1, chunk_bytes // (element_size * vocab))
+
+
+def _use_triton(impl: str, hidden: torch.Tensor) -> bool:
+    if impl not in IMPLS:
+        raise ValueError(f"linear_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        from triton_kernels._common import interpreting
+
+        return hidden.is_cuda or (interpreting() and hidden.device.type == "cpu")
+    return impl == "triton"
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -32,19 +48,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     gradient [N, H] is accumulated (in float32) over slices."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, denominator, ignore_index, chunk_rows, vocab_chunk):
+    def forward(ctx, hidden, weight, labels, denominator, ignore_index, chunk_rows, vocab_chunk, triton):
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             stop = start + chunk_rows
-            logits = F.linear(hidden[start:stop], weight).float()  # [c, V]
-            lse[start:stop] = torch.logsumexp(logits, dim=-1)
             chunk_labels = labels[start:stop]
-            counted = chunk_labels != ignore_index
-            target = logits.gather(1, chunk_labels.clamp(min=0)[:, None]).squeeze(1)
-            total += ((lse[start:stop] - target) * counted).sum()
+            if triton:
+                from triton_kernels.cross_entropy import logsumexp_and_target
+
+                lse[start:stop], target = logsumexp_and_target(F.linear(hidden[start:stop], weight), chunk_labels)
+            else:
+                logits = F.linear(hidden[start:stop], weight).float()  # [c, V]
+                lse[start:stop] = torch.logsumexp(logits, dim=-1)
+                target = logits.gather(1, chunk_labels.clamp(min=0)[:, None]).squeeze(1)
+            total += ((lse[start:stop] - target) * (chunk_labels != ignore_index)).sum()
         ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.denominator, ctx.ignore_index, ctx.vocab_chunk = denominator, ignore_index, vocab_chunk
+        ctx.denominator, ctx.ignore_index, ctx.vocab_chunk, ctx.triton = denominator, ignore_index, vocab_chunk, triton
         return total / denominator
 
     @staticmethod
@@ -58,22 +78,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, weight.shape[0], ctx.vocab_chunk):
             stop = min(start + ctx.vocab_chunk, weight.shape[0])
             w = weight[start:stop]
-            probs = torch.exp(F.linear(hidden, w).float() - lse[:, None])  # softmax slice [N, v]
-            here = counted & (labels >= start) & (labels < stop)
-            probs[rows[here], labels[here] - start] -= 1.0
-            grad_logits = (probs * row_scale).to(hidden.dtype)
+            if ctx.triton:
+                from triton_kernels.cross_entropy import softmax_grad_
+
+                grad_logits = softmax_grad_(F.linear(hidden, w), lse, labels, row_scale[:, 0].contiguous(), start)
+            else:
+                probs = torch.exp(F.linear(hidden, w).float() - lse[:, None])  # softmax slice [N, v]
+                here = counted & (labels >= start) & (labels < stop)
+                probs[rows[here], labels[here] - start] -= 1.0
+                grad_logits = (probs * row_scale).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight[start:stop] = grad_logits.t() @ hidden
             if grad_hidden is not None:
                 grad_hidden += (grad_logits @ w).float()
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          ignore_index: int = -100, num_items_in_batch=None,
-                         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
-    """hidden [N, H], weight [V, H], labels [N] (already aligned: label i is the target of row i) -> loss."""
+                         chunk_bytes: int = DEFAULT_CHUNK_BYTES, impl: str = "auto") -> torch.Tensor:
+    """hidden [N, H], weight [V, H], labels [N] (already aligned: label i is the target of row i) -> loss.
+    ``impl``: "triton" (row kernels), "torch" (float32 copies) or "auto" (Triton on CUDA)."""
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows but {labels.shape[0]} labels")
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
@@ -86,9 +112,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         denominator = float((labels != ignore_index).sum().item())
     if denominator == 0:
         return (hidden.sum() * 0 + weight.sum() * 0) * float("nan")  # v5's mean over no tokens is NaN too
-    chunk = _chunk_rows(weight.shape[0], chunk_bytes)
-    vocab_chunk = _chunk_rows(hidden.shape[0], chunk_bytes)  # float32 [N, v] slices of the same size
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, denominator, ignore_index, chunk, vocab_chunk)
+    triton = _use_triton(impl, hidden)
+    labels = labels.contiguous()
+    element_size = hidden.element_size() if triton else 4
+    chunk = _chunk_rows(weight.shape[0], chunk_bytes, element_size)
+    vocab_chunk = _chunk_rows(hidden.shape[0], chunk_bytes, element_size)  # [N, v] slices of the same size
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, denominator, ignore_index, chunk, vocab_chunk,
+                                            triton)
 
 
 def causal_lm_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:

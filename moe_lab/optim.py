@@ -1,4 +1,9 @@
-"""The optimizer step inside backward: each parameter is updated as soon as its gradient is complete,
+"""Optimizers for training steps where the optimizer is a large share of the time or memory.
+
+`TritonAdamW`: AdamW (PyTorch's formula and defaults) whose step is one elementwise Triton kernel per
+parameter (`triton_kernels.adamw`): every element read and written once, float32 arithmetic.
+
+`OptimizerInBackward`: the optimizer step inside backward: each parameter is updated as soon as its gradient is complete,
 and the gradient is freed at once.
 
 A training step then never holds every gradient at the same time (at Qwen3-30B-A3B geometry with 8
@@ -16,6 +21,52 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+
+
+class TritonAdamW(torch.optim.Optimizer):
+    """AdamW with the update of PyTorch's (decoupled weight decay, bias-corrected moments, moments
+    stored in the parameter's dtype, arithmetic in float32 as its fused path does), stepped by a
+    Triton kernel per parameter. CUDA tensors (or CPU ones under Triton's interpreter); dense,
+    contiguous parameters and gradients; no amsgrad, maximize or capturable."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"TritonAdamW: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"TritonAdamW: betas must be in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        from triton_kernels._common import interpreting
+
+        on_cpu = [p for g in self.param_groups for p in g["params"] if p.device.type != "cuda"]
+        if on_cpu and not interpreting():
+            raise ValueError(f"TritonAdamW: parameters on {on_cpu[0].device}; its kernel runs on CUDA "
+                             "(or on the CPU under Triton's interpreter, TRITON_INTERPRET=1)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from triton_kernels.adamw import adamw_step_
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or not p.is_floating_point():
+                    raise ValueError("TritonAdamW: dense floating-point parameters and gradients only")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["step"] += 1
+                adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
+                            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        return loss
 
 
 class OptimizerInBackward:

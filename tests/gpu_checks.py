@@ -9,6 +9,8 @@ and (k+1)-th scores differ, the same scores where they tie, the same weights.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import transformers
 
@@ -24,14 +26,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 
-def check_bf16_against_fp32_v5(family: str, moe_backend) -> None:
-    """bf16 moe_lab and bf16 v5 grouped_mm, both measured against v5 eager in float32 (same weights):
-    moe_lab's error in logits and in every gradient must be no worse than v5's own bf16 error
-    (x2 + a small floor: two bf16 programs round differently; the Triton kernels keep fp32
-    where v5 rounds to bf16 and vice versa, and tiny models' bf16 gradients are noisy)."""
+def bf16_errors(family: str, moe_backend, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """bf16 moe_lab and bf16 v5 grouped_mm, both measured against v5 eager in float32 (same
+    bf16-representable weights): {"logits" or parameter name: (moe_lab error, v5 error)}, relative
+    norm errors. Checks the losses on the way."""
     config = tiny_config(family, num_experts=8, top_k=2, hidden_size=128, intermediate_size=256,
                          **({"moe_intermediate_size": 64} if family in ("qwen3_moe", "deepseek_v3") else {}))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device("cuda"):
         fp32 = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager")
         reference = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="grouped_mm",
@@ -41,31 +42,54 @@ def check_bf16_against_fp32_v5(family: str, moe_backend) -> None:
     fp32.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in bf16_state.items()})
     reference.load_state_dict(bf16_state)
     ours.load_state_dict(bf16_state)
-    ids = torch.randint(0, config.vocab_size, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    ids = torch.randint(0, config.vocab_size, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(seed + 1))
     exact, ref, got = (m(ids, labels=ids) for m in (fp32, reference, ours))
     for out in (exact, ref, got):
         out.loss.backward()
     assert abs(got.loss.item() - exact.loss.item()) < 2e-2
     assert abs(got.loss.item() - ref.loss.item()) < 5e-3
 
-    # Tiny random GPT-OSS models amplify bf16 rounding chaotically: on the CPU (torch stages, five
-    # seeds) v5's own bf16 error is 5-11% in the logits, and merely weighting the combine in float32
-    # moves it by up to 1.4x either way; on the H200 the triton and te stages gave a layer-0 q_proj
-    # gradient 2.5x v5's (5.3e-2 vs 2.1e-2) with loss and logits in bounds. Its factor is wider.
-    factor = 3.0 if family == "gpt_oss" else 2.0
-
-    def no_worse(name, ours_t, v5_t, exact_t):
-        ours_err, v5_err = rel_err(ours_t, exact_t), rel_err(v5_t, exact_t)
-        assert ours_err <= factor * v5_err + 5e-3, f"{name}: moe_lab bf16 error {ours_err:.2e} vs v5 bf16 {v5_err:.2e}"
-
-    no_worse("logits", got.logits.detach(), ref.logits.detach(), exact.logits.detach())
+    errors = {"logits": (rel_err(got.logits.detach(), exact.logits.detach()),
+                         rel_err(ref.logits.detach(), exact.logits.detach()))}
     v5_params, exact_params = dict(reference.named_parameters()), dict(fp32.named_parameters())
     for name, param in ours.named_parameters():
         expected = exact_params[name].grad
         if expected is None or expected.norm() == 0:
             continue
         assert param.grad is not None, name
-        no_worse(name, param.grad, v5_params[name].grad, expected)
+        errors[name] = (rel_err(param.grad, expected), rel_err(v5_params[name].grad, expected))
+    return errors
+
+
+# Tiny random GPT-OSS models amplify bf16 rounding chaotically (its top-2 softmax router's gradient
+# is a difference of two near-equal expert outputs, summed over tokens with cancellation). On the
+# CPU, merely moving the combine to float32 doubled the router-bias gradient error for one seed and
+# lowered it for the next; with all Triton stages (interpreter) seed 0 was 1.4-2.9x v5's error and
+# seed 1 0.5-0.75x (results/logs/cpu-gpt-oss-bf16-chaos.log). A per-seed bound would be a coin toss,
+# so GPT-OSS is judged over seeds: not systematically worse than v5, never grossly worse.
+GPT_OSS_SEEDS = (0, 1, 2, 3)
+GPT_OSS_MAX_GEOMEAN_RATIO = 1.5
+GPT_OSS_MAX_RATIO = 10.0
+
+
+def check_bf16_against_fp32_v5(family: str, moe_backend) -> None:
+    """moe_lab's bf16 error (vs the float32 v5 model) in logits and every gradient is no worse than
+    v5's own bf16 error: x2 + a small floor per quantity (two bf16 programs round differently: the
+    Triton kernels keep fp32 where v5 rounds to bf16 and vice versa); GPT-OSS over several seeds
+    (see GPT_OSS_SEEDS)."""
+    if family != "gpt_oss":
+        for name, (ours_err, v5_err) in bf16_errors(family, moe_backend).items():
+            assert ours_err <= 2.0 * v5_err + 5e-3, f"{name}: moe_lab bf16 error {ours_err:.2e} vs v5 bf16 {v5_err:.2e}"
+        return
+    ratios = {}
+    for seed in GPT_OSS_SEEDS:
+        for name, (ours_err, v5_err) in bf16_errors(family, moe_backend, seed).items():
+            ratios[f"seed {seed} {name}"] = (ours_err + 1e-3) / (v5_err + 1e-3)
+    worst = max(ratios, key=ratios.get)
+    geomean = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
+    assert ratios[worst] <= GPT_OSS_MAX_RATIO, f"{worst}: moe_lab bf16 error {ratios[worst]:.1f}x v5's"
+    assert geomean <= GPT_OSS_MAX_GEOMEAN_RATIO, (
+        f"moe_lab's bf16 errors are {geomean:.2f}x v5's (geometric mean over {len(ratios)} seeds x quantities)")
 
 
 def check_router_matches_reference_up_to_ties(family: str, backend: str, route_fn) -> None:

@@ -40,7 +40,10 @@ def _worker(rank, world, family, backend, skew, port, results):
         from tiny_models import tiny_config
 
         overrides = {"n_group": 2, "topk_group": 1} if family == "deepseek_v3" else {}
-        config = tiny_config(family, num_experts=8, top_k=2, hidden_size=128, **overrides)
+        # One MoE layer: both dispatchers then route every token identically (with two, the second
+        # layer's bf16 inputs differ slightly, near-tied tokens change experts and whole rows of the
+        # tiny gradients move: seen on the H200, 11% on layer 1's gate_up_proj with torch experts).
+        config = tiny_config(family, num_experts=8, top_k=2, layers=1, hidden_size=128, **overrides)
         torch.manual_seed(0)
         with torch.device("cuda"):
             base = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

@@ -125,7 +125,7 @@ def test_presets_expand():
         assert specs and len({cell.cell_id(s) for s in specs}) == len(specs)
     h1 = grid.expand(grid.load("h200x1"))
     assert {s["system"] for s in h1} == {"v5-eager", "v5-grouped_mm", "torch", "triton", "triton_gather", "triton-fusedce",
-                                               "triton_gather-optbwd", "te", "te-cutlass"}
+                                               "triton_gather-optbwd", "triton_gather-fusedce-optbwd", "te", "te-cutlass"}
     assert {s["routing"] for s in h1} == {"real", "balanced", "skewed"}
     assert all(s["seq"] == 4096 and s["layers"] == 8 and s["dtype"] == "bf16" for s in h1)
 

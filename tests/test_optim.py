@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import moe_lab
-from moe_lab.optim import OptimizerInBackward
+from moe_lab.optim import OptimizerInBackward, TritonAdamW
 from tiny_models import tiny_config
 
 
@@ -34,6 +34,52 @@ def test_same_parameters_as_a_plain_adamw(fused):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
     assert len(in_backward.state) == len(list(ours.parameters()))
     in_backward.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_adamw_equals_torch_adamw(dtype):
+    """Three steps on parameters of odd sizes (one larger than a kernel block, one empty, one without
+    a gradient): the same parameters and moments as PyTorch's AdamW, which computes bf16 parameters
+    in float32 on its fused path; here its single-tensor path runs on float32 copies."""
+    torch.manual_seed(0)
+    shapes = [(4099,), (3, 7), (0,), (5,)]
+    ours = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in ours]
+    kw = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    opt, plain = TritonAdamW(ours, **kw), torch.optim.AdamW(ref, foreach=False, **kw)
+    for step in range(3):
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            if i == 3:
+                continue  # never gets a gradient
+            g = torch.randn(a.shape)
+            a.grad, b.grad = g.to(dtype), g.to(dtype).float()
+        opt.step()
+        plain.step()
+        if dtype == torch.bfloat16:  # the reference's state is float32: round it as ours stores it
+            with torch.no_grad():
+                for a, b in zip(ours, ref):
+                    b.copy_(b.to(dtype).float())
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if b in plain.state:
+                            plain.state[b][key].copy_(plain.state[b][key].to(dtype).float())
+    # fp32 pins the formula; bf16 the storage (the interpreter truncates casts to bf16 where the GPU
+    # rounds, so over three steps a few bf16 ulps apart)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=3e-2, atol=1e-2)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach().float(), b.detach(), **tol)
+        if b in plain.state:
+            assert opt.state[a]["step"] == 3
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(opt.state[a][key].float(), plain.state[b][key], **tol)
+    assert not opt.state[ours[3]], "a parameter without gradient has no state"
+
+
+def test_triton_adamw_refuses_bad_hyperparameters_and_cpu_without_interpreter(monkeypatch):
+    with pytest.raises(ValueError, match="betas"):
+        TritonAdamW([torch.nn.Parameter(torch.ones(2))], betas=(0.9, 1.0))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        TritonAdamW([torch.nn.Parameter(torch.ones(2))])
 
 
 def test_refuses_a_model_with_nothing_to_train():

@@ -99,8 +99,13 @@ def test_te_checkpoint_round_trip_and_names(family, tmp_path):
 
 
 def test_te_experts_grads_reach_the_3d_weights():
-    """The experts' gradients land on v5's 3D parameters, equal to the torch backend's (bf16 tolerance)."""
-    config = _config("qwen3_moe")
+    """The experts' gradients land on v5's 3D parameters, equal to the torch backend's (bf16 tolerance).
+
+    One decoder layer, so both runs route every token identically: with two layers the second
+    layer's bf16 inputs differ slightly between the runs, near-tied tokens change experts, and
+    whole rows of the tiny gradients move (seen on the H200: 13% on layer 1's gate_up_proj)."""
+    config = tiny_config("qwen3_moe", num_experts=8, top_k=2, layers=1, hidden_size=128, intermediate_size=256,
+                         moe_intermediate_size=64)
     grads = {}
     for backend in ("torch", "te"):
         torch.manual_seed(0)
@@ -112,4 +117,4 @@ def test_te_experts_grads_reach_the_3d_weights():
     for name, ref in grads["torch"].items():
         got = grads["te"][name]
         assert got.shape == ref.shape, name
-        assert (got - ref).norm() <= 0.05 * ref.norm() + 1e-6, name  # seen on the H200: 3.2% on down_proj
+        assert (got - ref).norm() <= 0.03 * ref.norm() + 1e-6, name  # same routing: bf16 rounding only
