@@ -28,7 +28,13 @@ IMPLS = ("auto", "torch", "triton")
 
 
 def _chunk_rows(vocab: int, chunk_bytes: int, element_size: int = 4) -> int:
-    return max(1, chunk_bytes // (element_size * vocab))
+    """Rows (or vocabulary columns) of one chunk of ``chunk_bytes``; from 128 up, a multiple of 128.
+
+    The multiple matters: a vocabulary slice of odd width gives the slice's logits a row stride that
+    is not 16-byte aligned, and cuBLAS then falls back to slow GEMM kernels (on the H200 the chunked
+    loss at 6 x 4096 tokens, 5461-wide slices, cost ~280 ms a step more than at 4096 tokens, 32768-wide)."""
+    rows = max(1, chunk_bytes // (element_size * vocab))
+    return rows - rows % 128 if rows >= 128 else rows
 
 
 def _use_triton(impl: str, hidden: torch.Tensor) -> bool:

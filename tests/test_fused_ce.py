@@ -100,3 +100,14 @@ def test_triton_row_kernels_match_torch_on_bf16_logits():
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)  # bf16 output (truncated under the interpreter)
     with pytest.raises(ValueError, match="labels must be"):
         logsumexp_and_target(logits, labels[:3])
+
+
+def test_chunks_are_multiples_of_128_from_128_up():
+    """Vocabulary slices of odd width make cuBLAS take slow paths (misaligned row strides)."""
+    from moe_lab.fused_ce import DEFAULT_CHUNK_BYTES, _chunk_rows
+
+    for tokens in (4096, 6 * 4096, 12 * 4096, 16 * 4096):
+        width = _chunk_rows(tokens, DEFAULT_CHUNK_BYTES, element_size=2)
+        assert width % 128 == 0 and 0 < width * tokens * 2 <= DEFAULT_CHUNK_BYTES
+    assert _chunk_rows(151936, DEFAULT_CHUNK_BYTES, 2) == 768  # 883 rows of bf16 logits -> 768
+    assert _chunk_rows(29, 100 * 29 * 4) == 100  # small chunks are kept as asked

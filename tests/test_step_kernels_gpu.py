@@ -34,7 +34,10 @@ def test_triton_adamw_matches_fused_adamw_in_bf16():
         diff = (a.float() - b.float()).abs()
         ulp = b.float().abs().clamp_min(1e-6) * 2.0 ** -7
         assert float((diff > ulp).float().mean()) < 1e-3, "more than 0.1% of elements differ by over one bf16 ulp"
-        assert float((diff > 2 * ulp).float().max()) == 0.0
+        # Moments stored in bf16 may round one ulp apart (PyTorch updates exp_avg with lerp), which
+        # moves that element's update by ~lr * 2^-7: elements near zero then differ by more than
+        # their own ulps (seen on the H200 with a bound of 2 ulps alone).
+        assert bool((diff <= 2 * ulp + kw["lr"] * 2.0 ** -6).all()), f"max difference {float(diff.max()):.2e}"
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt.state[a][key].float(), fused.state[b][key].float(), rtol=1e-2, atol=1e-6)
 
