@@ -65,7 +65,7 @@ def summary_key(row: dict) -> str:
     suffix = "" if row["routing"] == "real" else f"@{row['routing']}"
     if row["ckpt"]:
         suffix += "+ckpt"
-    if row.get("optimizer") == "adamw_triton":  # moe_lab's optimizer: its own key (fused/plain AdamW: the device's norm)
+    if row.get("optimizer") not in (None, "adamw_fused", "adamw"):  # fused/plain AdamW: the device's norm
         suffix += f"+{row['optimizer']}"
     if row.get("batch", 1) not in (1, None):
         suffix += f"+b{row['batch']}"

@@ -206,17 +206,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON file for the rows and their provenance")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rows = []
+    specs = []  # every entry checked before any GPU time is spent
     for entry in args.systems.split(","):
         system, _, optimizer = entry.partition(":")
-        spec = cell.normalise({"model": args.model, "layers": args.layers, "seq": args.seq, "batch": args.batch,
-                               "system": system, "routing": args.routing, "dtype": args.dtype,
-                               "optimizer": optimizer or args.optimizer, "warmup": args.warmup, "steps": args.steps,
-                               "device": args.device})
+        specs.append((entry, cell.normalise({
+            "model": args.model, "layers": args.layers, "seq": args.seq, "batch": args.batch, "system": system,
+            "routing": args.routing, "dtype": args.dtype, "optimizer": optimizer or args.optimizer,
+            "warmup": args.warmup, "steps": args.steps, "device": args.device})))
+    rows = []
+    for entry, spec in specs:
         try:
             row = {**breakdown_system(spec), "status": "ok", "system": entry, "optimizer": spec["optimizer"]}
         except Exception as exc:  # noqa: BLE001 - a failed system is recorded; the others go on
-            log.exception("step breakdown of %s failed", system)
+            log.exception("step breakdown of %s failed", entry)
             row = {"system": entry, "routing": args.routing, "status": cell.classify(exc),
                    "error": f"{type(exc).__name__}: {exc}"}
         rows.append(row)

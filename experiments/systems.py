@@ -11,10 +11,11 @@ Names (the ``system`` field of a cell and the last part of a summary key):
   batch, so tokens/s/GPU divides the batch by the world size.
 * ``<backend>[-<variant>]``: moe_lab with ``moe_backend=<backend>`` (``eager``, ``torch``,
   ``triton``, ``te`` ...); a variant in ``VARIANTS`` adds options (``triton-fusedce``: the chunked
-  linear + cross-entropy loss, ``fused_cross_entropy=True``; ``te-cutlass``: the backend word
+  linear + cross-entropy loss, ``fused_cross_entropy=True``; ``triton-fusednorm``: every RMSNorm as one Triton kernel,
+  ``fused_norm=True``; ``te-cutlass``: the backend word
   ``te_cutlass``, TE's CUTLASS grouped GEMM; ``triton-optbwd``: the optimizer steps each parameter
-  inside backward, ``moe_lab.optim.OptimizerInBackward``, one process only). Variants combine
-  in any order: ``triton_gather-fusedce-optbwd``; an unknown variant word is refused.
+  inside backward, ``moe_lab.optim.OptimizerInBackward``, one process only). Variants combine,
+  written in ``VARIANT_ORDER``: ``triton_gather-fusedce-optbwd``; an unknown word or another order is refused.
 * ``ep<N>-<dispatcher>-<backend>[-<variant>]``: moe_lab expert parallelism over N ranks
   (``-fsdp``: the non-expert parameters sharded with FSDP2)
   (``from_config(..., moe_backend=<backend's stages with dispatch=<dispatcher>>, ep_size=N)``); every
@@ -33,7 +34,7 @@ _EP_RE = re.compile(r"^ep(\d+)-([a-z0-9_]+)-([a-z0-9_]+(?:-[a-z0-9_]+)*)$")
 
 
 # moe_lab system-name suffixes -> from_config options
-VARIANTS = {"fusedce": {"fused_cross_entropy": True}, "fsdp": {"fsdp": True}}
+VARIANTS = {"fusedce": {"fused_cross_entropy": True}, "fusednorm": {"fused_norm": True}, "fsdp": {"fsdp": True}}
 # moe_lab system-name suffixes that name another backend word: te-cutlass -> moe_backend "te_cutlass"
 BACKEND_VARIANTS = {"cutlass": "_cutlass"}
 # one-process system-name suffix: the optimizer steps inside backward (moe_lab.optim.OptimizerInBackward)
@@ -61,10 +62,20 @@ class System:
         return self.kind in ("v5-fsdp2", "v5-ep", "moe_lab-ep")
 
 
-def _variant_options(name: str, words: list[str]) -> tuple[str, tuple, bool]:
+# the one order variant words are written in, so each configuration has one name (and one summary key)
+VARIANT_ORDER = ("cutlass", "fusedce", "fusednorm", "fsdp", OPTIMIZER_IN_BACKWARD)
+
+
+def _variant_options(name: str, backend: str, words: list[str], prefix: str = "") -> tuple[str, tuple, bool]:
     """(suffix for the backend word, from_config options, optimizer in backward) of the variant
-    words after a backend word, in any order (``triton_gather-fusedce-optbwd``)."""
+    words after a backend word, written in VARIANT_ORDER (``triton_gather-fusedce-optbwd``)."""
     suffix, options, in_backward = "", {}, False
+    known = [w for w in words if w in VARIANT_ORDER]
+    if known == words and len(set(words)) == len(words) and words != sorted(words, key=VARIANT_ORDER.index):
+        canonical = prefix + "-".join([backend, *sorted(words, key=VARIANT_ORDER.index)])
+        raise ValueError(f"system {name!r}: write its variants in the order {', '.join(VARIANT_ORDER)}: {canonical!r}")
+    if "cutlass" in words and backend != "te":
+        raise ValueError(f"system {name!r}: the cutlass variant is TransformerEngine's (te-cutlass)")
     for w in words:
         if w == OPTIMIZER_IN_BACKWARD:
             in_backward = True
@@ -91,7 +102,7 @@ def parse(name: str) -> System:
     m = _EP_RE.match(name)
     if m:
         backend, *words = m.group(3).split("-")
-        suffix, options, in_backward = _variant_options(name, words)
+        suffix, options, in_backward = _variant_options(name, backend, words, prefix=f"ep{m.group(1)}-{m.group(2)}-")
         if in_backward:
             raise ValueError(f"system {name!r}: the optimizer-in-backward variant is one-process only")
         return System(name, "moe_lab-ep", moe_backend=backend + suffix, dispatcher=m.group(2),
@@ -99,7 +110,7 @@ def parse(name: str) -> System:
     if not re.match(r"^[a-z0-9_]+(-[a-z0-9_]+)*$", name):
         raise ValueError(f"bad system name {name!r}")
     backend, *words = name.split("-")
-    suffix, options, in_backward = _variant_options(name, words)
+    suffix, options, in_backward = _variant_options(name, backend, words)
     return System(name, "moe_lab", moe_backend=backend + suffix, options=options, optimizer_in_backward=in_backward)
 
 

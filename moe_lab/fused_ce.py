@@ -11,10 +11,11 @@ Numerics follow v5's `ForCausalLMLoss`: logits in float32 for the softmax, label
 `num_items_in_batch` when given. The input gradient is accumulated over slices in float32.
 Shapes: N tokens, H hidden, V vocabulary.
 
-On CUDA (and under Triton's interpreter) the per-row work runs as two Triton kernels over the logits
-in their own dtype (`triton_kernels.cross_entropy`: log-sum-exp + target logit in forward, the softmax
-gradient in place in backward), so each logits chunk is written once by the GEMM and read once; the
-plain PyTorch path (`impl="torch"`, the CPU default) goes through float32 copies.
+On CUDA (and on the CPU under Triton's interpreter) the per-row work runs as two Triton kernels over
+the logits in their own dtype (`triton_kernels.cross_entropy`: log-sum-exp + target logit in forward,
+the softmax gradient in place in backward), so each logits chunk is written once by the GEMM and read
+once; the plain PyTorch path (`impl="torch"`; `auto` picks it on the CPU without the interpreter)
+goes through float32 copies.
 """
 from __future__ import annotations
 
@@ -27,14 +28,18 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20  # logits per chunk (float32 on the torch path
 IMPLS = ("auto", "torch", "triton")
 
 
-def _chunk_rows(vocab: int, chunk_bytes: int, element_size: int = 4) -> int:
-    """Rows (or vocabulary columns) of one chunk of ``chunk_bytes``; from 128 up, a multiple of 128.
+def _chunk_len(other_dim: int, chunk_bytes: int, element_size: int = 4) -> int:
+    """Length of one chunk of ``chunk_bytes`` of logits whose other dimension is ``other_dim``: token
+    rows (other_dim = vocabulary) or vocabulary columns (other_dim = tokens); from 128 up a multiple
+    of 128, below that of 8 where possible.
 
     The multiple matters: a vocabulary slice of odd width gives the slice's logits a row stride that
     is not 16-byte aligned, and cuBLAS then falls back to slow GEMM kernels (on the H200 the chunked
     loss at 6 x 4096 tokens, 5461-wide slices, cost ~280 ms a step more than at 4096 tokens, 32768-wide)."""
-    rows = max(1, chunk_bytes // (element_size * vocab))
-    return rows - rows % 128 if rows >= 128 else rows
+    length = max(1, chunk_bytes // (element_size * other_dim))
+    if length >= 128:
+        return length - length % 128
+    return length - length % 8 if length >= 8 else length
 
 
 def _use_triton(impl: str, hidden: torch.Tensor) -> bool:
@@ -63,12 +68,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if triton:
                 from triton_kernels.cross_entropy import logsumexp_and_target
 
-                lse[start:stop], target = logsumexp_and_target(F.linear(hidden[start:stop], weight), chunk_labels)
+                chunk_lse, target = logsumexp_and_target(F.linear(hidden[start:stop], weight), chunk_labels)
+                lse[start:stop] = chunk_lse
             else:
                 logits = F.linear(hidden[start:stop], weight).float()  # [c, V]
                 lse[start:stop] = torch.logsumexp(logits, dim=-1)
                 target = logits.gather(1, chunk_labels.clamp(min=0)[:, None]).squeeze(1)
-            total += ((lse[start:stop] - target) * (chunk_labels != ignore_index)).sum()
+            # where, not a product: an ignored row's non-finite lse must not reach the loss
+            total += torch.where(chunk_labels != ignore_index, lse[start:stop] - target, 0.0).sum()
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.denominator, ctx.ignore_index, ctx.vocab_chunk, ctx.triton = denominator, ignore_index, vocab_chunk, triton
         return total / denominator
@@ -121,8 +128,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     triton = _use_triton(impl, hidden)
     labels = labels.contiguous()
     element_size = hidden.element_size() if triton else 4
-    chunk = _chunk_rows(weight.shape[0], chunk_bytes, element_size)
-    vocab_chunk = _chunk_rows(hidden.shape[0], chunk_bytes, element_size)  # [N, v] slices of the same size
+    chunk = _chunk_len(weight.shape[0], chunk_bytes, element_size)
+    vocab_chunk = _chunk_len(hidden.shape[0], chunk_bytes, element_size)  # [N, v] slices of the same size
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, denominator, ignore_index, chunk, vocab_chunk,
                                             triton)
 

@@ -110,32 +110,40 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
     (see `moe_lab.available_backends()`) or a mapping stage -> backend. `ep_size=N` shards the experts
     over N ranks (see `moe_lab.expert_parallel`), and `fsdp=True` shards everything else with FSDP2;
     `fused_cross_entropy=True` computes the training loss with the chunked LM-head loss of
-    `moe_lab.fused_ce` (no full logits).
+    `moe_lab.fused_ce` (no full logits); `fused_norm=True` runs every RMSNorm as one Triton kernel
+    (`moe_lab.fused_norm`).
     """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, moe_backend: MoeBackend = None,
-                        ep_size: int = 1, fsdp: bool = False, fused_cross_entropy: bool = False, **kwargs):
+                        ep_size: int = 1, fsdp: bool = False, fused_cross_entropy: bool = False,
+                        fused_norm: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)  # fail on a bad backend before loading any weights
+        options = dict(fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm)
         if ep_size > 1 and not model_args:
             from .ep_loading import load_local_experts
 
             model = load_local_experts(pretrained_model_name_or_path, choice, ep_size, fsdp, **kwargs)
             if model is not None:  # only this rank's experts were read
-                return _finish(model, choice, ep_size, fsdp, fused_cross_entropy, patched=True)
+                return _finish(model, choice, ep_size, fsdp, **options, patched=True)
             logger.info("moe_lab: loading %s in full, then keeping this rank's experts", pretrained_model_name_or_path)
         model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return _finish(model, choice, ep_size, fsdp, fused_cross_entropy)
+        return _finish(model, choice, ep_size, fsdp, **options)
 
     @classmethod
     def from_config(cls, config, moe_backend: MoeBackend = None, ep_size: int = 1, fsdp: bool = False,
-                    fused_cross_entropy: bool = False, **kwargs):
+                    fused_cross_entropy: bool = False, fused_norm: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
-        return _finish(model, choice, ep_size, fsdp, fused_cross_entropy)
+        return _finish(model, choice, ep_size, fsdp, fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm)
 
 
-def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, fused_cross_entropy: bool, patched: bool = False):
+def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, *, fused_cross_entropy: bool = False,
+            fused_norm: bool = False, patched: bool = False):
+    if fused_norm:
+        from .fused_norm import enable_fused_norm
+
+        enable_fused_norm(model)
     if not patched:
         patch_model(model, choice, ep_size=ep_size, fsdp=fsdp)
     if fused_cross_entropy:

@@ -38,6 +38,11 @@ class TritonAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         from triton_kernels._common import interpreting
 
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+            raise ValueError("TritonAdamW: DTensor parameters (FSDP2, tensor/expert parallel) are not supported; "
+                             "use torch.optim.AdamW(fused=True) there")
         on_cpu = [p for g in self.param_groups for p in g["params"] if p.device.type != "cuda"]
         if on_cpu and not interpreting():
             raise ValueError(f"TritonAdamW: parameters on {on_cpu[0].device}; its kernel runs on CUDA "
@@ -63,8 +68,8 @@ class TritonAdamW(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                state["step"] += 1
-                adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
+                state["step"] = int(state["step"]) + 1  # a state loaded from torch's AdamW holds a tensor
+                adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=float(group["lr"]),
                             beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         return loss
 

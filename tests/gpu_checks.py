@@ -66,9 +66,13 @@ def bf16_errors(family: str, moe_backend, seed: int = 0) -> dict[str, tuple[floa
 # CPU, merely moving the combine to float32 doubled the router-bias gradient error for one seed and
 # lowered it for the next; with all Triton stages (interpreter) seed 0 was 1.4-2.9x v5's error and
 # seed 1 0.5-0.75x (results/logs/cpu-gpt-oss-bf16-chaos.log). A per-seed bound would be a coin toss,
-# so GPT-OSS is judged over seeds: not systematically worse than v5, never grossly worse.
+# so GPT-OSS is judged over seeds: not systematically worse than v5 overall (geometric mean of the
+# moe_lab/v5 error ratios over every seed and quantity), for no quantity over its seeds (its own
+# geometric mean: a 3x regression confined to the expert gradients shows here, not in the pooled one),
+# and never grossly worse for one seed.
 GPT_OSS_SEEDS = (0, 1, 2, 3)
 GPT_OSS_MAX_GEOMEAN_RATIO = 1.5
+GPT_OSS_MAX_QUANTITY_GEOMEAN_RATIO = 2.5
 GPT_OSS_MAX_RATIO = 10.0
 
 
@@ -81,15 +85,23 @@ def check_bf16_against_fp32_v5(family: str, moe_backend) -> None:
         for name, (ours_err, v5_err) in bf16_errors(family, moe_backend).items():
             assert ours_err <= 2.0 * v5_err + 5e-3, f"{name}: moe_lab bf16 error {ours_err:.2e} vs v5 bf16 {v5_err:.2e}"
         return
-    ratios = {}
+    ratios: dict[str, list[float]] = {}  # quantity -> one ratio per seed
     for seed in GPT_OSS_SEEDS:
         for name, (ours_err, v5_err) in bf16_errors(family, moe_backend, seed).items():
-            ratios[f"seed {seed} {name}"] = (ours_err + 1e-3) / (v5_err + 1e-3)
-    worst = max(ratios, key=ratios.get)
-    geomean = math.exp(sum(math.log(r) for r in ratios.values()) / len(ratios))
-    assert ratios[worst] <= GPT_OSS_MAX_RATIO, f"{worst}: moe_lab bf16 error {ratios[worst]:.1f}x v5's"
-    assert geomean <= GPT_OSS_MAX_GEOMEAN_RATIO, (
-        f"moe_lab's bf16 errors are {geomean:.2f}x v5's (geometric mean over {len(ratios)} seeds x quantities)")
+            ratios.setdefault(name, []).append((ours_err + 1e-3) / (v5_err + 1e-3))
+
+    def geomean(values):
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+
+    worst = max(ratios, key=lambda name: max(ratios[name]))
+    assert max(ratios[worst]) <= GPT_OSS_MAX_RATIO, f"{worst}: moe_lab bf16 error {max(ratios[worst]):.1f}x v5's"
+    per_quantity = {name: geomean(r) for name, r in ratios.items()}
+    worst = max(per_quantity, key=per_quantity.get)
+    assert per_quantity[worst] <= GPT_OSS_MAX_QUANTITY_GEOMEAN_RATIO, (
+        f"{worst}: moe_lab bf16 error {per_quantity[worst]:.2f}x v5's (geometric mean over {len(GPT_OSS_SEEDS)} seeds)")
+    overall = geomean([r for rs in ratios.values() for r in rs])
+    assert overall <= GPT_OSS_MAX_GEOMEAN_RATIO, (
+        f"moe_lab's bf16 errors are {overall:.2f}x v5's (geometric mean over seeds x quantities)")
 
 
 def check_router_matches_reference_up_to_ties(family: str, backend: str, route_fn) -> None:

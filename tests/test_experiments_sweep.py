@@ -135,7 +135,11 @@ def test_system_variants_combine_and_unknown_words_are_refused():
     assert (s.moe_backend, dict(s.options), s.optimizer_in_backward) == (
         "triton_gather", {"fused_cross_entropy": True}, True)
     assert systems.parse("te-cutlass-optbwd").moe_backend == "te_cutlass"
-    assert systems.parse("ep2-deepep-triton-fsdp-fusedce").options == (("fsdp", True), ("fused_cross_entropy", True))
+    assert systems.parse("ep2-deepep-triton-fusedce-fsdp").options == (("fsdp", True), ("fused_cross_entropy", True))
+    with pytest.raises(ValueError, match="'ep2-deepep-triton-fusedce-fsdp'"):  # one name per configuration
+        systems.parse("ep2-deepep-triton-fsdp-fusedce")
+    with pytest.raises(ValueError, match="TransformerEngine"):
+        systems.parse("triton-cutlass")
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         systems.parse("triton-fast")
     with pytest.raises(ValueError, match="one-process only"):

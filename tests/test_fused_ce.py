@@ -10,12 +10,13 @@ import transformers
 
 import moe_lab
 from moe_lab.fused_ce import enable_fused_cross_entropy, linear_cross_entropy
+from markers import needs_interpreter
 from tiny_models import tiny_config
 
 TOL = dict(rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_interpreter)])
 @pytest.mark.parametrize("rows,chunk_rows", [(37, 5), (8, 8), (16, 100)])
 def test_linear_cross_entropy_matches_torch(rows, chunk_rows, impl):
     torch.manual_seed(rows)
@@ -79,6 +80,7 @@ def test_out_of_range_labels_are_refused(bad):
         linear_cross_entropy(hidden, weight, labels)
 
 
+@needs_interpreter
 def test_triton_row_kernels_match_torch_on_bf16_logits():
     """The two row kernels on bf16 logits with a vocabulary that is not a multiple of their block,
     ignored labels and a slice that starts mid-vocabulary."""
@@ -100,14 +102,33 @@ def test_triton_row_kernels_match_torch_on_bf16_logits():
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)  # bf16 output (truncated under the interpreter)
     with pytest.raises(ValueError, match="labels must be"):
         logsumexp_and_target(logits, labels[:3])
+    with pytest.raises(ValueError, match="labels must be"):
+        logsumexp_and_target(logits[:3], labels[::2])
+    with pytest.raises(ValueError, match="row_scale must be"):
+        softmax_grad_(logits.clone(), lse, labels, scale[:1], 0)
+
+
+@needs_interpreter
+def test_log_sum_exp_kernel_with_minus_inf_logits():
+    """-inf logits (masked vocabulary) add nothing, as in torch.logsumexp, and never make NaN."""
+    from triton_kernels.cross_entropy import logsumexp_and_target
+
+    logits = torch.randn(3, 300)
+    logits[0, 0] = float("-inf")  # first lane of the first block
+    logits[1, 150:] = float("-inf")  # half a row
+    logits[2, 5] = float("-inf")
+    lse, target = logsumexp_and_target(logits, torch.tensor([3, 20, 5]))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+    assert torch.isfinite(target[:2]).all() and target[2] == float("-inf")
 
 
 def test_chunks_are_multiples_of_128_from_128_up():
     """Vocabulary slices of odd width make cuBLAS take slow paths (misaligned row strides)."""
-    from moe_lab.fused_ce import DEFAULT_CHUNK_BYTES, _chunk_rows
+    from moe_lab.fused_ce import DEFAULT_CHUNK_BYTES, _chunk_len
 
     for tokens in (4096, 6 * 4096, 12 * 4096, 16 * 4096):
-        width = _chunk_rows(tokens, DEFAULT_CHUNK_BYTES, element_size=2)
+        width = _chunk_len(tokens, DEFAULT_CHUNK_BYTES, element_size=2)
         assert width % 128 == 0 and 0 < width * tokens * 2 <= DEFAULT_CHUNK_BYTES
-    assert _chunk_rows(151936, DEFAULT_CHUNK_BYTES, 2) == 768  # 883 rows of bf16 logits -> 768
-    assert _chunk_rows(29, 100 * 29 * 4) == 100  # small chunks are kept as asked
+    assert _chunk_len(151936, DEFAULT_CHUNK_BYTES, 2) == 768  # 883 rows of bf16 logits -> 768
+    assert _chunk_len(29, 100 * 29 * 4) == 96  # below 128: a multiple of 8
+    assert _chunk_len(29, 5 * 29 * 4) == 5  # below 8: as asked

@@ -10,6 +10,7 @@ import transformers
 
 import moe_lab
 from moe_lab.optim import OptimizerInBackward, TritonAdamW
+from markers import needs_interpreter
 from tiny_models import tiny_config
 
 
@@ -36,6 +37,7 @@ def test_same_parameters_as_a_plain_adamw(fused):
     in_backward.remove()
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_adamw_equals_torch_adamw(dtype):
     """Three steps on parameters of odd sizes (one larger than a kernel block, one empty, one without
@@ -72,6 +74,28 @@ def test_triton_adamw_equals_torch_adamw(dtype):
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(opt.state[a][key].float(), plain.state[b][key], **tol)
     assert not opt.state[ours[3]], "a parameter without gradient has no state"
+
+
+@needs_interpreter
+def test_triton_adamw_continues_from_a_torch_adamw_state():
+    """A checkpoint of torch's AdamW (its step is a tensor) loads into TritonAdamW and steps on."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(300))]
+    ref = [torch.nn.Parameter(ours[0].detach().clone())]
+    plain = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    for _ in range(2):
+        ref[0].grad = torch.randn(300)
+        plain.step()
+    with torch.no_grad():
+        ours[0].copy_(ref[0])
+    opt = TritonAdamW(ours, lr=torch.tensor(1e-2))
+    opt.load_state_dict(copy.deepcopy(plain.state_dict()))  # (load_state_dict would share the moment tensors)
+    g = torch.randn(300)
+    ours[0].grad, ref[0].grad = g, g.clone()
+    opt.step()
+    plain.step()
+    assert opt.state[ours[0]]["step"] == 3
+    torch.testing.assert_close(ours[0].detach(), ref[0].detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_triton_adamw_refuses_bad_hyperparameters_and_cpu_without_interpreter(monkeypatch):

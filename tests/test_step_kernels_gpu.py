@@ -1,8 +1,8 @@
 """On a CUDA GPU: the step-level Triton kernels against PyTorch on the same device, bf16.
 
 `TritonAdamW` against `torch.optim.AdamW(fused=True)` (both float32 arithmetic over bf16 storage, so
-equal up to rounding order), and the chunked linear + cross-entropy's Triton row kernels against its
-float32 PyTorch path (loss and both gradients).
+equal up to rounding order), the chunked linear + cross-entropy's Triton row kernels against its
+float32 PyTorch path (loss and both gradients), and the fused RMSNorm against v5's modules.
 
 Run on the GPU machine: `python -m pytest -q -m gpu tests/test_step_kernels_gpu.py`.
 """
@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_triton_adamw_matches_fused_adamw_in_bf16():
     torch.manual_seed(0)
     shapes = [(128, 1536, 2048), (151936, 64), (4097,)]
-    ours = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16)) for s in shapes]
+    ours = [torch.nn.Parameter((torch.randn(s, device="cuda") * 0.05).to(torch.bfloat16)) for s in shapes]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    kw = dict(lr=1e-3, weight_decay=0.1)
+    kw = dict(lr=1e-2, weight_decay=0.1)  # updates of several bf16 ulps for every element
     opt, fused = TritonAdamW(ours, **kw), torch.optim.AdamW(ref, fused=True, **kw)
     for step in range(3):
         for a, b in zip(ours, ref):
@@ -42,6 +42,24 @@ def test_triton_adamw_matches_fused_adamw_in_bf16():
             torch.testing.assert_close(opt.state[a][key].float(), fused.state[b][key].float(), rtol=1e-2, atol=1e-6)
 
 
+def test_triton_cross_entropy_matches_float32_cross_entropy():
+    """Small case against F.cross_entropy on float32 logits, with num_items_in_batch and a -inf logit."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64, device="cuda").requires_grad_()
+    weight = torch.randn(1000, 64, device="cuda").requires_grad_()
+    labels = torch.randint(0, 1000, (300,), device="cuda")
+    labels[::5] = -100
+    loss = linear_cross_entropy(hidden, weight, labels, impl="triton", num_items_in_batch=250)
+    logits = hidden @ weight.T
+    want = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / 250
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4)
+    got_grads = torch.autograd.grad(loss, [hidden, weight])
+    for got, ref in zip(got_grads, torch.autograd.grad(want, [hidden, weight])):
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows", [1000, 4096])
 def test_triton_cross_entropy_matches_its_torch_path(rows):
     torch.manual_seed(rows)
@@ -57,3 +75,28 @@ def test_triton_cross_entropy_matches_its_torch_path(rows):
     torch.testing.assert_close(l_got, l_ref, rtol=1e-5, atol=1e-5)
     for got, ref in ((gh_got, gh_ref), (gw_got, gw_ref)):
         assert float((got.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
+@pytest.mark.parametrize("weight_last", [False, True])
+def test_fused_rms_norm_rounds_like_v5_in_bf16(weight_last):
+    """The two RMSNorm formulas differ only in where bf16 rounding happens, which the CPU interpreter
+    (it truncates casts) cannot pin: on the GPU the fused forward equals v5's module to one bf16 ulp."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    from triton_kernels.rmsnorm import rms_norm
+
+    torch.manual_seed(0)
+    norm = (GptOssRMSNorm if weight_last else Qwen3MoeRMSNorm)(2048, eps=1e-6).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(2048, device="cuda") * 0.5 + 1)
+    x = (torch.randn(4096, 2048, device="cuda") * 3).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(4096, 2048, device="cuda").to(torch.bfloat16)
+    want = norm(x)
+    got = rms_norm(x, norm.weight, norm.variance_epsilon, weight_last=weight_last)
+    ulp = want.float().abs().clamp_min(1e-3) * 2.0 ** -7
+    assert float(((got.float() - want.float()).abs() > ulp).float().mean()) < 1e-3
+    want_dx, want_dw = torch.autograd.grad(want, [x, norm.weight], dy)
+    got_dx, got_dw = torch.autograd.grad(got, [x, norm.weight], dy)
+    for a, b in ((got_dx, want_dx), (got_dw, want_dw)):
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2

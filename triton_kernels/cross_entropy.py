@@ -27,11 +27,13 @@ def _lse_target_kernel(x_ptr, labels_ptr, lse_ptr, target_ptr, V, stride_x, BLOC
         c = v0 + cols
         x = tl.load(x_ptr + row * stride_x + c, mask=c < V, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(run_max, x)
-        # lanes still at -inf keep a zero sum (avoid inf - inf)
-        scale = tl.where(new_max == float("-inf"), 0.0, tl.exp(run_max - new_max))
-        run_sum = run_sum * scale + tl.where(c < V, tl.exp(x - new_max), 0.0)
+        # a lane whose running max is still -inf (padding, or -inf logits so far) adds nothing: this
+        # avoids exp(-inf - -inf) = NaN in both terms
+        empty = new_max == float("-inf")
+        scale = tl.where(empty, 0.0, tl.exp(run_max - new_max))
+        run_sum = run_sum * scale + tl.where(empty, 0.0, tl.exp(x - new_max))
         run_max = new_max
-        target += tl.where(c == label, x, 0.0)
+        target += tl.where((c == label) & (c < V), x, 0.0)
     row_max = tl.max(run_max, 0)
     total = tl.sum(run_sum * tl.exp(run_max - row_max), 0)
     tl.store(lse_ptr + row, row_max + tl.log(total))
@@ -51,12 +53,22 @@ def _softmax_grad_kernel(x_ptr, lse_ptr, labels_ptr, scale_ptr, v, vocab_start, 
     tl.store(x_ptr + row * stride_x + c, (grad * scale).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_rows(logits: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+def _check_rows(logits: torch.Tensor, labels: torch.Tensor, name: str, **per_row: torch.Tensor) -> None:
+    """logits [N, V] with contiguous rows; labels [N] integer; each per-row tensor [N] float32;
+    all contiguous and on the logits' device."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"{name}: logits must be [N, V] with contiguous rows, got shape {tuple(logits.shape)} "
                          f"strides {logits.stride()}")
-    if labels.shape != (logits.shape[0],):
-        raise ValueError(f"{name}: labels must be [N={logits.shape[0]}], got {tuple(labels.shape)}")
+    n = logits.shape[0]
+    if labels.shape != (n,) or labels.dtype not in (torch.int32, torch.int64) or (n and labels.stride(0) != 1):
+        raise ValueError(f"{name}: labels must be a contiguous integer [N={n}], got {labels.dtype} "
+                         f"{tuple(labels.shape)} strides {labels.stride()}")
+    for arg, t in per_row.items():
+        if t.shape != (n,) or t.dtype != torch.float32 or (n and t.stride(0) != 1):
+            raise ValueError(f"{name}: {arg} must be a contiguous float32 [N={n}], got {t.dtype} {tuple(t.shape)}")
+    for arg, t in (("labels", labels), *per_row.items()):
+        if t.device != logits.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, the logits on {logits.device}")
 
 
 def logsumexp_and_target(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +88,7 @@ def softmax_grad_(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
                   vocab_start: int) -> torch.Tensor:
     """In place: logits [N, v] (columns vocab_start ... vocab_start + v - 1 of the vocabulary) become
     (exp(logits - lse) - [label == column]) * row_scale; returns them."""
-    _check_rows(logits, labels, "softmax_grad_")
+    _check_rows(logits, labels, "softmax_grad_", lse=lse, row_scale=row_scale)
     n, v = logits.shape
     if n and v:
         block = 128 if interpreting() else 2048

@@ -1,0 +1,95 @@
+"""The fused RMSNorm (Triton, interpreter here) equals v5's RMSNorm modules, forward and gradients, for
+both formulas, and a model with `fused_norm=True` trains like v5. float32 pins the math; the two
+formulas differ only in bf16 rounding, which tests/test_step_kernels_gpu.py checks on the GPU."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+import moe_lab
+from markers import needs_interpreter
+from tiny_models import tiny_config
+from triton_kernels.rmsnorm import rms_norm
+
+pytestmark = needs_interpreter
+
+
+@pytest.mark.parametrize("norm_class,weight_last", [(Qwen3MoeRMSNorm, False), (GptOssRMSNorm, True)])
+@pytest.mark.parametrize("shape", [(7, 48), (3, 5, 100), (0, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_v5_module(norm_class, weight_last, shape, dtype):
+    torch.manual_seed(sum(shape))
+    norm = norm_class(shape[-1], eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1]) * 0.5 + 1)
+    x = (torch.randn(shape) * 3).to(dtype).requires_grad_()
+    dy = torch.randn(shape).to(dtype)
+    want = norm(x)
+    want_dx, want_dw = torch.autograd.grad(want, [x, norm.weight], dy)
+    got = rms_norm(x, norm.weight, norm.variance_epsilon, weight_last=weight_last)
+    got_dx, got_dw = torch.autograd.grad(got, [x, norm.weight], dy)
+    assert got.dtype == want.dtype and got_dw.dtype == want_dw.dtype
+    # fp32: same math; bf16: one rounding apart (the interpreter truncates casts), dw summed in fp32 here
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_dx, want_dx, **tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_dw, want_dw, **tol)
+    else:
+        assert float((got_dw.float() - want_dw.float()).norm() / want_dw.float().norm().clamp_min(1e-6)) < 2e-2
+
+
+def test_rms_norm_refuses_mismatched_weight():
+    with pytest.raises(ValueError, match="weight must be"):
+        rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6)
+    with pytest.raises(ValueError, match="one dtype"):
+        rms_norm(torch.randn(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_model_with_fused_norm_trains_like_v5(family):
+    config = tiny_config(family)
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config)
+    ours = moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), moe_backend="torch", fused_norm=True)
+    ours.load_state_dict(reference.state_dict())
+    fused = [m for m in ours.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert fused and all(hasattr(m, "_moe_lab_plain_forward") for m in fused)
+    ids = torch.randint(0, config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    want, got = reference(ids, labels=ids), ours(ids, labels=ids)
+    want.loss.backward()
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+    grads = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        if grads[name].grad is not None:
+            torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_norm_refuses_an_unknown_family():
+    from moe_lab.fused_norm import enable_fused_norm
+
+    model = torch.nn.Linear(2, 2)
+    model.config = type("C", (), {"model_type": "mamba"})()
+    with pytest.raises(ValueError, match="not one whose RMSNorm formula"):
+        enable_fused_norm(model)
+
+
+def test_backward_programs_loop_over_several_row_blocks(monkeypatch):
+    """More row blocks than backward programs: each program sums its blocks' dw."""
+    import triton_kernels.rmsnorm as rmsnorm
+
+    monkeypatch.setattr(rmsnorm, "MAX_BWD_PROGRAMS", 3)
+    torch.manual_seed(0)
+    x = torch.randn(37, 1000, requires_grad=True)  # 4 rows per block: 10 blocks over 3 programs
+    w = torch.randn(1000, requires_grad=True)
+    dy = torch.randn(37, 1000)
+    got = torch.autograd.grad(rms_norm(x, w, 1e-5), [x, w], dy)
+    want = torch.autograd.grad(w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)), [x, w], dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
