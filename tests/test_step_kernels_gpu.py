@@ -80,7 +80,9 @@ def test_triton_cross_entropy_matches_its_torch_path(rows):
 @pytest.mark.parametrize("weight_last", [False, True])
 def test_fused_rms_norm_rounds_like_v5_in_bf16(weight_last):
     """The two RMSNorm formulas differ only in where bf16 rounding happens, which the CPU interpreter
-    (it truncates casts) cannot pin: on the GPU the fused forward equals v5's module to one bf16 ulp."""
+    (it truncates casts) cannot pin: on the GPU the fused forward equals v5's module exactly for
+    >= 99% of elements (float32 sums in another order flip a few roundings; the other formula
+    agrees on ~74%)."""
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
@@ -94,8 +96,7 @@ def test_fused_rms_norm_rounds_like_v5_in_bf16(weight_last):
     dy = torch.randn(4096, 2048, device="cuda").to(torch.bfloat16)
     want = norm(x)
     got = rms_norm(x, norm.weight, norm.variance_epsilon, weight_last=weight_last)
-    ulp = want.float().abs().clamp_min(1e-3) * 2.0 ** -7
-    assert float(((got.float() - want.float()).abs() > ulp).float().mean()) < 1e-3
+    assert float((got == want).float().mean()) >= 0.99
     want_dx, want_dw = torch.autograd.grad(want, [x, norm.weight], dy)
     got_dx, got_dw = torch.autograd.grad(got, [x, norm.weight], dy)
     for a, b in ((got_dx, want_dx), (got_dw, want_dw)):

@@ -28,6 +28,10 @@ def _blocks(hidden: int) -> tuple[int, int]:
     return max(1, 4096 // block_h), block_h
 
 
+def _warps(block_h: int) -> int:
+    return 4 if block_h <= 2048 else 8 if block_h <= 4096 else 16
+
+
 @triton.jit
 def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, H, eps, stride_x, stride_y,
                         WEIGHT_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -37,7 +41,7 @@ def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, N, H, eps, stride_x, stri
     mask = rmask[:, None] & cmask[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / H + eps)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / H + eps)
     n = x * rstd[:, None]
     if WEIGHT_LAST:
         y = w[None, :] * n
@@ -87,7 +91,7 @@ class _RMSNorm(torch.autograd.Function):
         if n:
             _rmsnorm_fwd_kernel[(triton.cdiv(n, block_r),)](x2, weight, y, rstd, n, h, eps, x2.stride(0), y.stride(0),
                                                              WEIGHT_LAST=weight_last, BLOCK_R=block_r, BLOCK_H=block_h,
-                                                             num_warps=4 if block_h <= 2048 else 8)
+                                                             num_warps=_warps(block_h))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.weight_last, ctx.shape = weight_last, shape
         return y.reshape(shape)
@@ -104,7 +108,7 @@ class _RMSNorm(torch.autograd.Function):
         if n:
             _rmsnorm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, dw_part, n, h, dy2.stride(0), x2.stride(0),
                                              dx.stride(0), WEIGHT_LAST=ctx.weight_last, BLOCK_R=block_r,
-                                             BLOCK_H=block_h, num_warps=4 if block_h <= 2048 else 8)
+                                             BLOCK_H=block_h, num_warps=_warps(block_h))
         else:
             dw_part.zero_()
         return dx.reshape(ctx.shape), dw_part.sum(0).to(weight.dtype), None, None
