@@ -233,10 +233,11 @@ def _combine_dw(y, inv, dout, T, k, dtype):
     if H == 0:
         return dw.zero_()
     y, dout = _rows_contig(y), _rows_contig(dout)
-    if interpreting():
-        bt, bh = 64, next_pow2(min(max(H, 16), 1024))
-    else:
-        bt, bh = 32, min(next_pow2(max(H, 16)), 256)
+    # 4 tokens a program: at 4096 tokens that is 1024 programs. 32 gave 128 programs, one per SM with
+    # 4 warps; on the H200 combine fwd+bwd at 4096 tokens then ran at 1.07 TB/s (0.41 ms, of which
+    # forward 0.10; runs/h200x1-triton-kernels/run1-bench.log). Not yet re-measured.
+    bt = 4
+    bh = next_pow2(min(max(H, 16), 1024)) if interpreting() else min(next_pow2(max(H, 16)), 512)
     _combine_dw_kernel[(triton.cdiv(T, bt),)](
         y, inv, dout, dw, T, H, k, y.stride(0), dout.stride(0), BLOCK_T=bt, BLOCK_H=bh, num_warps=4)
     return dw
