@@ -36,7 +36,7 @@ def _skew_router(model):
             gate.register_forward_hook(_force_routing_to_experts_0_and_1)
 
 
-def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=False):
+def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=False, fused_norm=False):
     sys.path.insert(0, TESTS_DIR)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -51,7 +51,16 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=Fals
         config = tiny_config(family, num_experts=8, top_k=2, **overrides)
         torch.manual_seed(0)
         reference = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager")
-        ours = moe_lab.patch_model(copy.deepcopy(reference), "torch", ep_size=ep_size, fsdp=fsdp)
+        base = copy.deepcopy(reference)
+        kernel_calls = []
+        if fused_norm:  # in from_config/from_pretrained's order: the norms first, then EP and FSDP2
+            import triton_kernels.rmsnorm as rmsnorm
+            from moe_lab.fused_norm import enable_fused_norm
+
+            kernel = rmsnorm.rms_norm
+            rmsnorm.rms_norm = lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k)
+            enable_fused_norm(base)
+        ours = moe_lab.patch_model(base, "torch", ep_size=ep_size, fsdp=fsdp)
         if fsdp:
             from torch.distributed.tensor import DTensor
 
@@ -68,6 +77,7 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=Fals
         mine = batch[rank * 2 : (rank + 1) * 2]
         out = ours(mine, labels=mine)
         out.loss.backward()
+        assert bool(kernel_calls) == fused_norm, "the fused norms must run the kernel (and only when asked)"
         reduce_gradients(ours, ours.moe_lab_ep)
         loss = out.loss.detach().clone()
         dist.all_reduce(loss)
@@ -113,11 +123,12 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=Fals
         dist.destroy_process_group()
 
 
-def _run(world, ep_size, family, skew, tmp_path, fsdp=False):
+def _run(world, ep_size, family, skew, tmp_path, fsdp=False, fused_norm=False):
     manager = mp.Manager()
     results = manager.dict()
     try:
-        mp.spawn(_worker, args=(world, ep_size, family, skew, _free_port(), str(tmp_path), results, fsdp), nprocs=world)
+        mp.spawn(_worker, args=(world, ep_size, family, skew, _free_port(), str(tmp_path), results, fsdp, fused_norm),
+                 nprocs=world)
     except Exception:
         errors = [v[1] for v in results.values() if v[0] == "error"]
         pytest.fail(errors[0] if errors else "a worker died")
@@ -149,8 +160,9 @@ def _single_process_group():
 
 
 def test_fsdp2_for_the_rest_of_the_model(tmp_path):
-    """world 4, ep 2, the non-expert parameters sharded with FSDP2 over all four ranks."""
-    results = _run(4, 2, "deepseek_v3", skew=False, tmp_path=tmp_path, fsdp=True)
+    """world 4, ep 2, the non-expert parameters sharded with FSDP2 over all four ranks; every RMSNorm
+    on the fused Triton kernel (interpreter), so its weights are FSDP2 shards too."""
+    results = _run(4, 2, "deepseek_v3", skew=False, tmp_path=tmp_path, fsdp=True, fused_norm=True)
     assert all(status == "ok" for status, _ in results.values())
 
 
