@@ -134,3 +134,19 @@ def test_mixed_dtypes_fall_back_to_v5_with_a_warning(caplog):
         model.norm(x)
     torch.testing.assert_close(out, model.norm._moe_lab_plain_forward(x))
     assert sum("v5's own forward runs there" in r.message for r in caplog.records) == 1
+
+
+def test_from_pretrained_with_fused_norm_keeps_checkpoints_standard(tmp_path):
+    """Loading with fused_norm=True gives v5's loss; saving writes the same tensors v5 reads."""
+    config = tiny_config("qwen3_moe")
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config)
+    reference.save_pretrained(tmp_path / "v5")
+    ours = moe_lab.AutoModelForCausalLM.from_pretrained(tmp_path / "v5", moe_backend="torch", fused_norm=True)
+    assert all(hasattr(m, "_moe_lab_plain_forward") for m in ours.modules() if type(m).__name__.endswith("RMSNorm"))
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours(ids, labels=ids).loss, reference(ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+    ours.save_pretrained(tmp_path / "ours")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], tensor, rtol=0, atol=0)
