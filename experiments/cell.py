@@ -159,37 +159,34 @@ def _make_batch(spec, vocab, step, rank, replicated, device):
     return ids.to(device)
 
 
-def _optimizer(spec, model, device, in_backward: bool = False):
+def _optimizer_class(name: str):
+    """(optimizer class, extra keyword arguments) of a cell's ``optimizer`` name."""
     import torch
 
+    if name == "adamw_triton":
+        from moe_lab.optim import TritonAdamW
+
+        return TritonAdamW, {}
+    return {"sgd": (torch.optim.SGD, {}), "adamw_fused": (torch.optim.AdamW, {"fused": True}),
+            "adamw": (torch.optim.AdamW, {})}[name]
+
+
+def _optimizer(spec, model, device, in_backward: bool = False):
     from torch.distributed.tensor import DTensor
 
+    optimizer_class, extra = _optimizer_class(spec["optimizer"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     if in_backward:
         from moe_lab.optim import OptimizerInBackward
 
         if spec["nproc"] != 1:
             raise ValueError("the optimizer-in-backward variant runs one process (gradients are not reduced before the step)")
-        if spec["optimizer"] == "sgd":
-            return OptimizerInBackward(trainable, torch.optim.SGD, lr=spec["lr"])
-        if spec["optimizer"] == "adamw_triton":
-            from moe_lab.optim import TritonAdamW
-
-            return OptimizerInBackward(trainable, TritonAdamW, lr=spec["lr"])
-        return OptimizerInBackward(trainable, lr=spec["lr"], fused=spec["optimizer"] == "adamw_fused")
+        return OptimizerInBackward(trainable, optimizer_class, lr=spec["lr"], **extra)
     # One optimizer step call cannot mix DTensors and plain tensors (v5's expert parallel makes its
     # experts DTensors, fused AdamW then fails): one param group of each, same hyper-parameters.
     params = [group for group in ({"params": [p for p in trainable if isinstance(p, DTensor)]},
                                   {"params": [p for p in trainable if not isinstance(p, DTensor)]}) if group["params"]]
-    if spec["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=spec["lr"])
-    if spec["optimizer"] == "adamw_fused":
-        return torch.optim.AdamW(params, lr=spec["lr"], fused=True)
-    if spec["optimizer"] == "adamw_triton":
-        from moe_lab.optim import TritonAdamW
-
-        return TritonAdamW(params, lr=spec["lr"])
-    return torch.optim.AdamW(params, lr=spec["lr"])
+    return optimizer_class(params, lr=spec["lr"], **extra)
 
 
 def _max_over_ranks(values: list[float], world: int, device) -> list[float]:

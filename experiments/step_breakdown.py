@@ -3,8 +3,8 @@ decoder (attention, norms, embeddings, dense MLPs), of the LM head + loss, then 
 reduction, the optimizer step and zeroing the gradients.
 
 Timed with CUDA events recorded by module hooks (CPU clocks without a GPU), over a few steps after
-warm-up, one system at a time on one device; the parts of a step add up to its total. The hooks
-cost a few microseconds per block, so the totals run slightly above the harness's step times.
+warm-up, one system at a time on one device; the parts of a step add up to its total. The hooks add
+host work per block (not measured), so a total may run above the harness's step time.
 
     python -m experiments.step_breakdown --model qwen3-30b-a3b --layers 8 --seq 4096 \\
         --systems v5-grouped_mm,triton,triton:adamw_triton --out results/runs/h200x1-breakdown/breakdown.json

@@ -69,26 +69,20 @@ VARIANT_ORDER = ("cutlass", "fusedce", "fusednorm", "fsdp", OPTIMIZER_IN_BACKWAR
 def _variant_options(name: str, backend: str, words: list[str], prefix: str = "") -> tuple[str, tuple, bool]:
     """(suffix for the backend word, from_config options, optimizer in backward) of the variant
     words after a backend word, written in VARIANT_ORDER (``triton_gather-fusedce-optbwd``)."""
-    suffix, options, in_backward = "", {}, False
-    known = [w for w in words if w in VARIANT_ORDER]
-    if known == words and len(set(words)) == len(words) and words != sorted(words, key=VARIANT_ORDER.index):
-        canonical = prefix + "-".join([backend, *sorted(words, key=VARIANT_ORDER.index)])
-        raise ValueError(f"system {name!r}: write its variants in the order {', '.join(VARIANT_ORDER)}: {canonical!r}")
-    if "cutlass" in words and backend != "te":
-        raise ValueError(f"system {name!r}: the cutlass variant is TransformerEngine's (te-cutlass)")
-    for w in words:
-        if w == OPTIMIZER_IN_BACKWARD:
-            in_backward = True
-        elif w in BACKEND_VARIANTS:
-            suffix += BACKEND_VARIANTS[w]
-        elif w in VARIANTS:
-            options.update(VARIANTS[w])
-        else:
-            known = sorted([*VARIANTS, *BACKEND_VARIANTS, OPTIMIZER_IN_BACKWARD])
-            raise ValueError(f"system {name!r}: unknown variant {w!r}; known variants: {', '.join(known)}")
+    unknown = [w for w in words if w not in VARIANT_ORDER]
+    if unknown:
+        raise ValueError(f"system {name!r}: unknown variant {unknown[0]!r}; known variants: {', '.join(VARIANT_ORDER)}")
     if len(set(words)) != len(words):
         raise ValueError(f"system {name!r} repeats a variant")
-    return suffix, tuple(sorted(options.items())), in_backward
+    canonical = sorted(words, key=VARIANT_ORDER.index)
+    if words != canonical:
+        raise ValueError(f"system {name!r}: write its variants in the order {', '.join(VARIANT_ORDER)}: "
+                         f"{prefix + '-'.join([backend, *canonical])!r}")
+    if "cutlass" in words and backend != "te":
+        raise ValueError(f"system {name!r}: the cutlass variant is TransformerEngine's (te-cutlass)")
+    suffix = "".join(BACKEND_VARIANTS[w] for w in words if w in BACKEND_VARIANTS)
+    options = {k: v for w in words if w in VARIANTS for k, v in VARIANTS[w].items()}
+    return suffix, tuple(sorted(options.items())), OPTIMIZER_IN_BACKWARD in words
 
 
 def parse(name: str) -> System:

@@ -46,9 +46,9 @@ def _use_triton(impl: str, hidden: torch.Tensor) -> bool:
     if impl not in IMPLS:
         raise ValueError(f"linear_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        from triton_kernels._common import interpreting
+        from triton_kernels._common import runs_on
 
-        return hidden.is_cuda or (interpreting() and hidden.device.type == "cpu")
+        return runs_on(hidden.device)
     return impl == "triton"
 
 
@@ -85,7 +85,6 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, labels, lse = ctx.saved_tensors
         counted = labels != ctx.ignore_index
         row_scale = (counted.float() * (grad_loss.float() / ctx.denominator))[:, None]  # [N, 1]
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         for start in range(0, weight.shape[0], ctx.vocab_chunk):
@@ -98,7 +97,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             else:
                 probs = torch.exp(F.linear(hidden, w).float() - lse[:, None])  # softmax slice [N, v]
                 here = counted & (labels >= start) & (labels < stop)
-                probs[rows[here], labels[here] - start] -= 1.0
+                probs[here.nonzero().squeeze(1), labels[here] - start] -= 1.0
                 grad_logits = (probs * row_scale).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight[start:stop] = grad_logits.t() @ hidden

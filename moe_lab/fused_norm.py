@@ -19,19 +19,14 @@ import types
 
 import torch
 
+from triton_kernels._common import runs_on
 from triton_kernels.rmsnorm import MAX_HIDDEN
 
 log = logging.getLogger(__name__)
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    from triton_kernels._common import interpreting
-
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
-
-
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    if hidden_states.dtype != self.weight.dtype or not _triton_runs_on(hidden_states.device):
+    if hidden_states.dtype != self.weight.dtype or not runs_on(hidden_states.device):
         if not self._moe_lab_warned:
             self._moe_lab_warned = True
             log.warning("fused_norm: %s gets %s input on %s with a %s weight; v5's own forward runs there",

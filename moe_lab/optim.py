@@ -7,10 +7,10 @@ parameter (`triton_kernels.adamw`): every element read and written once, float32
 and the gradient is freed at once.
 
 A training step then never holds every gradient at the same time (at Qwen3-30B-A3B geometry with 8
-layers that is 10.4 GiB of bf16 gradients), and the optimizer's passes over the parameters overlap
-the rest of backward. What it gives up: gradient clipping by global norm, gradient accumulation over
+layers that is 10.4 GiB of bf16 gradients); that lowers the peak only where the peak falls inside
+backward. What it gives up: gradient clipping by global norm, gradient accumulation over
 micro-batches, and gradient reduction across ranks before the step (so one process only). Each
-parameter gets its own optimizer instance (fused AdamW by default on CUDA).
+parameter gets its own optimizer instance (`optimizer_class(**kwargs)`, torch's AdamW by default).
 
     opt = OptimizerInBackward(model.parameters(), lr=1e-4)
     loss.backward()      # parameters are updated here
@@ -36,17 +36,17 @@ class TritonAdamW(torch.optim.Optimizer):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"TritonAdamW: betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        from triton_kernels._common import interpreting
-
         from torch.distributed.tensor import DTensor
 
-        if any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
-            raise ValueError("TritonAdamW: DTensor parameters (FSDP2, tensor/expert parallel) are not supported; "
-                             "use torch.optim.AdamW(fused=True) there")
-        on_cpu = [p for g in self.param_groups for p in g["params"] if p.device.type != "cuda"]
-        if on_cpu and not interpreting():
-            raise ValueError(f"TritonAdamW: parameters on {on_cpu[0].device}; its kernel runs on CUDA "
-                             "(or on the CPU under Triton's interpreter, TRITON_INTERPRET=1)")
+        from triton_kernels._common import runs_on
+
+        for p in (p for g in self.param_groups for p in g["params"]):
+            if isinstance(p, DTensor):
+                raise ValueError("TritonAdamW: DTensor parameters (FSDP2, tensor/expert parallel) are not supported; "
+                                 "use torch.optim.AdamW(fused=True) there")
+            if not runs_on(p.device):
+                raise ValueError(f"TritonAdamW: parameters on {p.device}; its kernel runs on CUDA "
+                                 "(or on the CPU under Triton's interpreter, TRITON_INTERPRET=1)")
 
     @torch.no_grad()
     def step(self, closure=None):

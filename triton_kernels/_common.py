@@ -13,6 +13,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run on tensors of ``device``: CUDA, or the CPU under the interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
 def allow_tf32() -> bool:
     """Whether fp32 GEMM inputs may use TF32 tensor cores on the GPU.
 
