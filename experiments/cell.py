@@ -171,7 +171,7 @@ def _optimizer_class(name: str):
             "adamw": (torch.optim.AdamW, {})}[name]
 
 
-def _optimizer(spec, model, device, in_backward: bool = False):
+def _optimizer(spec, model, device, in_backward: bool = False, side_stream: bool = False):
     from torch.distributed.tensor import DTensor
 
     optimizer_class, extra = _optimizer_class(spec["optimizer"])
@@ -181,7 +181,7 @@ def _optimizer(spec, model, device, in_backward: bool = False):
 
         if spec["nproc"] != 1:
             raise ValueError("the optimizer-in-backward variant runs one process (gradients are not reduced before the step)")
-        return OptimizerInBackward(trainable, optimizer_class, lr=spec["lr"], **extra)
+        return OptimizerInBackward(trainable, optimizer_class, lr=spec["lr"], side_stream=side_stream, **extra)
     # One optimizer step call cannot mix DTensors and plain tensors (v5's expert parallel makes its
     # experts DTensors, fused AdamW then fails): one param group of each, same hyper-parameters.
     params = [group for group in ({"params": [p for p in trainable if isinstance(p, DTensor)]},
@@ -200,6 +200,15 @@ def _max_over_ranks(values: list[float], world: int, device) -> list[float]:
     return t.tolist()
 
 
+def _attention_dispatch(system) -> dict | None:
+    """Which kernel path moe_lab's attention took, call counts over the cell (``-cudnnattn`` only)."""
+    if not system.attention:
+        return None
+    from moe_lab import attention
+
+    return dict(attention.dispatch_counts)
+
+
 # ---- the cell ----------------------------------------------------------------------------------
 def run(spec: dict) -> dict:
     """Run a normalised cell in this process (one rank); returns its record (status ok)."""
@@ -215,7 +224,7 @@ def run(spec: dict) -> dict:
                            f"{os.path.dirname(transformers.__file__)}, the sweep pins {spec['transformers_version']}")
     config = models.build_config(spec["model"], spec["layers"])
     dtype = getattr(torch, _DTYPES[spec["dtype"]])
-    attn = models.attn_implementation(spec["model"], spec["attn"])
+    attn = system.attention or models.attn_implementation(spec["model"], spec["attn"])
     if spec["fail_at"] == "build":
         raise RuntimeError("injected failure at build (fail_at='build')")
     if spec["fail_at"] == "crash":
@@ -225,11 +234,16 @@ def run(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = systems.build_model(system, config, dtype=dtype, attn=attn, device=device, world=world)
+    if system.attention:
+        from moe_lab import attention
+
+        attention.dispatch_counts.clear()
     model.train()
     if spec["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hooks = regimes.apply(model, spec["routing"], seed=spec["seed"])
-    optimizer = _optimizer(spec, model, device, in_backward=system.optimizer_in_backward)
+    optimizer = _optimizer(spec, model, device, in_backward=system.optimizer_in_backward,
+                           side_stream=system.optimizer_side_stream)
     _sync(device)
     build_s = time.perf_counter() - t_start
     weights_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
@@ -300,6 +314,7 @@ def run(spec: dict) -> dict:
         "model_label": models.model_label(spec["model"], spec["layers"]),
         "model_type": config.model_type,
         "attn_implementation": attn,
+        "attention_dispatch": _attention_dispatch(system),
         "system_kind": system.kind,
         "world": world,
         "device": device.type,

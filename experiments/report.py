@@ -344,6 +344,37 @@ def breakdown_markdown(runs: Path) -> str | None:
     return "\n".join(lines)
 
 
+def attention_markdown(runs: Path) -> str | None:
+    """Every ``attention.json`` (experiments.attention_bench) under ``runs`` as tables, or None if none."""
+    root = Path(runs)
+    files = sorted(root.glob("*/attention.json")) + ([root / "attention.json"] if (root / "attention.json").exists() else [])
+    if not files:
+        return None
+    lines = ["# Causal attention, forward + backward (one layer's call)", ""]
+    for path in files:
+        rec = store.read_json(path)
+        prov = rec.get("provenance", {})
+        versions, git = prov.get("versions", {}), prov.get("git", {})
+        first = rec["rows"][0]
+        lines += [f"## {path.parent.name}: {first['model']}, {first['heads']} heads / {first['kv_heads']} KV heads x "
+                  f"{first['head_dim']}, {first['tokens']} tokens, {prov.get('hardware', {}).get('gpu', 'unknown')}", "",
+                  "| batch | path | status | ms (fwd+bwd) | ms (fwd) | TFLOP/s | vs sdpa | max abs diff vs sdpa (out, dq, dk, dv) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        base = {r["batch"]: r["ms"] for r in rec["rows"] if r["path"] == "sdpa" and r["status"] == "ok"}
+        for r in rec["rows"]:
+            if r["status"] != "ok":
+                lines.append(f"| {r['batch']} | {r['path']} | {r['status']}: {r.get('error', '')[:80]} | - | - | - | - | - |")
+                continue
+            d = r.get("max_abs_diff_vs_sdpa", {})
+            diffs = ", ".join(f"{d.get(n, float('nan')):.1e}" for n in ("out", "dq", "dk", "dv"))
+            ratio = f"{base[r['batch']] / r['ms']:.2f}x" if r["batch"] in base else "-"
+            lines.append(f"| {r['batch']} | {r['path']} | ok | {r['ms']:.3f} | {r['ms_forward']:.3f} | {r['tflops']:.1f} | "
+                         f"{ratio} | {diffs} |")
+        lines += ["", f"Versions: torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
+                      f"commit {str(git.get('commit'))[:12]}", ""]
+    return "\n".join(lines)
+
+
 def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool = True) -> dict:
     """Regenerate every derived file; returns {"rows": n, "files": [...]}."""
     run_dirs = find_runs(runs)
@@ -362,6 +393,10 @@ def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool =
     if breakdown is not None:
         store.write_text(out_dir / "step_breakdown.md", breakdown)
         files.append(out_dir / "step_breakdown.md")
+    attention = attention_markdown(runs)
+    if attention is not None:
+        store.write_text(out_dir / "attention.md", attention)
+        files.append(out_dir / "attention.md")
     if summary is not None:
         merge_summary(summary, {**summary_entries(rows), **block_summary_entries(blocks)})
         files.append(Path(summary))

@@ -10,6 +10,8 @@ host work per block (not measured), so a total may run above the harness's step 
         --systems v5-grouped_mm,triton,triton:adamw_triton --out results/runs/h200x1-breakdown/breakdown.json
 
 A system may name its own optimizer after a colon (`triton:adamw_triton`); the others use --optimizer.
+``--profile`` adds one more step under ``torch.profiler`` per system: its kernels by device time
+(``kernels``: the top 60 by total; ``kernel_classes``: every kernel in a few classes by name).
 """
 from __future__ import annotations
 
@@ -149,7 +151,55 @@ def breakdown_steps(model, optimizer, batches, device, after_backward) -> list[d
     return steps
 
 
-def breakdown_system(spec: dict) -> dict:
+# kernel class -> name fragments (lower case), first match wins; anything else is "other"
+KERNEL_CLASSES = (
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "sm90_")),
+    ("elementwise", ("elementwise", "unrolled", "vectorized")),
+    ("reduce", ("reduce", "norm")),
+    ("copy/index", ("copy", "cat", "index", "gather", "scatter", "embedding", "sort", "fill")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((cls for cls, frags in KERNEL_CLASSES if any(f in low for f in frags)), "other")
+
+
+def profile_step(model, optimizer, ids, device, after_backward, top: int = 60) -> dict:
+    """One training step under torch.profiler: {"kernels": [{name, class, ms, calls}] (top by device
+    time), "kernel_classes": {class: ms}, "kernel_total_ms"}."""
+    import collections
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        after_backward(model)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        cell._sync(device)
+    totals: dict = collections.defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        if device.type == "cuda" and evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = totals[evt.name]
+        t[0] += evt.device_time_total / 1e3 if device.type == "cuda" else evt.cpu_time_total / 1e3
+        t[1] += 1
+    kernels = sorted(({"name": n[:200], "class": kernel_class(n), "ms": ms, "calls": c} for n, (ms, c) in totals.items()),
+                     key=lambda k: -k["ms"])
+    classes: dict = collections.defaultdict(float)
+    for k in kernels:
+        classes[k["class"]] += k["ms"]
+    return {"kernels": kernels[:top], "kernel_classes": dict(sorted(classes.items(), key=lambda kv: -kv[1])),
+            "kernel_total_ms": sum(classes.values())}
+
+
+def breakdown_system(spec: dict, profile: bool = False) -> dict:
     """spec: a normalised cell spec (one device). Returns {"system", "parts_ms" (medians), "step_ms", "steps"}."""
     import torch
 
@@ -164,9 +214,11 @@ def breakdown_system(spec: dict) -> dict:
     model = systems.build_model(system, config, dtype=dtype, attn=attn, device=device, world=1)
     model.train()
     hooks = regimes.apply(model, spec["routing"], seed=spec["seed"])
-    optimizer = cell._optimizer(spec, model, device, in_backward=system.optimizer_in_backward)
+    optimizer = cell._optimizer(spec, model, device, in_backward=system.optimizer_in_backward,
+                                side_stream=system.optimizer_side_stream)
     batches = [cell._make_batch(spec, config.vocab_size, s, 0, False, device) for s in range(spec["warmup"] + spec["steps"])]
     steps = breakdown_steps(model, optimizer, batches, device, systems.after_backward)[spec["warmup"]:]
+    profiled = profile_step(model, optimizer, batches[-1], device, systems.after_backward) if profile else {}
     for h in hooks:
         h.remove()
     del model, optimizer
@@ -174,7 +226,7 @@ def breakdown_system(spec: dict) -> dict:
         torch.cuda.empty_cache()
     parts = {p: statistics.median(s[p] for s in steps) for p in PARTS}
     return {"system": spec["system"], "routing": spec["routing"], "parts_ms": parts,
-            "step_ms": statistics.median(s["step"] for s in steps), "steps": steps}
+            "step_ms": statistics.median(s["step"] for s in steps), "steps": steps, **profiled}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -203,6 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--profile", action="store_true", help="one more step per system under torch.profiler (kernels)")
     ap.add_argument("--out", required=True, help="JSON file for the rows and their provenance")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -216,7 +269,7 @@ def main(argv=None) -> int:
     rows = []
     for entry, spec in specs:
         try:
-            row = {**breakdown_system(spec), "status": "ok", "system": entry, "optimizer": spec["optimizer"]}
+            row = {**breakdown_system(spec, profile=args.profile), "status": "ok", "system": entry, "optimizer": spec["optimizer"]}
         except Exception as exc:  # noqa: BLE001 - a failed system is recorded; the others go on
             log.exception("step breakdown of %s failed", entry)
             row = {"system": entry, "routing": args.routing, "status": cell.classify(exc),
@@ -224,6 +277,12 @@ def main(argv=None) -> int:
         rows.append(row)
     table = format_table(rows)
     print(table, flush=True)
+    for row in rows:
+        if row.get("kernel_classes"):
+            print(f"{row['system']}: kernel time {row['kernel_total_ms']:.1f} ms by class: "
+                  + ", ".join(f"{c} {ms:.1f}" for c, ms in row["kernel_classes"].items()), flush=True)
+            for k in row["kernels"][:25]:
+                print(f"    {k['ms']:8.2f} ms {k['calls']:5d}x [{k['class']}] {k['name'][:110]}", flush=True)
     record = {"kind": "step-breakdown", "model": args.model, "layers": args.layers, "batch": args.batch,
               "optimizer": args.optimizer,
               "seq": args.seq, "rows": rows, "table": table, "provenance": provenance.collect(sys.argv if argv is None else argv)}

@@ -3,7 +3,8 @@
 Names (the ``system`` field of a cell and the last part of a summary key):
 
 * ``v5-<impl>``: vanilla Transformers v5, ``experts_implementation=<impl>`` (``eager``,
-  ``grouped_mm`` = v5's default, ``batched_mm``), one process per GPU.
+  ``grouped_mm`` = v5's default, ``batched_mm``), one process per GPU; v5 takes the
+  ``-cudnnattn``, ``-optbwd`` and ``-optstream`` variants (``v5-grouped_mm-cudnnattn``).
 * ``v5-fsdp2-<impl>``: v5's FSDP2 through ``DistributedConfig(fsdp_size=world)``; each rank
   trains on its own batch.
 * ``v5-ep``: v5's expert parallelism, ``DistributedConfig(tp_size=world,
@@ -14,7 +15,9 @@ Names (the ``system`` field of a cell and the last part of a summary key):
   linear + cross-entropy loss, ``fused_cross_entropy=True``; ``triton-fusednorm``: every RMSNorm as one Triton kernel,
   ``fused_norm=True``; ``te-cutlass``: the backend word
   ``te_cutlass``, TE's CUTLASS grouped GEMM; ``triton-optbwd``: the optimizer steps each parameter
-  inside backward, ``moe_lab.optim.OptimizerInBackward``, one process only). Variants combine,
+  inside backward, ``moe_lab.optim.OptimizerInBackward``, one process only; ``-optstream``: the same on
+  a second CUDA stream beside backward; ``-cudnnattn``: attention through cuDNN,
+  ``attn_implementation="moe_lab_cudnn"``). Variants combine,
   written in ``VARIANT_ORDER``: ``triton_gather-fusedce-optbwd``; an unknown word or another order is refused.
 * ``ep<N>-<dispatcher>-<backend>[-<variant>]``: moe_lab expert parallelism over N ranks
   (``-fsdp``: the non-expert parameters sharded with FSDP2)
@@ -37,8 +40,12 @@ _EP_RE = re.compile(r"^ep(\d+)-([a-z0-9_]+)-([a-z0-9_]+(?:-[a-z0-9_]+)*)$")
 VARIANTS = {"fusedce": {"fused_cross_entropy": True}, "fusednorm": {"fused_norm": True}, "fsdp": {"fsdp": True}}
 # moe_lab system-name suffixes that name another backend word: te-cutlass -> moe_backend "te_cutlass"
 BACKEND_VARIANTS = {"cutlass": "_cutlass"}
-# one-process system-name suffix: the optimizer steps inside backward (moe_lab.optim.OptimizerInBackward)
+# one-process system-name suffixes: the optimizer steps inside backward (moe_lab.optim.OptimizerInBackward),
+# on the backward's own stream (optbwd) or on a second CUDA stream beside it (optstream)
 OPTIMIZER_IN_BACKWARD = "optbwd"
+OPTIMIZER_ON_SIDE_STREAM = "optstream"
+# system-name suffixes that pick the attention implementation (v5 and moe_lab systems alike)
+ATTENTION_VARIANTS = {"cudnnattn": "moe_lab_cudnn"}
 
 
 class NotImplementedYet(NotImplementedError):
@@ -55,7 +62,9 @@ class System:
     ep: int = 1
     replicated_input: bool = False  # all ranks train on the same batch (TP-style)
     options: tuple = ()  # extra from_config options of a variant, as (name, value) pairs
-    optimizer_in_backward: bool = False  # the `-optbwd` variant
+    optimizer_in_backward: bool = False  # the `-optbwd` and `-optstream` variants
+    optimizer_side_stream: bool = False  # the `-optstream` variant
+    attention: str | None = None  # an attn_implementation a variant asks for (`-cudnnattn`)
 
     @property
     def distributed(self) -> bool:
@@ -63,12 +72,21 @@ class System:
 
 
 # the one order variant words are written in, so each configuration has one name (and one summary key)
-VARIANT_ORDER = ("cutlass", "fusedce", "fusednorm", "fsdp", OPTIMIZER_IN_BACKWARD)
+VARIANT_ORDER = ("cutlass", "cudnnattn", "fusedce", "fusednorm", "fsdp", OPTIMIZER_IN_BACKWARD, OPTIMIZER_ON_SIDE_STREAM)
 
 
-def _variant_options(name: str, backend: str, words: list[str], prefix: str = "") -> tuple[str, tuple, bool]:
-    """(suffix for the backend word, from_config options, optimizer in backward) of the variant
-    words after a backend word, written in VARIANT_ORDER (``triton_gather-fusedce-optbwd``)."""
+@dataclass(frozen=True)
+class _Variants:
+    suffix: str = ""  # appended to the backend word (te + cutlass -> te_cutlass)
+    options: tuple = ()  # from_config options, as sorted (name, value) pairs
+    in_backward: bool = False
+    side_stream: bool = False
+    attention: str | None = None
+
+
+def _variant_options(name: str, backend: str, words: list[str], prefix: str = "") -> _Variants:
+    """What the variant words after a backend word ask for, written in VARIANT_ORDER
+    (``triton_gather-fusedce-optbwd``)."""
     unknown = [w for w in words if w not in VARIANT_ORDER]
     if unknown:
         raise ValueError(f"system {name!r}: unknown variant {unknown[0]!r}; known variants: {', '.join(VARIANT_ORDER)}")
@@ -80,9 +98,14 @@ def _variant_options(name: str, backend: str, words: list[str], prefix: str = ""
                          f"{prefix + '-'.join([backend, *canonical])!r}")
     if "cutlass" in words and backend != "te":
         raise ValueError(f"system {name!r}: the cutlass variant is TransformerEngine's (te-cutlass)")
+    if OPTIMIZER_IN_BACKWARD in words and OPTIMIZER_ON_SIDE_STREAM in words:
+        raise ValueError(f"system {name!r}: {OPTIMIZER_IN_BACKWARD} and {OPTIMIZER_ON_SIDE_STREAM} exclude each other")
     suffix = "".join(BACKEND_VARIANTS[w] for w in words if w in BACKEND_VARIANTS)
     options = {k: v for w in words if w in VARIANTS for k, v in VARIANTS[w].items()}
-    return suffix, tuple(sorted(options.items())), OPTIMIZER_IN_BACKWARD in words
+    attention = next((ATTENTION_VARIANTS[w] for w in words if w in ATTENTION_VARIANTS), None)
+    return _Variants(suffix, tuple(sorted(options.items())),
+                     in_backward=OPTIMIZER_IN_BACKWARD in words or OPTIMIZER_ON_SIDE_STREAM in words,
+                     side_stream=OPTIMIZER_ON_SIDE_STREAM in words, attention=attention)
 
 
 def parse(name: str) -> System:
@@ -92,20 +115,32 @@ def parse(name: str) -> System:
     if name.startswith("v5-fsdp2-"):
         return System(name, "v5-fsdp2", experts_impl=name[len("v5-fsdp2-"):])
     if name.startswith("v5-"):
-        return System(name, "v5", experts_impl=name[len("v5-"):])
+        return _parse_v5(name)
     m = _EP_RE.match(name)
     if m:
         backend, *words = m.group(3).split("-")
-        suffix, options, in_backward = _variant_options(name, backend, words, prefix=f"ep{m.group(1)}-{m.group(2)}-")
-        if in_backward:
+        v = _variant_options(name, backend, words, prefix=f"ep{m.group(1)}-{m.group(2)}-")
+        if v.in_backward:
             raise ValueError(f"system {name!r}: the optimizer-in-backward variant is one-process only")
-        return System(name, "moe_lab-ep", moe_backend=backend + suffix, dispatcher=m.group(2),
-                      ep=int(m.group(1)), options=options)
+        return System(name, "moe_lab-ep", moe_backend=backend + v.suffix, dispatcher=m.group(2),
+                      ep=int(m.group(1)), options=v.options, attention=v.attention)
     if not re.match(r"^[a-z0-9_]+(-[a-z0-9_]+)*$", name):
         raise ValueError(f"bad system name {name!r}")
     backend, *words = name.split("-")
-    suffix, options, in_backward = _variant_options(name, backend, words)
-    return System(name, "moe_lab", moe_backend=backend + suffix, options=options, optimizer_in_backward=in_backward)
+    v = _variant_options(name, backend, words)
+    return System(name, "moe_lab", moe_backend=backend + v.suffix, options=v.options, optimizer_in_backward=v.in_backward,
+                  optimizer_side_stream=v.side_stream, attention=v.attention)
+
+
+def _parse_v5(name: str) -> System:
+    """``v5-<impl>[-<variant>...]``: v5 takes the attention and optimizer-in-backward variants only."""
+    impl, *words = name[len("v5-"):].split("-")
+    v = _variant_options(name, impl, words, prefix="v5-")
+    if v.suffix or v.options:
+        raise ValueError(f"system {name!r}: v5 systems take only {', '.join(ATTENTION_VARIANTS)}, "
+                         f"{OPTIMIZER_IN_BACKWARD} and {OPTIMIZER_ON_SIDE_STREAM} variants")
+    return System(name, "v5", experts_impl=impl, optimizer_in_backward=v.in_backward,
+                  optimizer_side_stream=v.side_stream, attention=v.attention)
 
 
 def _v5_distribute(model, dist_config):
@@ -124,7 +159,9 @@ def build_model(system: System, config, *, dtype, attn: str, device, world: int)
     import torch
     import transformers
 
-    kw = dict(attn_implementation=attn, dtype=dtype)
+    if system.attention:
+        import moe_lab  # noqa: F401  (registers moe_lab's attention implementations with v5)
+    kw = dict(attn_implementation=system.attention or attn, dtype=dtype)
     if system.kind in ("v5", "v5-fsdp2", "v5-ep"):
         if system.kind == "v5" and world > 1:
             raise ValueError(f"{system.name} is a one-GPU system; use v5-fsdp2-<impl> or v5-ep on {world} GPUs")

@@ -75,14 +75,25 @@ class TritonAdamW(torch.optim.Optimizer):
 
 
 class OptimizerInBackward:
-    """Per-parameter optimizers stepped from `register_post_accumulate_grad_hook`."""
+    """Per-parameter optimizers stepped from `register_post_accumulate_grad_hook`.
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], optimizer_class=torch.optim.AdamW, **kwargs):
+    ``side_stream=True`` (CUDA only): each parameter's step is queued on a second CUDA stream once its
+    gradient is ready, so the memory-bound optimizer runs beside the rest of backward instead of
+    after it. ``step()`` then makes the current stream wait for those updates; call it before the
+    next forward (the training loop's usual ``optimizer.step()`` does).
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], optimizer_class=torch.optim.AdamW, *,
+                 side_stream: bool = False, **kwargs):
         self.optimizers: dict[torch.nn.Parameter, torch.optim.Optimizer] = {}
         self._handles = []
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.side_stream = side_stream
         for param in params:
             if not param.requires_grad or param in self.optimizers:
                 continue
+            if side_stream and param.device.type != "cuda":
+                raise ValueError(f"OptimizerInBackward(side_stream=True) needs CUDA parameters, got one on {param.device}")
             self.optimizers[param] = optimizer_class([param], **kwargs)
             self._handles.append(param.register_post_accumulate_grad_hook(self._step_one))
         if not self.optimizers:
@@ -90,11 +101,23 @@ class OptimizerInBackward:
 
     def _step_one(self, param: torch.nn.Parameter) -> None:
         optimizer = self.optimizers[param]
-        optimizer.step()
+        if not self.side_stream:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return
+        stream = self._streams.get(param.device)
+        if stream is None:
+            stream = self._streams[param.device] = torch.cuda.Stream(param.device)
+        stream.wait_stream(torch.cuda.current_stream(param.device))  # the gradient is complete
+        with torch.cuda.stream(stream):
+            optimizer.step()
+        param.grad.record_stream(stream)  # its memory is reused only after the update has read it
         optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
-        """Nothing to do: every parameter was updated during backward."""
+        """Every parameter was updated during backward; with a side stream, wait for those updates."""
+        for device, stream in self._streams.items():
+            torch.cuda.current_stream(device).wait_stream(stream)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Nothing to do: gradients were freed during backward."""

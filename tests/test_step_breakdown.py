@@ -60,3 +60,16 @@ def test_report_renders_breakdowns(tmp_path):
     text = report.breakdown_markdown(tmp_path / "runs")
     assert "## cpu-breakdown: tiny-qwen3-moe, 1 layers" in text and "| torch | real |" in text
     assert report.breakdown_markdown(tmp_path / "nothing") is None
+
+
+def test_profile_lists_kernels_by_class():
+    spec = cell.normalise({"model": "tiny-qwen3-moe", "layers": 1, "seq": 16, "system": "v5-grouped_mm",
+                           "device": "cpu", "warmup": 1, "steps": 1, "dtype": "fp32"})
+    row = step_breakdown.breakdown_system(spec, profile=True)
+    names = [k["name"] for k in row["kernels"]]
+    assert any("mm" in n for n in names) and row["kernel_total_ms"] > 0
+    assert row["kernels"] == sorted(row["kernels"], key=lambda k: -k["ms"])
+    assert sum(row["kernel_classes"].values()) == pytest.approx(row["kernel_total_ms"])
+    assert step_breakdown.kernel_class("void flash_fwd_kernel<...>") == "attention"
+    assert step_breakdown.kernel_class("nvjet_tst_128x256") == "gemm"
+    assert step_breakdown.kernel_class("at::native::vectorized_elementwise_kernel<4>") == "elementwise"
