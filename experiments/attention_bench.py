@@ -5,8 +5,7 @@
 Paths (query [batch, heads, seq, head_dim]; key/value with the model's fewer KV heads):
 ``sdpa`` (v5's call: PyTorch picks the kernel, grouped-query heads native), ``flash``, ``cudnn``
 (one backend forced, grouped-query native), ``cudnn-repeat-kv`` and ``efficient-repeat-kv`` (KV heads
-repeated first), ``moe_lab_cudnn`` (the attention function ``attn_implementation="moe_lab_cudnn"``
-runs, with its layout changes). Each row: median ms of forward+backward and of forward
+repeated first, as v5 does when it passes a mask). Each row: median ms of forward+backward and of forward
 (triton.testing.do_bench), TFLOP/s with causal attention counted at one half (forward 4*b*h*s^2*d/2,
 backward 2.5x forward), and the largest difference of output and gradients from ``sdpa``'s.
 A path PyTorch refuses is recorded as failed with its error; the other rows go on.
@@ -17,13 +16,12 @@ import argparse
 import logging
 import statistics
 import sys
-import types
 
 from . import models, provenance, store
 
 log = logging.getLogger(__name__)
 
-PATHS = ["sdpa", "flash", "cudnn", "cudnn-repeat-kv", "efficient-repeat-kv", "moe_lab_cudnn"]
+PATHS = ["sdpa", "flash", "cudnn", "cudnn-repeat-kv", "efficient-repeat-kv"]
 
 
 def attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> float:
@@ -37,21 +35,15 @@ def _call(path: str, q, k, v):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from moe_lab import attention
-
     groups = q.shape[1] // k.shape[1]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if path == "sdpa":
         return sdpa(q, k, v, is_causal=True, enable_gqa=groups > 1)
-    if path == "moe_lab_cudnn":
-        module = types.SimpleNamespace(is_causal=True, num_key_value_groups=groups)
-        out, _ = attention.cudnn_attention_forward(module, q, k, v, None)
-        return out.transpose(1, 2)
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                "cudnn-repeat-kv": SDPBackend.CUDNN_ATTENTION, "efficient-repeat-kv": SDPBackend.EFFICIENT_ATTENTION}[path]
     gqa = groups > 1 and not path.endswith("repeat-kv")
     if path.endswith("repeat-kv"):
-        k, v = attention._repeat_heads(k, groups), attention._repeat_heads(v, groups)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     with sdpa_kernel([backend]):
         return sdpa(q, k, v, is_causal=True, enable_gqa=gqa)
 
@@ -59,8 +51,6 @@ def _call(path: str, q, k, v):
 def bench_attention(model_name: str, tokens: int, batch: int = 1, seed: int = 0, paths=PATHS) -> list[dict]:
     import torch
     import triton.testing
-
-    from moe_lab import attention
 
     config = models.build_config(model_name, layers=1)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -78,11 +68,8 @@ def bench_attention(model_name: str, tokens: int, batch: int = 1, seed: int = 0,
         try:
             for t in (q, k, v):
                 t.grad = None
-            attention.dispatch_counts.clear()
             out = _call(path, q, k, v)
             out.backward(grad)
-            if path == "moe_lab_cudnn":
-                row["dispatch"] = dict(attention.dispatch_counts)
             result = [out.detach().float(), *(t.grad.float() for t in (q, k, v))]
             if reference is None:
                 reference = result

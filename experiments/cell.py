@@ -200,15 +200,6 @@ def _max_over_ranks(values: list[float], world: int, device) -> list[float]:
     return t.tolist()
 
 
-def _attention_dispatch(system) -> dict | None:
-    """Which kernel path moe_lab's attention took, call counts over the cell (``-cudnnattn`` only)."""
-    if not system.attention:
-        return None
-    from moe_lab import attention
-
-    return dict(attention.dispatch_counts)
-
-
 # ---- the cell ----------------------------------------------------------------------------------
 def run(spec: dict) -> dict:
     """Run a normalised cell in this process (one rank); returns its record (status ok)."""
@@ -224,7 +215,7 @@ def run(spec: dict) -> dict:
                            f"{os.path.dirname(transformers.__file__)}, the sweep pins {spec['transformers_version']}")
     config = models.build_config(spec["model"], spec["layers"])
     dtype = getattr(torch, _DTYPES[spec["dtype"]])
-    attn = system.attention or models.attn_implementation(spec["model"], spec["attn"])
+    attn = models.attn_implementation(spec["model"], spec["attn"])
     if spec["fail_at"] == "build":
         raise RuntimeError("injected failure at build (fail_at='build')")
     if spec["fail_at"] == "crash":
@@ -234,10 +225,6 @@ def run(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = systems.build_model(system, config, dtype=dtype, attn=attn, device=device, world=world)
-    if system.attention:
-        from moe_lab import attention
-
-        attention.dispatch_counts.clear()
     model.train()
     if spec["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -314,7 +301,6 @@ def run(spec: dict) -> dict:
         "model_label": models.model_label(spec["model"], spec["layers"]),
         "model_type": config.model_type,
         "attn_implementation": attn,
-        "attention_dispatch": _attention_dispatch(system),
         "system_kind": system.kind,
         "world": world,
         "device": device.type,

@@ -4,7 +4,7 @@ Names (the ``system`` field of a cell and the last part of a summary key):
 
 * ``v5-<impl>``: vanilla Transformers v5, ``experts_implementation=<impl>`` (``eager``,
   ``grouped_mm`` = v5's default, ``batched_mm``), one process per GPU; v5 takes the
-  ``-cudnnattn``, ``-optbwd`` and ``-optstream`` variants (``v5-grouped_mm-cudnnattn``).
+  ``-optbwd`` and ``-optstream`` variants (``v5-grouped_mm-optstream``).
 * ``v5-fsdp2-<impl>``: v5's FSDP2 through ``DistributedConfig(fsdp_size=world)``; each rank
   trains on its own batch.
 * ``v5-ep``: v5's expert parallelism, ``DistributedConfig(tp_size=world,
@@ -16,8 +16,7 @@ Names (the ``system`` field of a cell and the last part of a summary key):
   ``fused_norm=True``; ``te-cutlass``: the backend word
   ``te_cutlass``, TE's CUTLASS grouped GEMM; ``triton-optbwd``: the optimizer steps each parameter
   inside backward, ``moe_lab.optim.OptimizerInBackward``, one process only; ``-optstream``: the same on
-  a second CUDA stream beside backward; ``-cudnnattn``: attention through cuDNN,
-  ``attn_implementation="moe_lab_cudnn"``). Variants combine,
+  a second CUDA stream beside backward). Variants combine,
   written in ``VARIANT_ORDER``: ``triton_gather-fusedce-optbwd``; an unknown word or another order is refused.
 * ``ep<N>-<dispatcher>-<backend>[-<variant>]``: moe_lab expert parallelism over N ranks
   (``-fsdp``: the non-expert parameters sharded with FSDP2)
@@ -44,8 +43,6 @@ BACKEND_VARIANTS = {"cutlass": "_cutlass"}
 # on the backward's own stream (optbwd) or on a second CUDA stream beside it (optstream)
 OPTIMIZER_IN_BACKWARD = "optbwd"
 OPTIMIZER_ON_SIDE_STREAM = "optstream"
-# system-name suffixes that pick the attention implementation (v5 and moe_lab systems alike)
-ATTENTION_VARIANTS = {"cudnnattn": "moe_lab_cudnn"}
 
 
 class NotImplementedYet(NotImplementedError):
@@ -64,7 +61,6 @@ class System:
     options: tuple = ()  # extra from_config options of a variant, as (name, value) pairs
     optimizer_in_backward: bool = False  # the `-optbwd` and `-optstream` variants
     optimizer_side_stream: bool = False  # the `-optstream` variant
-    attention: str | None = None  # an attn_implementation a variant asks for (`-cudnnattn`)
 
     @property
     def distributed(self) -> bool:
@@ -72,7 +68,7 @@ class System:
 
 
 # the one order variant words are written in, so each configuration has one name (and one summary key)
-VARIANT_ORDER = ("cutlass", "cudnnattn", "fusedce", "fusednorm", "fsdp", OPTIMIZER_IN_BACKWARD, OPTIMIZER_ON_SIDE_STREAM)
+VARIANT_ORDER = ("cutlass", "fusedce", "fusednorm", "fsdp", OPTIMIZER_IN_BACKWARD, OPTIMIZER_ON_SIDE_STREAM)
 
 
 @dataclass(frozen=True)
@@ -81,7 +77,6 @@ class _Variants:
     options: tuple = ()  # from_config options, as sorted (name, value) pairs
     in_backward: bool = False
     side_stream: bool = False
-    attention: str | None = None
 
 
 def _variant_options(name: str, backend: str, words: list[str], prefix: str = "") -> _Variants:
@@ -102,10 +97,9 @@ def _variant_options(name: str, backend: str, words: list[str], prefix: str = ""
         raise ValueError(f"system {name!r}: {OPTIMIZER_IN_BACKWARD} and {OPTIMIZER_ON_SIDE_STREAM} exclude each other")
     suffix = "".join(BACKEND_VARIANTS[w] for w in words if w in BACKEND_VARIANTS)
     options = {k: v for w in words if w in VARIANTS for k, v in VARIANTS[w].items()}
-    attention = next((ATTENTION_VARIANTS[w] for w in words if w in ATTENTION_VARIANTS), None)
     return _Variants(suffix, tuple(sorted(options.items())),
                      in_backward=OPTIMIZER_IN_BACKWARD in words or OPTIMIZER_ON_SIDE_STREAM in words,
-                     side_stream=OPTIMIZER_ON_SIDE_STREAM in words, attention=attention)
+                     side_stream=OPTIMIZER_ON_SIDE_STREAM in words)
 
 
 def parse(name: str) -> System:
@@ -123,24 +117,24 @@ def parse(name: str) -> System:
         if v.in_backward:
             raise ValueError(f"system {name!r}: the optimizer-in-backward variant is one-process only")
         return System(name, "moe_lab-ep", moe_backend=backend + v.suffix, dispatcher=m.group(2),
-                      ep=int(m.group(1)), options=v.options, attention=v.attention)
+                      ep=int(m.group(1)), options=v.options)
     if not re.match(r"^[a-z0-9_]+(-[a-z0-9_]+)*$", name):
         raise ValueError(f"bad system name {name!r}")
     backend, *words = name.split("-")
     v = _variant_options(name, backend, words)
     return System(name, "moe_lab", moe_backend=backend + v.suffix, options=v.options, optimizer_in_backward=v.in_backward,
-                  optimizer_side_stream=v.side_stream, attention=v.attention)
+                  optimizer_side_stream=v.side_stream)
 
 
 def _parse_v5(name: str) -> System:
-    """``v5-<impl>[-<variant>...]``: v5 takes the attention and optimizer-in-backward variants only."""
+    """``v5-<impl>[-<variant>...]``: v5 takes the optimizer-in-backward variants only."""
     impl, *words = name[len("v5-"):].split("-")
     v = _variant_options(name, impl, words, prefix="v5-")
     if v.suffix or v.options:
-        raise ValueError(f"system {name!r}: v5 systems take only {', '.join(ATTENTION_VARIANTS)}, "
-                         f"{OPTIMIZER_IN_BACKWARD} and {OPTIMIZER_ON_SIDE_STREAM} variants")
+        raise ValueError(f"system {name!r}: v5 systems take only the {OPTIMIZER_IN_BACKWARD} and "
+                         f"{OPTIMIZER_ON_SIDE_STREAM} variants")
     return System(name, "v5", experts_impl=impl, optimizer_in_backward=v.in_backward,
-                  optimizer_side_stream=v.side_stream, attention=v.attention)
+                  optimizer_side_stream=v.side_stream)
 
 
 def _v5_distribute(model, dist_config):
@@ -159,9 +153,7 @@ def build_model(system: System, config, *, dtype, attn: str, device, world: int)
     import torch
     import transformers
 
-    if system.attention:
-        import moe_lab  # noqa: F401  (registers moe_lab's attention implementations with v5)
-    kw = dict(attn_implementation=system.attention or attn, dtype=dtype)
+    kw = dict(attn_implementation=attn, dtype=dtype)
     if system.kind in ("v5", "v5-fsdp2", "v5-ep"):
         if system.kind == "v5" and world > 1:
             raise ValueError(f"{system.name} is a one-GPU system; use v5-fsdp2-<impl> or v5-ep on {world} GPUs")

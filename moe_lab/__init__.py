@@ -3,7 +3,6 @@
     import moe_lab
     model = moe_lab.AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-30B-A3B", moe_backend="torch")
 """
-from . import attention
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
 from .experts import ExpertsSpec
 from .families import FAMILIES, UnsupportedModelError
@@ -17,11 +16,9 @@ from .trace import RoutingTrace, load_trace, trace_routing
 __version__ = "0.1.0"
 
 register_v5_experts_functions()
-attention.register()  # attn_implementation="moe_lab_cudnn" (cuDNN attention; v5's sdpa elsewhere)
 
 __all__ = [
     "AutoModelForCausalLM",
-    "attention",
     "ExpertsSpec",
     "FAMILIES",
     "MoELayer",

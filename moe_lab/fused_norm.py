@@ -46,7 +46,13 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight
 
 def formula_of(norm_class: type, eps: float = 1e-6) -> bool:
     """weight_last of an RMSNorm class, found by running a fresh bf16 instance on the CPU (hidden 64)
-    against both formulas; ValueError if it computes neither."""
+    against both formulas; ValueError if it computes neither. The probe runs on the CPU whatever
+    default device the caller set (models are built under ``with torch.device("cuda")``)."""
+    with torch.device("cpu"):
+        return _probe_formula(norm_class, eps)
+
+
+def _probe_formula(norm_class: type, eps: float) -> bool:
     hidden = 64
     try:
         probe = norm_class(hidden, eps=eps)

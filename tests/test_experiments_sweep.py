@@ -146,10 +146,10 @@ def test_system_variants_combine_and_unknown_words_are_refused():
         systems.parse("ep2-all2all-triton-optbwd")
     with pytest.raises(ValueError, match="repeats"):
         systems.parse("triton-fusedce-fusedce")
-    s = systems.parse("triton_gather-cudnnattn-fusedce-optstream")
-    assert (s.attention, s.optimizer_in_backward, s.optimizer_side_stream) == ("moe_lab_cudnn", True, True)
-    v5 = systems.parse("v5-grouped_mm-cudnnattn")
-    assert (v5.kind, v5.experts_impl, v5.attention) == ("v5", "grouped_mm", "moe_lab_cudnn")
+    s = systems.parse("triton_gather-fusedce-optstream")
+    assert (s.options, s.optimizer_in_backward, s.optimizer_side_stream) == ((("fused_cross_entropy", True),), True, True)
+    v5 = systems.parse("v5-grouped_mm-optstream")
+    assert (v5.kind, v5.experts_impl, v5.optimizer_side_stream) == ("v5", "grouped_mm", True)
     with pytest.raises(ValueError, match="v5 systems take only"):
         systems.parse("v5-grouped_mm-fusedce")
     with pytest.raises(ValueError, match="exclude each other"):

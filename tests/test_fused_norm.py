@@ -150,3 +150,15 @@ def test_from_pretrained_with_fused_norm_keeps_checkpoints_standard(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     for name, tensor in reference.state_dict().items():
         torch.testing.assert_close(again.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_formula_probe_ignores_the_callers_default_device():
+    """Models are built under ``with torch.device("cuda")``; the probe's CPU generator must not follow
+    that default (seen on the H200: "Expected a 'cuda' device type for generator"). Meta stands in
+    for another device here."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    from moe_lab.fused_norm import formula_of
+
+    with torch.device("meta"):
+        assert formula_of(Qwen3MoeRMSNorm) is False

@@ -123,3 +123,33 @@ def test_harness_variant(tmp_path):
     assert record["metrics"]["static_gib"]["optimizer"] > 0
     with pytest.raises(ValueError, match="one process"):
         cell._optimizer({**spec, "nproc": 2}, torch.nn.Linear(2, 2), torch.device("cpu"), in_backward=True)
+
+
+def test_side_stream_needs_cuda_parameters():
+    with pytest.raises(ValueError, match="needs CUDA parameters"):
+        OptimizerInBackward([torch.nn.Parameter(torch.ones(2))], side_stream=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, TritonAdamW])
+def test_side_stream_updates_equal_inline_updates_on_gpu(optimizer_class):
+    """Each parameter's update reads only its own gradient and state, so the side stream changes
+    when it runs, never what it computes: parameters bit-equal after three steps (green on the H200)."""
+    import moe_lab
+    from tiny_models import tiny_config
+
+    config = tiny_config("qwen3_moe")
+    torch.manual_seed(0)
+    models = [moe_lab.AutoModelForCausalLM.from_config(config, moe_backend="torch").cuda().to(torch.bfloat16)
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [OptimizerInBackward(m.parameters(), optimizer_class, lr=1e-2, side_stream=side)
+                  for m, side in zip(models, (False, True))]
+    for _ in range(3):
+        ids = torch.randint(0, config.vocab_size, (2, 16), device="cuda")
+        for m, opt in zip(models, optimizers):
+            m(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
