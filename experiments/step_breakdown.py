@@ -114,10 +114,13 @@ def breakdown_steps(model, optimizer, batches, device, after_backward) -> list[d
             marks.reset()
             cell._sync(device)
             t0 = clock.mark()
+            host0 = time.perf_counter()
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             t_fwd = clock.mark()
+            host_fwd = time.perf_counter()
             loss.backward()
             t_bwd = clock.mark()
+            host_bwd = time.perf_counter()
             after_backward(model)
             t_reduce = clock.mark()
             optimizer.step()
@@ -145,6 +148,10 @@ def breakdown_steps(model, optimizer, batches, device, after_backward) -> list[d
                 "optimizer": ms(t_reduce, t_opt),
                 "zero_grad": ms(t_opt, t_end),
                 "step": ms(t0, t_end),
+                # host time to issue forward / backward (includes any wait for the device): close to
+                # the device's time for the same part means the host, not the GPU, sets the pace
+                "host_fwd": (host_fwd - host0) * 1e3,
+                "host_bwd": (host_bwd - host_fwd) * 1e3,
             })
     finally:
         marks.remove()
@@ -225,7 +232,8 @@ def breakdown_system(spec: dict, profile: bool = False) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     parts = {p: statistics.median(s[p] for s in steps) for p in PARTS}
-    return {"system": spec["system"], "routing": spec["routing"], "parts_ms": parts,
+    host = {p: statistics.median(s[p] for s in steps) for p in ("host_fwd", "host_bwd")}
+    return {"system": spec["system"], "routing": spec["routing"], "parts_ms": parts, "host_ms": host,
             "step_ms": statistics.median(s["step"] for s in steps), "steps": steps, **profiled}
 
 
@@ -278,6 +286,11 @@ def main(argv=None) -> int:
     table = format_table(rows)
     print(table, flush=True)
     for row in rows:
+        if row.get("host_ms"):
+            fwd = sum(row["parts_ms"][p] for p in PARTS if p.startswith("fwd"))
+            bwd = sum(row["parts_ms"][p] for p in PARTS if p.startswith("bwd"))
+            print(f"{row['system']}: host issue time forward {row['host_ms']['host_fwd']:.1f} ms (device {fwd:.1f}), "
+                  f"backward {row['host_ms']['host_bwd']:.1f} ms (device {bwd:.1f})", flush=True)
         if row.get("kernel_classes"):
             print(f"{row['system']}: kernel time {row['kernel_total_ms']:.1f} ms by class: "
                   + ", ".join(f"{c} {ms:.1f}" for c, ms in row["kernel_classes"].items()), flush=True)

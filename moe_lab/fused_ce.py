@@ -114,15 +114,22 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     ``impl``: "triton" (row kernels), "torch" (float32 copies) or "auto" (Triton on CUDA)."""
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows but {labels.shape[0]} labels")
+    # On a GPU nothing here waits for the device: labels are checked by a device-side assertion
+    # (before any kernel reads them) and the count of labelled tokens stays a tensor.
+    on_host = labels.device.type == "cpu"
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
-    if bool(bad.any()):
-        raise ValueError(f"linear_cross_entropy: labels must be in [0, {weight.shape[0]}) or ignore_index={ignore_index}; "
-                         f"found {labels[bad][:5].tolist()}")
+    message = f"linear_cross_entropy: labels must be in [0, {weight.shape[0]}) or ignore_index={ignore_index}"
+    if on_host and bool(bad.any()):
+        raise ValueError(f"{message}; found {labels[bad][:5].tolist()}")
+    if not on_host:
+        torch._assert_async(~bad.any(), message)
     if num_items_in_batch is not None:
         denominator = float(num_items_in_batch)
-    else:
+    elif on_host:
         denominator = float((labels != ignore_index).sum().item())
-    if denominator == 0:
+    else:
+        denominator = (labels != ignore_index).sum().float()  # 0 labelled tokens give NaN, as v5's mean does
+    if isinstance(denominator, float) and denominator == 0:
         return (hidden.sum() * 0 + weight.sum() * 0) * float("nan")  # v5's mean over no tokens is NaN too
     triton = _use_triton(impl, hidden)
     labels = labels.contiguous()
