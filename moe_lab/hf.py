@@ -111,15 +111,16 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
     over N ranks (see `moe_lab.expert_parallel`), and `fsdp=True` shards everything else with FSDP2;
     `fused_cross_entropy=True` computes the training loss with the chunked LM-head loss of
     `moe_lab.fused_ce` (no full logits); `fused_norm=True` runs every RMSNorm as one Triton kernel
-    (`moe_lab.fused_norm`).
+    (`moe_lab.fused_norm`); `fused_rope=True` the rotary embedding of q and k as one Triton kernel
+    (`moe_lab.fused_rope`).
     """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, moe_backend: MoeBackend = None,
                         ep_size: int = 1, fsdp: bool = False, fused_cross_entropy: bool = False,
-                        fused_norm: bool = False, **kwargs):
+                        fused_norm: bool = False, fused_rope: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)  # fail on a bad backend before loading any weights
-        options = dict(fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm)
+        options = dict(fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm, fused_rope=fused_rope)
         if ep_size > 1 and not model_args:
             from .ep_loading import load_local_experts
 
@@ -132,14 +133,19 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
 
     @classmethod
     def from_config(cls, config, moe_backend: MoeBackend = None, ep_size: int = 1, fsdp: bool = False,
-                    fused_cross_entropy: bool = False, fused_norm: bool = False, **kwargs):
+                    fused_cross_entropy: bool = False, fused_norm: bool = False, fused_rope: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
-        return _finish(model, choice, ep_size, fsdp, fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm)
+        return _finish(model, choice, ep_size, fsdp, fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm,
+                       fused_rope=fused_rope)
 
 
 def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, *, fused_cross_entropy: bool = False,
-            fused_norm: bool = False, patched: bool = False):
+            fused_norm: bool = False, fused_rope: bool = False, patched: bool = False):
+    if fused_rope:
+        from .fused_rope import enable_fused_rope
+
+        enable_fused_rope(model)
     if fused_norm:
         from .fused_norm import enable_fused_norm
 

@@ -2,7 +2,8 @@
 
 `TritonAdamW` against `torch.optim.AdamW(fused=True)` (both float32 arithmetic over bf16 storage, so
 equal up to rounding order), the chunked linear + cross-entropy's Triton row kernels against its
-float32 PyTorch path (loss and both gradients), and the fused RMSNorm against v5's modules.
+float32 PyTorch path (loss and both gradients), the fused RMSNorm against v5's modules, and the fused
+rotary embedding against v5's apply_rotary_pos_emb (bit for bit).
 
 Run on the GPU machine: `python -m pytest -q -m gpu tests/test_step_kernels_gpu.py`.
 """
@@ -108,3 +109,28 @@ def test_fused_rms_norm_rounds_like_v5_in_bf16(weight_last):
     got_dx, got_dw = torch.autograd.grad(got, [x, norm.weight], dy)
     for a, b in ((got_dx, want_dx), (got_dw, want_dw)):
         assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+
+
+def test_fused_rope_equals_v5_bit_for_bit_in_bf16():
+    """Qwen3-30B-A3B's q and k (32 and 4 heads x 128, 4096 tokens) as v5 lays them out (transposed
+    views), cos/sin from its rotary module: the kernel rounds where v5 rounds, so forward and both
+    input gradients are bit-equal."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding, apply_rotary_pos_emb
+
+    from triton_kernels.rope import rope
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128)
+    rotary = Qwen3MoeRotaryEmbedding(config, device="cuda")
+    seq = 4096
+    base_q = torch.randn(1, seq, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    base_k = torch.randn(1, seq, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rotary(base_q, torch.arange(seq, device="cuda")[None])
+    grads = [torch.randn(1, h, seq, 128, device="cuda", dtype=torch.bfloat16) for h in (32, 4)]
+    want = apply_rotary_pos_emb(base_q.transpose(1, 2), base_k.transpose(1, 2), cos, sin)
+    got = (rope(base_q.transpose(1, 2), cos, sin), rope(base_k.transpose(1, 2), cos, sin))
+    want_grads = torch.autograd.grad(want, [base_q, base_k], grads)
+    got_grads = torch.autograd.grad(got, [base_q, base_k], grads)
+    for name, a, b in zip(("q", "k", "dq", "dk"), (*got, *got_grads), (*want, *want_grads)):
+        assert torch.equal(a, b), f"{name}: {int((a != b).sum())} elements differ, max {float((a - b).abs().max()):.2e}"
