@@ -96,3 +96,22 @@ def test_model_with_fused_rope_trains_like_v5_and_leaves_other_models_alone(fami
     for name, param in ours.named_parameters():
         if grads[name].grad is not None:
             torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@needs_interpreter
+def test_bf16_equals_v5_bit_for_bit():
+    """The kernel rounds each product and the sum to bf16 (nearest-even, on the bits) exactly where
+    v5's separate kernels round, so bf16 outputs and gradients are bit-equal to v5's, here under the
+    interpreter as on the GPU (tests/test_step_kernels_gpu.py)."""
+    file = _modeling("qwen3_moe")
+    torch.manual_seed(0)
+    base_q = torch.randn(1, 64, 4, 128, dtype=torch.bfloat16, requires_grad=True)
+    base_k = torch.randn(1, 64, 2, 128, dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = (torch.randn(1, 64, 128).to(torch.bfloat16) for _ in range(2))
+    grads = [torch.randn(1, h, 64, 128, dtype=torch.bfloat16) for h in (4, 2)]
+    want = file.apply_rotary_pos_emb(base_q.transpose(1, 2), base_k.transpose(1, 2), cos, sin)
+    got = (rope(base_q.transpose(1, 2), cos, sin), rope(base_k.transpose(1, 2), cos, sin))
+    want_grads = torch.autograd.grad(want, [base_q, base_k], grads)
+    got_grads = torch.autograd.grad(got, [base_q, base_k], grads)
+    for name, a, b in zip(("q", "k", "dq", "dk"), (*got, *got_grads), (*want, *want_grads)):
+        assert torch.equal(a, b), f"{name}: {int((a != b).sum())} elements differ"

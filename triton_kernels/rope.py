@@ -6,8 +6,8 @@ x [B, H, S, D] (any strides, D contiguous), cos/sin [B or 1, S, D] broadcast ove
 
 v5 computes this with about ten elementwise kernels per tensor (products, a negation, a
 concatenation, a sum) and as many in backward. Here each row of D values is read and written once.
-The kernel rounds where v5 rounds: each product to x's dtype, then the sum. So on a GPU, where
-Triton's casts round to nearest-even as PyTorch's do, forward and backward equal v5's bit for bit.
+The kernel rounds where v5 rounds: each product to x's dtype, then the sum, to nearest-even as
+PyTorch does (for bf16 on the bits, see ``_rnd``), so forward and backward equal v5's bit for bit.
 Backward, by autograd's rules applied to v5's expression (dout = g):
 
     dx1 = round(g1 * c1) + round(g2 * s2),   dx2 = round(g2 * c2) - round(g1 * s1)
@@ -25,8 +25,18 @@ MAX_HEAD_DIM = 1024
 
 @triton.jit
 def _rnd(v, dtype: tl.constexpr):
-    """Round a float32 value to ``dtype`` and back (a product or sum as PyTorch stores it)."""
-    return v.to(dtype).to(tl.float32)
+    """Round a float32 value to ``dtype`` and back (a product or sum as PyTorch stores it). For bf16
+    the rounding (to nearest, ties to even) is done on the bits: a cast there and back was folded
+    away by the compiler on the H200 (24% of outputs one ulp off v5), and the interpreter's casts
+    truncate. NaN stays NaN."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+    elif dtype == tl.float32:
+        return v
+    else:
+        return v.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -57,8 +67,9 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, R, H, S,
     else:
         y1 = _rnd(x1 * c1, dtype) - _rnd(x2 * s1, dtype)
         y2 = _rnd(x2 * c2, dtype) + _rnd(x1 * s2, dtype)
-    tl.store(out_ptr + o_row[:, None] + cols[None, :], y1.to(dtype), mask=mask)
-    tl.store(out_ptr + o_row[:, None] + HALF + cols[None, :], y2.to(dtype), mask=mask)
+    # rounded first, so the store's cast is exact (the interpreter's casts truncate)
+    tl.store(out_ptr + o_row[:, None] + cols[None, :], _rnd(y1, dtype).to(dtype), mask=mask)
+    tl.store(out_ptr + o_row[:, None] + HALF + cols[None, :], _rnd(y2, dtype).to(dtype), mask=mask)
 
 
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
