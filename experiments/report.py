@@ -20,7 +20,9 @@ import argparse
 import csv
 import io
 import logging
+import functools
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -213,9 +215,32 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=None)
+def commit_depth(commit: str | None) -> int:
+    """How many commits of this repository's history lead to ``commit`` (-1 if unknown here): the
+    order in which runs were measured, since run names are not chronological."""
+    if not commit:
+        return -1
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-list", "--count", commit],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return -1
+    return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip().isdigit() else -1
+
+
+def latest_first_order(rows: list[dict]) -> list[dict]:
+    """Rows ordered so that a later measurement comes later: by the commit it ran (history depth),
+    then run name, then the rows' own order (a stable sort)."""
+    depth = {}
+    for r in rows:
+        depth[r["run"]] = max(depth.get(r["run"], -1), commit_depth(r.get("commit")))
+    return sorted(rows, key=lambda r: (depth[r["run"]], r["run"]))
+
+
 def summary_entries(rows: list[dict]) -> dict:
     out = {}
-    for r in rows:  # rows are in run-name order, then grid order: later wins
+    for r in latest_first_order(rows):  # by the commit each run measured, then run name: later wins
         if r["status"] != "ok":
             continue
         if r["key"] in out:
@@ -320,7 +345,7 @@ def block_markdown(rows: list[dict]) -> str:
 
 def block_summary_entries(rows: list[dict]) -> dict:
     fields = ("ms", "ms_forward", "tflops", "activation_gib", "routing", "tokens", "commit", "run")
-    return {r["key"]: {k: r.get(k) for k in fields} for r in rows if r["status"] == "ok"}
+    return {r["key"]: {k: r.get(k) for k in fields} for r in latest_first_order(rows) if r["status"] == "ok"}
 
 
 def breakdown_markdown(runs: Path) -> str | None:

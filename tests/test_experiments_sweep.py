@@ -5,6 +5,7 @@ record, then two good cells on two systems) serves every test here.
 """
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -156,3 +157,27 @@ def test_system_variants_combine_and_unknown_words_are_refused():
         systems.parse("v5-grouped_mm-fusedce")
     with pytest.raises(ValueError, match="exclude each other"):
         systems.parse("triton-optbwd-optstream")
+
+
+def test_summary_takes_the_latest_measurement_not_the_last_run_name(monkeypatch):
+    """Run names are not chronological ("h200x1-te" sorts after "h200x1-step-4"): the summary orders
+    runs by the depth of the commit they measured, then by name."""
+    from experiments import report
+
+    depth = {"old": 10, "new": 20}
+    monkeypatch.setattr(report, "commit_depth", lambda c: depth.get(c, -1))
+    rows = [{"run": "h200x1-te", "commit": "old", "key": "k", "status": "ok", "ms": 3.5},
+            {"run": "h200x1-block-4", "commit": "new", "key": "k", "status": "ok", "ms": 3.1}]
+    assert report.block_summary_entries(rows)["k"]["ms"] == 3.1
+    assert [r["run"] for r in report.latest_first_order(rows)] == ["h200x1-te", "h200x1-block-4"]
+    rows[0]["commit"] = rows[1]["commit"] = None  # unknown commits: run-name order, as before
+    assert report.block_summary_entries(rows)["k"]["ms"] == 3.5
+
+
+def test_commit_depth_of_this_checkout():
+    from experiments import report
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=report.REPO_ROOT).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    assert report.commit_depth(head) >= 1 and report.commit_depth("0" * 40) == -1
