@@ -24,6 +24,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_on_host
+
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # logits per chunk (float32 on the torch path, the model dtype with Triton)
 IMPLS = ("auto", "torch", "triton")
 
@@ -76,15 +78,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 target = logits.gather(1, chunk_labels.clamp(min=0)[:, None]).squeeze(1)
             # where, not a product: an ignored row's non-finite lse must not reach the loss
             total += torch.where(chunk_labels != ignore_index, lse[start:stop] - target, 0.0).sum()
-        ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.denominator, ctx.ignore_index, ctx.vocab_chunk, ctx.triton = denominator, ignore_index, vocab_chunk, triton
-        return total / denominator
+        ctx.save_for_backward(hidden, weight, labels, lse, denominator)
+        ctx.ignore_index, ctx.vocab_chunk, ctx.triton = ignore_index, vocab_chunk, triton
+        return total / denominator  # 0 / 0 = NaN when no token is labelled
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, labels, lse = ctx.saved_tensors
+        hidden, weight, labels, lse, denominator = ctx.saved_tensors
         counted = labels != ctx.ignore_index
-        row_scale = (counted.float() * (grad_loss.float() / ctx.denominator))[:, None]  # [N, 1]
+        # no labelled token: NaN loss but zero gradients, as v5's mean cross-entropy gives
+        has_tokens = denominator > 0
+        scale = torch.where(has_tokens, grad_loss.float() / torch.where(has_tokens, denominator, 1.0), 0.0)
+        row_scale = (counted.float() * scale)[:, None]  # [N, 1]
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         for start in range(0, weight.shape[0], ctx.vocab_chunk):
@@ -114,30 +119,26 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     ``impl``: "triton" (row kernels), "torch" (float32 copies) or "auto" (Triton on CUDA)."""
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows but {labels.shape[0]} labels")
-    # On a GPU nothing here waits for the device: labels are checked by a device-side assertion
-    # (before any kernel reads them) and the count of labelled tokens stays a tensor.
-    on_host = labels.device.type == "cpu"
+    # On a GPU nothing here waits for the device (unless MOE_LAB_HOST_CHECKS=1): labels are checked
+    # by a device-side assertion before any kernel reads them, and the token count stays a tensor.
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
     message = f"linear_cross_entropy: labels must be in [0, {weight.shape[0]}) or ignore_index={ignore_index}"
-    if on_host and bool(bad.any()):
-        raise ValueError(f"{message}; found {labels[bad][:5].tolist()}")
-    if not on_host:
-        torch._assert_async(~bad.any(), message)
-    if num_items_in_batch is not None:
-        denominator = float(num_items_in_batch)
-    elif on_host:
-        denominator = float((labels != ignore_index).sum().item())
+    if check_on_host(labels):
+        if bool(bad.any()):
+            raise ValueError(f"{message}; found {labels[bad][:5].tolist()}")
     else:
-        denominator = (labels != ignore_index).sum().float()  # 0 labelled tokens give NaN, as v5's mean does
-    if isinstance(denominator, float) and denominator == 0:
-        return (hidden.sum() * 0 + weight.sum() * 0) * float("nan")  # v5's mean over no tokens is NaN too
+        torch._assert_async(~bad.any(), message)
+    if num_items_in_batch is None:
+        denominator = (labels != ignore_index).sum().float()
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
     triton = _use_triton(impl, hidden)
     labels = labels.contiguous()
     element_size = hidden.element_size() if triton else 4
     chunk = _chunk_len(weight.shape[0], chunk_bytes, element_size)
     vocab_chunk = _chunk_len(hidden.shape[0], chunk_bytes, element_size)  # [N, v] slices of the same size
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, denominator, ignore_index, chunk, vocab_chunk,
-                                            triton)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, denominator.reshape(()), ignore_index, chunk,
+                                            vocab_chunk, triton)
 
 
 def causal_lm_loss(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._checks import check_on_host
+
 
 @dataclass
 class Permutation:
@@ -52,15 +54,13 @@ def _finish(slot_of_row: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor) 
 
 
 def _check_ids(ids: torch.Tensor, num_experts: int) -> None:
-    """Shape and range of expert ids. On the CPU a bad id raises ValueError here. On a GPU the range
-    is checked without stopping the host (a host check would wait for the GPU in every MoE layer):
-    a device-side assertion runs before any kernel uses the ids, so a bad id stops the process at
-    the next synchronisation instead of reading or writing out of bounds."""
+    """Shape and range of expert ids: a ValueError on the CPU (or with MOE_LAB_HOST_CHECKS=1), a
+    device-side assertion on a GPU (see ``moe_lab._checks``)."""
     if ids.dim() != 2:
         raise ValueError(f"expert ids must be [tokens, top_k], got shape {tuple(ids.shape)}")
     if not ids.numel():
         return
-    if ids.device.type == "cpu":
+    if check_on_host(ids):
         if int(ids.min()) < 0 or int(ids.max()) >= num_experts:
             raise ValueError(f"expert ids must lie in [0, {num_experts}), got [{int(ids.min())}, {int(ids.max())}]")
         return

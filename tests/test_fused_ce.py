@@ -80,6 +80,30 @@ def test_out_of_range_labels_are_refused(bad):
         linear_cross_entropy(hidden, weight, labels)
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_interpreter)])
+def test_no_labelled_token_gives_nan_loss_and_zero_gradients_as_v5(impl):
+    """A fully padded batch: v5's mean cross-entropy is NaN with zero gradients; NaN gradients would
+    poison every weight under OptimizerInBackward (no step to skip)."""
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(29, 8, requires_grad=True)
+    labels = torch.full((6,), -100)
+    ours = linear_cross_entropy(hidden, weight, labels, impl=impl)
+    theirs = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)
+    assert torch.isnan(ours) and torch.isnan(theirs)
+    for a, b in zip(torch.autograd.grad(ours, [hidden, weight]), torch.autograd.grad(theirs, [hidden, weight])):
+        assert torch.equal(a, b) and not a.any()
+
+
+def test_host_checks_can_be_asked_for(monkeypatch):
+    from moe_lab._checks import check_on_host
+
+    assert check_on_host(torch.zeros(1))  # the CPU always checks on the host
+    meta = torch.zeros(1, device="meta")
+    assert not check_on_host(meta)
+    monkeypatch.setenv("MOE_LAB_HOST_CHECKS", "1")
+    assert check_on_host(meta)
+
+
 @needs_interpreter
 def test_triton_row_kernels_match_torch_on_bf16_logits():
     """The two row kernels on bf16 logits with a vocabulary that is not a multiple of their block,
