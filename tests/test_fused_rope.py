@@ -115,3 +115,52 @@ def test_bf16_equals_v5_bit_for_bit():
     got_grads = torch.autograd.grad(got, [base_q, base_k], grads)
     for name, a, b in zip(("q", "k", "dq", "dk"), (*got, *got_grads), (*want, *want_grads)):
         assert torch.equal(a, b), f"{name}: {int((a != b).sum())} elements differ"
+
+
+def test_configs_that_rotate_otherwise_are_refused():
+    """DeepSeek-V3 rotates interleaved pairs by default (apply_rotary_pos_emb_interleave, which the
+    option would never reach: a -fusedrope row would have measured v5's rotation); partial rotary
+    factors rotate part of each head."""
+    with pytest.raises(ValueError, match="rope_interleave"):
+        enable_fused_rope(transformers.AutoModelForCausalLM.from_config(tiny_config("deepseek_v3")))
+    config = tiny_config("qwen3_moe")
+    config.partial_rotary_factor = 0.5
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        enable_fused_rope(transformers.AutoModelForCausalLM.from_config(config))
+
+
+@needs_interpreter
+def test_deepseek_without_interleave_runs_the_kernel(monkeypatch):
+    import triton_kernels.rope as rope_module
+
+    calls = []
+    launch = rope_module._launch
+    monkeypatch.setattr(rope_module, "_launch", lambda *a, **k: calls.append(k["backward"]) or launch(*a, **k))
+    config = tiny_config("deepseek_v3")
+    config.rope_interleave = False
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config)
+    ours = moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), moe_backend="torch", fused_rope=True)
+    ours.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    assert calls.count(False) == 2 * config.num_hidden_layers
+
+
+def test_an_opted_in_call_the_kernel_cannot_take_runs_v5_with_a_warning(caplog):
+    from moe_lab import fused_rope
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"))
+    enable_fused_rope(model)
+    dispatcher = _modeling("qwen3_moe").apply_rotary_pos_emb
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    cos, sin = torch.randn(1, 5, 8, dtype=torch.float64), torch.randn(1, 5, 8, dtype=torch.float64)
+    fused_rope._warned.clear()  # warnings are once per reason and process
+    fused_rope._state.depth = 1  # as inside an opted-in attention forward
+    try:
+        with caplog.at_level("WARNING", logger="moe_lab.fused_rope"):
+            got_q, got_k = dispatcher(q, k, cos, sin)
+    finally:
+        fused_rope._state.depth = 0
+    torch.testing.assert_close(got_q, rope_reference(q, cos, sin))
+    assert "v5's rotary embedding runs instead" in caplog.text and "cos is torch.float64" in caplog.text
