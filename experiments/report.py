@@ -378,6 +378,8 @@ def attention_markdown(runs: Path) -> str | None:
     lines = ["# Causal attention, forward + backward (one layer's call)", ""]
     for path in files:
         rec = store.read_json(path)
+        if not rec.get("rows"):
+            continue
         prov = rec.get("provenance", {})
         versions, git = prov.get("versions", {}), prov.get("git", {})
         first = rec["rows"][0]
@@ -388,10 +390,11 @@ def attention_markdown(runs: Path) -> str | None:
         base = {r["batch"]: r["ms"] for r in rec["rows"] if r["path"] == "sdpa" and r["status"] == "ok"}
         for r in rec["rows"]:
             if r["status"] != "ok":
-                lines.append(f"| {r['batch']} | {r['path']} | {r['status']}: {r.get('error', '')[:80]} | - | - | - | - | - |")
+                error = r.get("error", "")[:80].replace("|", "\\|")
+                lines.append(f"| {r['batch']} | {r['path']} | {r['status']}: {error} | - | - | - | - | - |")
                 continue
-            d = r.get("max_abs_diff_vs_sdpa", {})
-            diffs = ", ".join(f"{d.get(n, float('nan')):.1e}" for n in ("out", "dq", "dk", "dv"))
+            d = r.get("max_abs_diff_vs_sdpa")
+            diffs = ", ".join(f"{d[n]:.1e}" for n in ("out", "dq", "dk", "dv")) if d else "-"
             ratio = f"{base[r['batch']] / r['ms']:.2f}x" if r["batch"] in base else "-"
             lines.append(f"| {r['batch']} | {r['path']} | ok | {r['ms']:.3f} | {r['ms_forward']:.3f} | {r['tflops']:.1f} | "
                          f"{ratio} | {diffs} |")

@@ -109,7 +109,10 @@ def parse(name: str) -> System:
     if name == "v5-ep":
         return System(name, "v5-ep", experts_impl="grouped_mm", replicated_input=True)
     if name.startswith("v5-fsdp2-"):
-        return System(name, "v5-fsdp2", experts_impl=name[len("v5-fsdp2-"):])
+        impl, *words = name[len("v5-fsdp2-"):].split("-")
+        if words:
+            raise ValueError(f"system {name!r}: v5-fsdp2 systems take no variants (v5-fsdp2-<impl>)")
+        return System(name, "v5-fsdp2", experts_impl=impl)
     if name.startswith("v5-"):
         return _parse_v5(name)
     m = _EP_RE.match(name)

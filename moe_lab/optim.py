@@ -14,7 +14,12 @@ parameter gets its own optimizer instance (`optimizer_class(**kwargs)`, torch's 
 
     opt = OptimizerInBackward(model.parameters(), lr=1e-4)
     loss.backward()      # parameters are updated here
-    opt.step(); opt.zero_grad()   # no-ops, so ordinary training loops run unchanged
+    opt.step(); opt.zero_grad()   # ordinary training loops run unchanged
+
+With ``side_stream=True`` the updates run on a second CUDA stream beside backward: ``step()`` (and
+``zero_grad()``, ``state``, ``remove()``) make the training stream wait for them, so read parameters or
+optimizer state only after one of those (an evaluation or checkpoint between ``backward()`` and
+``step()`` would race with the updates).
 """
 from __future__ import annotations
 
@@ -89,15 +94,16 @@ class OptimizerInBackward:
         self._handles = []
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self.side_stream = side_stream
-        for param in params:
+        for param in params:  # every check and every optimizer first: a failure leaves no hook behind
             if not param.requires_grad or param in self.optimizers:
                 continue
             if side_stream and param.device.type != "cuda":
                 raise ValueError(f"OptimizerInBackward(side_stream=True) needs CUDA parameters, got one on {param.device}")
             self.optimizers[param] = optimizer_class([param], **kwargs)
-            self._handles.append(param.register_post_accumulate_grad_hook(self._step_one))
         if not self.optimizers:
             raise ValueError("OptimizerInBackward: no parameter requires a gradient")
+        for param in self.optimizers:
+            self._handles.append(param.register_post_accumulate_grad_hook(self._step_one))
 
     def _step_one(self, param: torch.nn.Parameter) -> None:
         optimizer = self.optimizers[param]
@@ -114,17 +120,23 @@ class OptimizerInBackward:
         param.grad.record_stream(stream)  # its memory is reused only after the update has read it
         optimizer.zero_grad(set_to_none=True)
 
-    def step(self) -> None:
-        """Every parameter was updated during backward; with a side stream, wait for those updates."""
+    def wait(self) -> None:
+        """Make each device's current stream wait for the updates queued on the side stream."""
         for device, stream in self._streams.items():
             torch.cuda.current_stream(device).wait_stream(stream)
 
+    def step(self) -> None:
+        """Every parameter was updated during backward; with a side stream, wait for those updates."""
+        self.wait()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Nothing to do: gradients were freed during backward."""
+        """Gradients were freed during backward; with a side stream, wait for the updates."""
+        self.wait()
 
     @property
     def state(self) -> dict:
-        """Every parameter's optimizer state, as `torch.optim.Optimizer.state` maps it."""
+        """Every parameter's optimizer state, as `torch.optim.Optimizer.state` maps it (after the updates)."""
+        self.wait()
         return {p: opt.state[p] for p, opt in self.optimizers.items() if p in opt.state}
 
     @property
@@ -133,6 +145,7 @@ class OptimizerInBackward:
 
     def remove(self) -> None:
         """Detach the hooks (the parameters go back to ordinary gradients)."""
+        self.wait()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

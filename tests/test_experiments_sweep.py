@@ -157,6 +157,8 @@ def test_system_variants_combine_and_unknown_words_are_refused():
         systems.parse("v5-grouped_mm-fusedce")
     with pytest.raises(ValueError, match="exclude each other"):
         systems.parse("triton-optbwd-optstream")
+    with pytest.raises(ValueError, match="take no variants"):
+        systems.parse("v5-fsdp2-grouped_mm-optstream")
 
 
 def test_summary_takes_the_latest_measurement_not_the_last_run_name(monkeypatch):
@@ -181,3 +183,16 @@ def test_commit_depth_of_this_checkout():
     if not head:
         pytest.skip("not a git checkout")
     assert report.commit_depth(head) >= 1 and report.commit_depth("0" * 40) == -1
+
+
+def test_attention_report_skips_empty_runs_and_escapes_errors(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    store.write_json(tmp_path / "a" / "attention.json", {"kind": "attention", "rows": [], "provenance": {}})
+    row = dict(model="m", tokens=8, heads=4, kv_heads=2, head_dim=16, flops=1.0)
+    store.write_json(tmp_path / "b" / "attention.json", {"kind": "attention", "provenance": {}, "rows": [
+        dict(row, batch=1, path="flash", status="ok", ms=1.0, ms_forward=0.5, tflops=1.0),
+        dict(row, batch=1, path="cudnn", status="failed", error="RuntimeError: a|b")]})
+    text = report.attention_markdown(tmp_path)
+    assert "## a:" not in text and "a\\|b" in text
+    assert "| 1 | flash | ok | 1.000 | 0.500 | 1.0 | - | - |" in text  # no sdpa row: no ratio, no differences

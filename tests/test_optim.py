@@ -130,12 +130,23 @@ def test_side_stream_needs_cuda_parameters():
         OptimizerInBackward([torch.nn.Parameter(torch.ones(2))], side_stream=True)
 
 
+class _LaggingAdamW(torch.optim.AdamW):
+    """AdamW whose every step first keeps its stream busy (~tens of ms), so a missing wait or a
+    gradient block reused too early shows up as a wrong parameter."""
+
+    def step(self, closure=None):
+        torch.cuda._sleep(20_000_000)
+        return super().step(closure)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, TritonAdamW])
+@pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, TritonAdamW, _LaggingAdamW])
 def test_side_stream_updates_equal_inline_updates_on_gpu(optimizer_class):
     """Each parameter's update reads only its own gradient and state, so the side stream changes
-    when it runs, never what it computes: parameters bit-equal after three steps (green on the H200)."""
+    when it runs, never what it computes: parameters bit-equal after three steps. With the lagging
+    optimizer the training stream reuses freed memory (a scratch fill) while updates are still
+    queued: only record_stream and step()'s wait keep the result right."""
     import moe_lab
     from tiny_models import tiny_config
 
@@ -144,12 +155,35 @@ def test_side_stream_updates_equal_inline_updates_on_gpu(optimizer_class):
     models = [moe_lab.AutoModelForCausalLM.from_config(config, moe_backend="torch").cuda().to(torch.bfloat16)
               for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [OptimizerInBackward(m.parameters(), optimizer_class, lr=1e-2, side_stream=side)
-                  for m, side in zip(models, (False, True))]
+    reference_class = torch.optim.AdamW if optimizer_class is _LaggingAdamW else optimizer_class
+    optimizers = [OptimizerInBackward(models[0].parameters(), reference_class, lr=1e-2),
+                  OptimizerInBackward(models[1].parameters(), optimizer_class, lr=1e-2, side_stream=True)]
     for _ in range(3):
         ids = torch.randint(0, config.vocab_size, (2, 16), device="cuda")
         for m, opt in zip(models, optimizers):
             m(input_ids=ids, labels=ids).loss.backward()
+            scratch = [torch.full((4096,), float("nan"), device="cuda") for _ in range(64)]  # reuse freed blocks
+            del scratch
             opt.step()
+    assert optimizers[1]._streams, "the side stream was used"
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_failing_constructor_leaves_no_hook_behind():
+    """An optimizer class that refuses the second parameter: the first must not be stepped later."""
+    class RefusesSecond(torch.optim.SGD):
+        seen = 0
+
+        def __init__(self, params, **kw):
+            RefusesSecond.seen += 1
+            if RefusesSecond.seen == 2:
+                raise ValueError("no")
+            super().__init__(params, **kw)
+
+    layer = torch.nn.Linear(2, 2)
+    before = [p.detach().clone() for p in layer.parameters()]
+    with pytest.raises(ValueError, match="no"):
+        OptimizerInBackward(layer.parameters(), RefusesSecond, lr=1.0)
+    layer(torch.ones(1, 2)).sum().backward()
+    assert all(torch.equal(p, b) for p, b in zip(layer.parameters(), before))

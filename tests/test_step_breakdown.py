@@ -70,6 +70,8 @@ def test_profile_lists_kernels_by_class():
     assert any("mm" in n for n in names) and row["kernel_total_ms"] > 0
     assert row["kernels"] == sorted(row["kernels"], key=lambda k: -k["ms"])
     assert sum(row["kernel_classes"].values()) == pytest.approx(row["kernel_total_ms"])
+    # ops' own times: nested events (autograd nodes holding ATen ops) are not counted twice
+    assert row["kernel_total_ms"] <= row["profiled_step_ms"]
     assert step_breakdown.kernel_class("void flash_fwd_kernel<...>") == "attention"
     assert step_breakdown.kernel_class("nvjet_tst_128x256") == "gemm"
     assert step_breakdown.kernel_class("at::native::vectorized_elementwise_kernel<4>") == "elementwise"
