@@ -139,12 +139,10 @@ def test_fused_rope_equals_v5_bit_for_bit_in_bf16():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fused_rope_model_on_gpu_equals_v5(checkpointing, monkeypatch):
     """End to end on the GPU (the dispatcher, the CUDA device check, autograd's device thread,
-    checkpoint recomputation): a tiny bf16 Qwen3-MoE with fused_rope=True against the same model
-    without it. The forward is bit-equal; gradients equal up to attention's backward, whose kernels
+    checkpoint recomputation): a tiny bf16 Qwen3-MoE with fused_rope=True against the same moe_lab
+    model without it. The forward is bit-equal; gradients equal up to attention's backward, whose kernels
     need not be deterministic; every layer's q and k go through the kernel."""
     import copy
-
-    import transformers
 
     import moe_lab
     import triton_kernels.rope as rope_module
@@ -156,7 +154,8 @@ def test_fused_rope_model_on_gpu_equals_v5(checkpointing, monkeypatch):
     config = tiny_config("qwen3_moe")
     torch.manual_seed(0)
     with torch.device("cuda"):
-        reference = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        reference = moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), moe_backend="torch",
+                                                             dtype=torch.bfloat16)
         ours = moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), moe_backend="torch", fused_rope=True,
                                                         dtype=torch.bfloat16)
     ours.load_state_dict(reference.state_dict())
