@@ -221,6 +221,9 @@ def run(spec: dict) -> dict:
     if spec["fail_at"] == "crash":
         os._exit(17)  # simulates a process killed before it could write its record
 
+    if dict(system.options).get("cuda_graphs") and (spec["routing"] != "real" or spec["trace"] or spec["ckpt"]):
+        raise ValueError(f"{system.name}: CUDA graphs replay the layers without their Python hooks; the routing "
+                         "regimes, routing traces and checkpointing need them (use routing 'real', no trace, no ckpt)")
     torch.manual_seed(spec["seed"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

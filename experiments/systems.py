@@ -14,6 +14,7 @@ Names (the ``system`` field of a cell and the last part of a summary key):
   ``triton``, ``te`` ...); a variant in ``VARIANTS`` adds options (``triton-fusedce``: the chunked
   linear + cross-entropy loss, ``fused_cross_entropy=True``; ``triton-fusednorm``: every RMSNorm as one Triton kernel,
   ``fused_norm=True``; ``triton-fusedrope``: the rotary embedding as one Triton kernel, ``fused_rope=True``;
+  ``triton-graphs``: decoder layers replayed as CUDA graphs, ``cuda_graphs=True``;
   ``te-cutlass``: the backend word
   ``te_cutlass``, TE's CUTLASS grouped GEMM; ``triton-optbwd``: the optimizer steps each parameter
   inside backward, ``moe_lab.optim.OptimizerInBackward``, one process only; ``-optstream``: the same on
@@ -38,7 +39,7 @@ _EP_RE = re.compile(r"^ep(\d+)-([a-z0-9_]+)-([a-z0-9_]+(?:-[a-z0-9_]+)*)$")
 
 # moe_lab system-name suffixes -> from_config options
 VARIANTS = {"fusedce": {"fused_cross_entropy": True}, "fusednorm": {"fused_norm": True}, "fusedrope": {"fused_rope": True},
-            "fsdp": {"fsdp": True}}
+            "graphs": {"cuda_graphs": True}, "fsdp": {"fsdp": True}}
 # moe_lab system-name suffixes that name another backend word: te-cutlass -> moe_backend "te_cutlass"
 BACKEND_VARIANTS = {"cutlass": "_cutlass"}
 # one-process system-name suffixes: the optimizer steps inside backward (moe_lab.optim.OptimizerInBackward),
@@ -70,7 +71,7 @@ class System:
 
 
 # the one order variant words are written in, so each configuration has one name (and one summary key)
-VARIANT_ORDER = ("cutlass", "fusedce", "fusednorm", "fusedrope", "fsdp", OPTIMIZER_IN_BACKWARD, OPTIMIZER_ON_SIDE_STREAM)
+VARIANT_ORDER = ("cutlass", "fusedce", "fusednorm", "fusedrope", "graphs", "fsdp", OPTIMIZER_IN_BACKWARD, OPTIMIZER_ON_SIDE_STREAM)
 
 
 @dataclass(frozen=True)

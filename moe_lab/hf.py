@@ -112,15 +112,17 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
     `fused_cross_entropy=True` computes the training loss with the chunked LM-head loss of
     `moe_lab.fused_ce` (no full logits); `fused_norm=True` runs every RMSNorm as one Triton kernel
     (`moe_lab.fused_norm`); `fused_rope=True` the rotary embedding of q and k as one Triton kernel
-    (`moe_lab.fused_rope`).
+    (`moe_lab.fused_rope`); `cuda_graphs=True` replays every decoder layer as CUDA graphs
+    (`moe_lab.cuda_graphs`; Triton backends, one process).
     """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, moe_backend: MoeBackend = None,
                         ep_size: int = 1, fsdp: bool = False, fused_cross_entropy: bool = False,
-                        fused_norm: bool = False, fused_rope: bool = False, **kwargs):
+                        fused_norm: bool = False, fused_rope: bool = False, cuda_graphs: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)  # fail on a bad backend before loading any weights
-        options = dict(fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm, fused_rope=fused_rope)
+        options = dict(fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm, fused_rope=fused_rope,
+                       cuda_graphs=cuda_graphs)
         if ep_size > 1 and not model_args:
             from .ep_loading import load_local_experts
 
@@ -133,15 +135,20 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
 
     @classmethod
     def from_config(cls, config, moe_backend: MoeBackend = None, ep_size: int = 1, fsdp: bool = False,
-                    fused_cross_entropy: bool = False, fused_norm: bool = False, fused_rope: bool = False, **kwargs):
+                    fused_cross_entropy: bool = False, fused_norm: bool = False, fused_rope: bool = False,
+                    cuda_graphs: bool = False, **kwargs):
         choice = resolve_backend(moe_backend)
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
         return _finish(model, choice, ep_size, fsdp, fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm,
-                       fused_rope=fused_rope)
+                       fused_rope=fused_rope, cuda_graphs=cuda_graphs)
 
 
 def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, *, fused_cross_entropy: bool = False,
-            fused_norm: bool = False, fused_rope: bool = False, patched: bool = False):
+            fused_norm: bool = False, fused_rope: bool = False, cuda_graphs: bool = False, patched: bool = False):
+    if cuda_graphs:  # checked before anything changes
+        from .cuda_graphs import check_graphable
+
+        check_graphable(model, dict(choice.names), ep_size)
     if fused_rope:
         from .fused_rope import enable_fused_rope
 
@@ -156,6 +163,10 @@ def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, *, fused_cross
         from .fused_ce import enable_fused_cross_entropy
 
         enable_fused_cross_entropy(model)
+    if cuda_graphs:
+        from .cuda_graphs import enable_cuda_graphs
+
+        enable_cuda_graphs(model)
     return model
 
 

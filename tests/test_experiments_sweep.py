@@ -149,8 +149,8 @@ def test_system_variants_combine_and_unknown_words_are_refused():
         systems.parse("triton-fusedce-fusedce")
     s = systems.parse("triton_gather-fusedce-optstream")
     assert (s.options, s.optimizer_in_backward, s.optimizer_side_stream) == ((("fused_cross_entropy", True),), True, True)
-    assert dict(systems.parse("triton-fusedce-fusednorm-fusedrope-optstream").options) == {
-        "fused_cross_entropy": True, "fused_norm": True, "fused_rope": True}
+    assert dict(systems.parse("triton-fusedce-fusednorm-fusedrope-graphs-optstream").options) == {
+        "fused_cross_entropy": True, "fused_norm": True, "fused_rope": True, "cuda_graphs": True}
     v5 = systems.parse("v5-grouped_mm-optstream")
     assert (v5.kind, v5.experts_impl, v5.optimizer_side_stream) == ("v5", "grouped_mm", True)
     with pytest.raises(ValueError, match="v5 systems take only"):
