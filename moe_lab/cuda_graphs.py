@@ -14,10 +14,10 @@ What a graph can replay, and so what is required (checked, else the layer runs a
   Triton backends (``triton``, ``triton_gather``) qualify; ``torch``/``eager`` and v5's experts do not
   (refused); ``fused_norm``/``fused_rope`` are fine;
 * no Python hooks inside the layers that must run every step (they run once, at capture), no router
-  logits collected for an auxiliary loss (refused when the config asks for them);
-* one micro-batch per optimizer step: a parameter's gradient arrives in a buffer the next replay
-  overwrites, so accumulate gradients elsewhere (``OptimizerInBackward`` or ``zero_grad`` each step).
+  logits collected for an auxiliary loss (refused when the config asks for them).
 Parameters are read in place, so optimizers that update in place (all of PyTorch's, moe_lab's) work.
+Gradients leave the graph in its static buffers; autograd copies them into ``.grad`` (the buffers stay
+referenced by the graph). Tested so far: one micro-batch per step, on the CPU only the fallback.
 """
 from __future__ import annotations
 
