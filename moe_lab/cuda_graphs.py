@@ -6,21 +6,30 @@ A CUDA graph replays a layer's recorded kernels with one launch. This module cap
 layers at the first training forward (``torch.cuda.make_graphed_callables``, one memory pool in layer
 order) and replays them afterwards; each layer's forward and its backward become one autograd node.
 
-What a graph can replay, and so what is required (checked, else the layer runs as usual):
-* static shapes: the graphs are for the [batch, seq] of the first forward; another shape recaptures;
-* training with gradients, on CUDA, no attention-mask tensor (full sequences), no cache, no
-  gradient checkpointing, nothing else passed to the layers but their position ids;
+What a graph can replay, and so what is required (checked; a call that does not qualify runs the
+layers as usual, with a warning once per reason):
+* static shapes: the graphs are for the [batch, seq] of the first forward; another shape recaptures
+  (the old graphs are dropped first);
+* training with gradients on CUDA, the layers' input needing a gradient, no attention-mask tensor
+  (full sequences), no key/value cache (``config.use_cache`` is set to False), no gradient
+  checkpointing, no other arguments to the layers (position ids are not passed: the rotary
+  embedding reaches them as cos/sin);
 * no host synchronisation inside a layer and kernels that read routing from device memory: moe_lab's
-  Triton backends (``triton``, ``triton_gather``) qualify; ``torch``/``eager`` and v5's experts do not
-  (refused); ``fused_norm``/``fused_rope`` are fine;
+  Triton backends (``triton``, ``triton_gather``) qualify; the others do not (refused);
+  ``fused_norm``/``fused_rope`` are fine;
 * no Python hooks inside the layers that must run every step (they run once, at capture), no router
-  logits collected for an auxiliary loss (refused when the config asks for them).
-Parameters are read in place, so optimizers that update in place (all of PyTorch's, moe_lab's) work.
-Gradients leave the graph in its static buffers; autograd copies them into ``.grad`` (the buffers stay
-referenced by the graph). Tested so far: one micro-batch per step, on the CPU only the fallback.
+  logits collected for an auxiliary loss (refused when the config asks for them);
+* one forward, then its backward: a second forward before the backward runs eagerly (the graphs
+  hold one step's activations).
+Parameters are read in place, so optimizers that update in place (all of PyTorch's, moe_lab's)
+work. A parameter's gradient arrives as the graph's own buffer (autograd keeps it as ``.grad``);
+a gradient kept across steps (accumulation, ``zero_grad(set_to_none=False)``) is copied out at the
+next graphed forward so that replays do not overwrite it. A capture that fails turns the graphs off
+for the model, with a warning.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import types
 
@@ -32,69 +41,132 @@ log = logging.getLogger(__name__)
 GRAPHABLE_BACKENDS = ("triton", "triton_gather")
 
 
+# keyword arguments that reach the layers but not their computation (the loss's token count, output flags)
+_IGNORED_KWARGS = ("num_items_in_batch", "output_attentions", "output_hidden_states", "return_dict")
+
+
 class _LayerCall(nn.Module):
-    """A decoder layer as a function of tensors only: (hidden, cos, sin[, position_ids]) -> hidden."""
+    """A decoder layer as a function of tensors only: (hidden, cos, sin) -> hidden."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden, cos, sin, *position_ids):
-        return self.layer._moe_lab_plain_forward(
-            hidden, attention_mask=None, position_ids=position_ids[0] if position_ids else None,
-            past_key_values=None, use_cache=False, position_embeddings=(cos, sin))
+    def forward(self, hidden, cos, sin):
+        return self.layer._moe_lab_plain_forward(hidden, attention_mask=None, position_ids=None, past_key_values=None,
+                                                 use_cache=False, position_embeddings=(cos, sin))
 
 
 class LayerGraphs:
-    """The captured graphs of one model's decoder layers, for one input shape."""
+    """The captured graphs of one model's decoder layers, for one input shape.
+
+    ``use_now`` is decided at layer 0 of each forward and followed by the other layers; ``pending``
+    is set by a replayed forward until its backward has gone through layer 0 (a second replay before
+    that would overwrite the activations the first one's backward needs, so it runs eagerly)."""
 
     def __init__(self, layers: list[nn.Module]):
         self.layers = layers
+        self.params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
         self.key = None
         self.graphed: list = []
         self.captures = 0
+        self.use_now = False
+        self.pending = False
+        self.disabled: str | None = None
+        self._warned: set = set()
 
-    def capture(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids) -> None:
-        extra = (position_ids,) if position_ids is not None else ()
-        samples = tuple((torch.randn_like(hidden).requires_grad_(hidden.requires_grad), cos, sin, *extra)
-                        for _ in self.layers)
+    def warn_once(self, reason: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("cuda_graphs: decoder layers run without graphs: %s", reason)
+
+    def capture(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        if self.graphed:  # a new shape: drop the old graphs (and their pool) first
+            self.graphed = []
+            gc.collect()
+            torch.cuda.empty_cache()
+            self.warn_once("recapturing for a new input shape (graphs are per [batch, seq]; vary shapes rarely)")
+        # samples are private copies: they become the graphs' static inputs, which each replay overwrites
+        samples = tuple((torch.randn_like(hidden).requires_grad_(True), cos.clone(), sin.clone()) for _ in self.layers)
         calls = tuple(_LayerCall(layer) for layer in self.layers)
         self.graphed = list(torch.cuda.make_graphed_callables(calls, samples))
         self.captures += 1
         log.info("cuda_graphs: captured %d decoder layers for hidden %s", len(calls), tuple(hidden.shape))
 
 
-def _key(hidden, cos, position_ids):
-    return (tuple(hidden.shape), hidden.dtype, hidden.device, hidden.requires_grad, tuple(cos.shape), cos.dtype,
-            None if position_ids is None else tuple(position_ids.shape))
+def _key(hidden, cos):
+    return (tuple(hidden.shape), hidden.dtype, hidden.device, tuple(cos.shape), cos.dtype)
 
 
-def _graphable_call(layer, hidden, attention_mask, past_key_values, use_cache, position_embeddings, kwargs) -> bool:
-    return (torch.is_grad_enabled() and layer.training and hidden.is_cuda and attention_mask is None
-            and past_key_values is None and not use_cache and position_embeddings is not None
-            and not getattr(layer, "gradient_checkpointing", False)
-            and not torch.cuda.is_current_stream_capturing()
-            and all(v is None or v is False for v in kwargs.values()))
+def _graph_device(t: torch.Tensor) -> bool:
+    """Whether graphs can be captured on ``t``'s device (CUDA; the CPU tests emulate graphs)."""
+    return t.is_cuda
+
+
+def _why_not_graphed(layer, hidden, attention_mask, past_key_values, use_cache, position_embeddings, kwargs):
+    """None if a graph can replay this call, else why not."""
+    if not (torch.is_grad_enabled() and layer.training):
+        return "not training (eval or no_grad)"
+    if not _graph_device(hidden):
+        return "not on a CUDA device"
+    if attention_mask is not None:
+        return "an attention-mask tensor (padding) is passed"
+    if past_key_values is not None or use_cache:
+        return "a key/value cache is in use (pass use_cache=False)"
+    if position_embeddings is None:
+        return "no position embeddings are passed to the layers"
+    if getattr(layer, "gradient_checkpointing", False):
+        return "gradient checkpointing is on"
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "a capture is already under way"
+    if not hidden.requires_grad:
+        return "the layers' input needs no gradient (frozen embeddings)"
+    extra = [k for k, v in kwargs.items() if k not in _IGNORED_KWARGS and v is not None and v is not False]
+    if extra:
+        return f"the layers receive other arguments ({', '.join(sorted(extra))})"
+    return None
+
+
+def _plain(self, hidden_states, attention_mask, position_ids, past_key_values, use_cache, position_embeddings, kwargs):
+    return self._moe_lab_plain_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                       past_key_values=past_key_values, use_cache=use_cache,
+                                       position_embeddings=position_embeddings, **kwargs)
 
 
 def _graphed_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                      use_cache=False, position_embeddings=None, **kwargs):
     graphs: LayerGraphs = self._moe_lab_graphs
     index = self._moe_lab_layer_index
-    if not _graphable_call(self, hidden_states, attention_mask, past_key_values, use_cache, position_embeddings, kwargs):
-        return self._moe_lab_plain_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                           past_key_values=past_key_values, use_cache=use_cache,
-                                           position_embeddings=position_embeddings, **kwargs)
+    args = (hidden_states, attention_mask, position_ids, past_key_values, use_cache, position_embeddings, kwargs)
+    if index == 0:
+        graphs.use_now = False
+        reason = graphs.disabled or _why_not_graphed(self, hidden_states, attention_mask, past_key_values, use_cache,
+                                                     position_embeddings, kwargs)
+        if reason is None and graphs.pending:
+            reason = "a forward ran before the previous forward's backward (each graph holds one step's activations)"
+        if reason is not None:
+            if torch.is_grad_enabled() and self.training:
+                graphs.warn_once(reason)
+            return _plain(self, *args)
+        cos, sin = position_embeddings
+        if graphs.key != _key(hidden_states, cos):
+            try:
+                graphs.capture(hidden_states, cos, sin)
+            except Exception as exc:  # noqa: BLE001 - recorded once; the layers go on without graphs
+                graphs.disabled = f"capture failed ({type(exc).__name__}: {exc})"
+                graphs.graphed = []
+                graphs.warn_once(graphs.disabled)
+                return _plain(self, *args)
+            graphs.key = _key(hidden_states, cos)
+        for p in graphs.params:  # a kept gradient must not be the graph's own buffer, which replays overwrite
+            if p.grad is not None:
+                p.grad = p.grad.clone()
+        graphs.use_now = graphs.pending = True
+        hidden_states.register_hook(lambda grad: setattr(graphs, "pending", False))
+    if not graphs.use_now:
+        return _plain(self, *args)
     cos, sin = position_embeddings
-    key = _key(hidden_states, cos, position_ids)
-    if graphs.key != key:
-        if index != 0:  # capture starts at the first layer of a forward
-            return self._moe_lab_plain_forward(hidden_states, attention_mask=None, position_ids=position_ids,
-                                               position_embeddings=position_embeddings, **kwargs)
-        graphs.capture(hidden_states, cos, sin, position_ids)
-        graphs.key = key
-    extra = (position_ids,) if position_ids is not None else ()
-    return graphs.graphed[index](hidden_states, cos, sin, *extra)
+    return graphs.graphed[index](hidden_states, cos, sin)
 
 
 def check_graphable(model, backend_names: dict, ep_size: int = 1) -> None:
@@ -118,9 +190,15 @@ def enable_cuda_graphs(model) -> int:
     """Route every decoder layer of ``model`` through CUDA graphs captured at the first eligible
     training forward; returns how many layers."""
     decoder = getattr(model, "model", None)
-    layers = list(getattr(decoder, "layers", []) or [])
+    layers = list(getattr(decoder, "layers", []) or [])[: model.config.get_text_config().num_hidden_layers
+                                                        if hasattr(model.config, "get_text_config")
+                                                        else model.config.num_hidden_layers]
     if not layers:
         raise ValueError(f"cuda_graphs: {type(model).__name__} has no model.layers of decoder layers")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "use_cache", False):  # a training forward would otherwise build a cache and skip the graphs
+        log.info("cuda_graphs: config.use_cache set to False (pass use_cache=True to generate)")
+        config.use_cache = False
     graphs = LayerGraphs(layers)
     for index, layer in enumerate(layers):
         if not hasattr(layer, "_moe_lab_plain_forward"):
