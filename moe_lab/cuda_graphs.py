@@ -25,10 +25,14 @@ Parameters are read in place, so optimizers that update in place (all of PyTorch
 work. A parameter's gradient arrives as the graph's own buffer (autograd keeps it as ``.grad``);
 a gradient kept across steps (accumulation, ``zero_grad(set_to_none=False)``) is copied out at the
 next graphed forward so that replays do not overwrite it. A capture that fails turns the graphs off
-for the model, with a warning.
+for the model, with a warning. Not to do after the capture: move or re-create parameters
+(``model.to``, ``param.data = ...``): the graphs keep reading the old memory. Memory: the graphs'
+pool keeps every layer's activations and parameter-gradient buffers for good, so
+``OptimizerInBackward``'s gradient freeing saves nothing for the decoder layers.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import types
@@ -53,7 +57,7 @@ class _LayerCall(nn.Module):
         self.layer = layer
 
     def forward(self, hidden, cos, sin):
-        return self.layer._moe_lab_plain_forward(hidden, attention_mask=None, position_ids=None, past_key_values=None,
+        return self.layer._moe_lab_graphs_plain_forward(hidden, attention_mask=None, position_ids=None, past_key_values=None,
                                                  use_cache=False, position_embeddings=(cos, sin))
 
 
@@ -82,14 +86,23 @@ class LayerGraphs:
 
     def capture(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         if self.graphed:  # a new shape: drop the old graphs (and their pool) first
-            self.graphed = []
+            old, self.graphed, self.key = self.graphed, [], None
+            for call in old:  # each graphed forward's closure holds its module: break that cycle
+                call.__dict__.pop("forward", None)
+            del old
             gc.collect()
             torch.cuda.empty_cache()
             self.warn_once("recapturing for a new input shape (graphs are per [batch, seq]; vary shapes rarely)")
         # samples are private copies: they become the graphs' static inputs, which each replay overwrites
         samples = tuple((torch.randn_like(hidden).requires_grad_(True), cos.clone(), sin.clone()) for _ in self.layers)
         calls = tuple(_LayerCall(layer) for layer in self.layers)
-        self.graphed = list(torch.cuda.make_graphed_callables(calls, samples))
+        graph_context = torch.cuda.graph
+        # "thread_local": other threads' CUDA calls (a DataLoader pinning memory) must not break the capture
+        torch.cuda.graph = functools.partial(graph_context, capture_error_mode="thread_local")
+        try:
+            self.graphed = list(torch.cuda.make_graphed_callables(calls, samples))
+        finally:
+            torch.cuda.graph = graph_context
         self.captures += 1
         log.info("cuda_graphs: captured %d decoder layers for hidden %s", len(calls), tuple(hidden.shape))
 
@@ -117,6 +130,8 @@ def _why_not_graphed(layer, hidden, attention_mask, past_key_values, use_cache, 
         return "no position embeddings are passed to the layers"
     if getattr(layer, "gradient_checkpointing", False):
         return "gradient checkpointing is on"
+    if torch.is_autocast_enabled() and torch.is_autocast_cache_enabled():
+        return "autocast with its cache on (use torch.autocast(..., cache_enabled=False))"
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return "a capture is already under way"
     if not hidden.requires_grad:
@@ -128,7 +143,7 @@ def _why_not_graphed(layer, hidden, attention_mask, past_key_values, use_cache, 
 
 
 def _plain(self, hidden_states, attention_mask, position_ids, past_key_values, use_cache, position_embeddings, kwargs):
-    return self._moe_lab_plain_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+    return self._moe_lab_graphs_plain_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                        past_key_values=past_key_values, use_cache=use_cache,
                                        position_embeddings=position_embeddings, **kwargs)
 
@@ -201,8 +216,8 @@ def enable_cuda_graphs(model) -> int:
         config.use_cache = False
     graphs = LayerGraphs(layers)
     for index, layer in enumerate(layers):
-        if not hasattr(layer, "_moe_lab_plain_forward"):
-            layer._moe_lab_plain_forward = layer.forward
+        if not hasattr(layer, "_moe_lab_graphs_plain_forward"):
+            layer._moe_lab_graphs_plain_forward = layer.forward
         layer.__dict__["_moe_lab_graphs"] = graphs  # a plain attribute: not a submodule, not in state_dict
         layer._moe_lab_layer_index = index
         layer.forward = types.MethodType(_graphed_forward, layer)

@@ -68,8 +68,8 @@ def test_graph_replays_train_like_the_eager_layers_on_gpu(backend):
     graphed.load_state_dict(eager.state_dict())
     calls = []
     for layer in graphed.model.layers:
-        plain = layer._moe_lab_plain_forward
-        layer._moe_lab_plain_forward = lambda *a, _plain=plain, **k: calls.append(1) or _plain(*a, **k)
+        plain = layer._moe_lab_graphs_plain_forward
+        layer._moe_lab_graphs_plain_forward = lambda *a, _plain=plain, **k: calls.append(1) or _plain(*a, **k)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, graphed)]
     for step in range(3):
         ids = torch.randint(0, config.vocab_size, (2, 32), device="cuda")
