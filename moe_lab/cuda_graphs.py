@@ -57,8 +57,9 @@ class _LayerCall(nn.Module):
         self.layer = layer
 
     def forward(self, hidden, cos, sin):
-        return self.layer._moe_lab_graphs_plain_forward(hidden, attention_mask=None, position_ids=None, past_key_values=None,
-                                                 use_cache=False, position_embeddings=(cos, sin))
+        return self.layer._moe_lab_graphs_plain_forward(hidden, attention_mask=None, position_ids=None,
+                                                        past_key_values=None, use_cache=False,
+                                                        position_embeddings=(cos, sin))
 
 
 class LayerGraphs:
@@ -144,8 +145,8 @@ def _why_not_graphed(layer, hidden, attention_mask, past_key_values, use_cache, 
 
 def _plain(self, hidden_states, attention_mask, position_ids, past_key_values, use_cache, position_embeddings, kwargs):
     return self._moe_lab_graphs_plain_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                       past_key_values=past_key_values, use_cache=use_cache,
-                                       position_embeddings=position_embeddings, **kwargs)
+                                              past_key_values=past_key_values, use_cache=use_cache,
+                                              position_embeddings=position_embeddings, **kwargs)
 
 
 def _graphed_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
