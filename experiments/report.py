@@ -302,10 +302,15 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 # ---- MoE-block benchmarks (experiments.block_bench) --------------------------------------------------
+def bench_files(runs: Path, name: str) -> list[Path]:
+    """Every ``<run>/<name>`` under ``runs`` (by run name), or ``runs/<name>`` when ``runs`` is one run."""
+    root = Path(runs)
+    return sorted(root.glob(f"*/{name}")) + ([root / name] if (root / name).exists() else [])
+
+
 def block_rows(runs: Path) -> list[dict]:
     """Rows of every ``block.json`` (MoE block forward+backward) under ``runs``, by run name."""
-    root = Path(runs)
-    files = sorted(root.glob("*/block.json")) + ([root / "block.json"] if (root / "block.json").exists() else [])
+    files = bench_files(runs, "block.json")
     rows = []
     for path in files:
         rec = store.read_json(path)
@@ -350,8 +355,7 @@ def block_summary_entries(rows: list[dict]) -> dict:
 
 def breakdown_markdown(runs: Path) -> str | None:
     """Every ``breakdown.json`` (experiments.step_breakdown) under ``runs`` as tables, or None if none."""
-    root = Path(runs)
-    files = sorted(root.glob("*/breakdown.json")) + ([root / "breakdown.json"] if (root / "breakdown.json").exists() else [])
+    files = bench_files(runs, "breakdown.json")
     if not files:
         return None
     from .step_breakdown import format_table
@@ -371,8 +375,7 @@ def breakdown_markdown(runs: Path) -> str | None:
 
 def attention_markdown(runs: Path) -> str | None:
     """Every ``attention.json`` (experiments.attention_bench) under ``runs`` as tables, or None if none."""
-    root = Path(runs)
-    files = sorted(root.glob("*/attention.json")) + ([root / "attention.json"] if (root / "attention.json").exists() else [])
+    files = bench_files(runs, "attention.json")
     if not files:
         return None
     lines = ["# Causal attention, forward + backward (one layer's call)", ""]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -9,6 +10,16 @@ import torch
 def check_on_host(t: torch.Tensor) -> bool:
     """Whether a check may read ``t`` on the host. Always on the CPU; on a GPU only with
     ``MOE_LAB_HOST_CHECKS=1``, since each read makes the host wait for the device (one wait per MoE
-    layer cost ~10 ms of a 90 ms step on the H200). Without it, GPU checks are device-side
+    layer, in a forward the host already paces). Without it, GPU checks are device-side
     assertions: a bad value stops the process at the next synchronisation, before any kernel uses it."""
     return t.device.type == "cpu" or os.environ.get("MOE_LAB_HOST_CHECKS", "0") not in ("", "0")
+
+
+def require_all(ok: torch.Tensor, message: str, found: Callable[[], str]) -> None:
+    """Every element of the bool tensor ``ok`` must be true: on the host a ValueError
+    ``"{message}; {found()}"`` (``found`` names the offending values), else a device-side assertion."""
+    if check_on_host(ok):
+        if not bool(ok.all()):
+            raise ValueError(f"{message}; {found()}")
+    else:
+        torch._assert_async(ok.all(), message)

@@ -194,7 +194,7 @@ def check_graphable(model, backend_names: dict, ep_size: int = 1) -> None:
         raise ValueError(f"cuda_graphs: stages {stages}: only moe_lab's Triton stages keep routing on the device "
                          f"(the others wait for per-expert row counts on the host); use moe_backend in "
                          f"{GRAPHABLE_BACKENDS}")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     if getattr(config, "output_router_logits", False):
         raise ValueError("cuda_graphs: config.output_router_logits=True collects router logits with hooks that a "
                          "graph would run once; turn it off or leave cuda_graphs off")
@@ -205,13 +205,11 @@ def check_graphable(model, backend_names: dict, ep_size: int = 1) -> None:
 def enable_cuda_graphs(model) -> int:
     """Route every decoder layer of ``model`` through CUDA graphs captured at the first eligible
     training forward; returns how many layers."""
+    config = model.config.get_text_config()
     decoder = getattr(model, "model", None)
-    layers = list(getattr(decoder, "layers", []) or [])[: model.config.get_text_config().num_hidden_layers
-                                                        if hasattr(model.config, "get_text_config")
-                                                        else model.config.num_hidden_layers]
+    layers = list(getattr(decoder, "layers", []) or [])[: config.num_hidden_layers]  # the layers v5 runs
     if not layers:
         raise ValueError(f"cuda_graphs: {type(model).__name__} has no model.layers of decoder layers")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(config, "use_cache", False):  # a training forward would otherwise build a cache and skip the graphs
         log.info("cuda_graphs: config.use_cache set to False (pass use_cache=True to generate)")
         config.use_cache = False

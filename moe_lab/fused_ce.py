@@ -24,7 +24,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_on_host
+from ._checks import require_all
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # logits per chunk (float32 on the torch path, the model dtype with Triton)
 IMPLS = ("auto", "torch", "triton")
@@ -122,12 +122,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     # On a GPU nothing here waits for the device (unless MOE_LAB_HOST_CHECKS=1): labels are checked
     # by a device-side assertion before any kernel reads them, and the token count stays a tensor.
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
-    message = f"linear_cross_entropy: labels must be in [0, {weight.shape[0]}) or ignore_index={ignore_index}"
-    if check_on_host(labels):
-        if bool(bad.any()):
-            raise ValueError(f"{message}; found {labels[bad][:5].tolist()}")
-    else:
-        torch._assert_async(~bad.any(), message)
+    require_all(~bad, f"linear_cross_entropy: labels must be in [0, {weight.shape[0]}) or ignore_index={ignore_index}",
+                lambda: f"found {labels[bad][:5].tolist()}")
     if num_items_in_batch is None:
         denominator = (labels != ignore_index).sum().float()
     else:

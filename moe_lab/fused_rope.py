@@ -94,7 +94,7 @@ def _opted_in_forward(self, *args, **kwargs):
 def enable_fused_rope(model) -> int:
     """Route the rotary embedding of every attention module of ``model`` through the Triton kernel;
     returns how many modules. ValueError (nothing changed) if a module's file rotates differently."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     if getattr(config, "rope_interleave", False):
         raise ValueError(f"fused_rope: {config.model_type} rotates interleaved pairs (config.rope_interleave=True); "
                          "the kernel fuses the rotate-half form; leave fused_rope off")

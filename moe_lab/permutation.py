@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_on_host
+from ._checks import require_all
 
 
 @dataclass
@@ -58,13 +58,9 @@ def _check_ids(ids: torch.Tensor, num_experts: int) -> None:
     device-side assertion on a GPU (see ``moe_lab._checks``)."""
     if ids.dim() != 2:
         raise ValueError(f"expert ids must be [tokens, top_k], got shape {tuple(ids.shape)}")
-    if not ids.numel():
-        return
-    if check_on_host(ids):
-        if int(ids.min()) < 0 or int(ids.max()) >= num_experts:
-            raise ValueError(f"expert ids must lie in [0, {num_experts}), got [{int(ids.min())}, {int(ids.max())}]")
-        return
-    torch._assert_async(((ids >= 0) & (ids < num_experts)).all(), f"expert ids must lie in [0, {num_experts})")
+    if ids.numel():
+        require_all((ids >= 0) & (ids < num_experts), f"expert ids must lie in [0, {num_experts})",
+                    lambda: f"got [{int(ids.min())}, {int(ids.max())}]")
 
 
 def plan_eager(ids: torch.Tensor, num_experts: int) -> Permutation:

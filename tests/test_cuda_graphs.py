@@ -11,7 +11,7 @@ import moe_lab
 from experiments import cell
 from graph_emulation import emulated_cuda_graphs  # noqa: F401 (a fixture)
 from markers import needs_interpreter
-from tiny_models import tiny_config
+from tiny_models import assert_same_grads, tiny_config
 
 
 def test_stages_that_wait_on_the_host_are_refused():
@@ -79,10 +79,8 @@ def test_graph_replays_train_like_the_eager_layers_on_gpu(backend):
             loss.backward()
             losses.append(loss.detach())
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-3, msg=f"step {step}")
-        grads = dict(eager.named_parameters())  # gradients themselves (AdamW would hide a scale error)
-        for name, param in graphed.named_parameters():
-            torch.testing.assert_close(param.grad, grads[name].grad, rtol=2e-2, atol=1e-3,
-                                       msg=lambda m: f"step {step} {name}: {m}")
+        # the gradients themselves (AdamW would hide a scale error)
+        assert_same_grads(graphed, eager, rtol=2e-2, atol=1e-3, where=f"step {step} ")
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -110,9 +108,7 @@ def _pair(**overrides):
 
 
 def _assert_same_grads(eager, graphed):
-    grads = dict(eager.named_parameters())
-    for name, param in graphed.named_parameters():
-        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert_same_grads(graphed, eager, rtol=1e-5, atol=1e-7)
 
 
 def test_emulated_graphs_train_like_eager(emulated_cuda_graphs, monkeypatch):
@@ -179,7 +175,4 @@ def test_emulated_new_shape_recaptures_and_frozen_inputs_run_eagerly(emulated_cu
         m.zero_grad(set_to_none=True)
         m(input_ids=ids, labels=ids).loss.backward()
     assert "frozen embeddings" in caplog.text
-    grads = dict(eager.named_parameters())
-    for name, param in graphed.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-5, atol=1e-7)
+    _assert_same_grads(eager, graphed)  # the frozen embedding has no gradient in either

@@ -13,7 +13,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
 import moe_lab
 from markers import needs_interpreter
-from tiny_models import tiny_config
+from tiny_models import assert_same_grads, tiny_config
 from triton_kernels.rmsnorm import rms_norm
 
 pytestmark = needs_interpreter
@@ -100,10 +100,7 @@ def test_model_with_fused_norm_trains_like_v5(family, monkeypatch):
     want.loss.backward()
     got.loss.backward()
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
-    grads = dict(reference.named_parameters())
-    for name, param in ours.named_parameters():
-        if grads[name].grad is not None:
-            torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_same_grads(ours, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_backward_programs_loop_over_several_row_blocks(monkeypatch):

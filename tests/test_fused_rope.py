@@ -14,7 +14,7 @@ import transformers
 import moe_lab
 from markers import needs_interpreter
 from moe_lab.fused_rope import computes_rotate_half_rope, enable_fused_rope, rope_reference
-from tiny_models import tiny_config
+from tiny_models import assert_same_grads, tiny_config
 from triton_kernels.rope import check_rope_args, rope
 
 ROPE_FAMILIES = ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]
@@ -92,10 +92,7 @@ def test_model_with_fused_rope_trains_like_v5_and_leaves_other_models_alone(fami
     got.loss.backward()
     assert calls.count(True) == 2 * layers
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
-    grads = dict(reference.named_parameters())
-    for name, param in ours.named_parameters():
-        if grads[name].grad is not None:
-            torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_same_grads(ours, reference, rtol=1e-4, atol=1e-5)
 
 
 @needs_interpreter

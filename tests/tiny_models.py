@@ -1,6 +1,7 @@
-"""Tiny random configs of each supported family, small enough for fast CPU tests."""
+"""Tiny random configs of each supported family, small enough for fast CPU tests, and a gradient comparison."""
 from __future__ import annotations
 
+import torch
 import transformers
 
 COMMON = dict(vocab_size=61, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -46,3 +47,13 @@ def tiny_config(family: str, num_experts: int = 6, top_k: int = 2, layers: int =
 
 FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"]
 GENERIC = ["qwen2_moe", "olmoe"]
+
+
+def assert_same_grads(model, reference, *, rtol: float, atol: float, where: str = "") -> None:
+    """Every parameter's gradient in ``model`` equals the same-named one in ``reference``; parameters
+    with no gradient in either (frozen, unused) are skipped."""
+    grads = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        if param.grad is not None or grads[name].grad is not None:
+            torch.testing.assert_close(param.grad, grads[name].grad, rtol=rtol, atol=atol,
+                                       msg=lambda m: f"{where}{name}: {m}")

@@ -28,9 +28,9 @@ MAX_HEAD_DIM = 1024
 @triton.jit
 def _rnd(v, dtype: tl.constexpr):
     """Round a float32 value to ``dtype`` and back (a product or sum as PyTorch stores it). For bf16
-    the rounding (to nearest, ties to even) is done on the bits: a cast there and back was folded
-    away by the compiler on the H200 (24% of outputs one ulp off v5), and the interpreter's casts
-    truncate. NaN stays NaN."""
+    the rounding (to nearest, ties to even) is done on the bits: with a cast there and back 24% of
+    outputs were one ulp off v5 on the H200 (the cast folded away or a multiply-add contracted, not
+    determined), and the interpreter's casts truncate. NaN stays NaN."""
     if dtype == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
