@@ -511,3 +511,15 @@ def test_gpu_router_and_permute_large():
     slots, counts, offsets = tk.sort_by_expert(ids, E)
     r_slots, r_counts, r_offsets = ref.sort_by_expert_ref(ids, E)
     assert torch.equal(slots, r_slots) and torch.equal(counts, r_counts) and torch.equal(offsets, r_offsets)
+
+
+def test_autotune_choices_reports_the_chosen_config(monkeypatch):
+    import triton
+    from triton_kernels import grouped_gemm
+    from triton_kernels.autotune_choices import autotune_choices
+
+    config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=4)
+    monkeypatch.setattr(grouped_gemm._grouped_mm_kernel, "cache", {(1536, 2048, 32768): config})
+    chosen = autotune_choices()["grouped_gemm._grouped_mm_kernel"]
+    assert chosen == {"(1536, 2048, 32768)": str(config)}
+    assert "BLOCK_N: 256" in chosen["(1536, 2048, 32768)"]

@@ -48,6 +48,7 @@ import triton  # noqa: E402
 from triton_kernels import combine, expert_mlp, grouped_mm, permute, route, sort_by_expert  # noqa: E402
 from triton_kernels import reference as ref  # noqa: E402
 from triton_kernels._common import interpreting  # noqa: E402
+from triton_kernels.autotune_choices import autotune_choices  # noqa: E402
 
 FULL = dict(H=2048, E=128, k=8, I=768, T_gemm=4096, T_route=(4096, 65536))
 TINY = dict(H=64, E=6, k=2, I=48, T_gemm=40, T_route=(40,))
@@ -298,8 +299,12 @@ def main(args=None):
     path = os.path.join(args.out, "triton_kernels_bench.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(dict(manifest=_manifest(args, device), geometry=geo, rows=tab.rows), f, indent=1)
+        json.dump(dict(manifest=_manifest(args, device), geometry=geo, rows=tab.rows,
+                       autotune=autotune_choices()), f, indent=1)
     os.replace(tmp, path)
+    for kernel, by_key in autotune_choices().items():
+        for key, config in by_key.items():
+            print(f"autotune {kernel} {key}: {config}", flush=True)
     print(f"wrote {path}", flush=True)
     return tab.rows
 
