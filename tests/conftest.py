@@ -17,6 +17,10 @@ except Exception:  # pragma: no cover - torch is a hard dependency of the projec
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One config per autotuned kernel: the tests try many small shapes, and autotuning each would
+    # compile every candidate tile (minutes); the benchmarks time the autotuned kernels.
+    os.environ.setdefault("MOE_LAB_TRITON_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

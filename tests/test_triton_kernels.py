@@ -15,10 +15,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-else:
-    # One GEMM config per kernel: autotuning every hypothesis shape would compile dozens of
-    # kernels per example (the benchmark checks the autotuned configs against torch).
-    os.environ.setdefault("MOE_LAB_TRITON_AUTOTUNE", "0")
+# (with CUDA, conftest.py pins one config per autotuned kernel)
 
 pytest.importorskip("triton")
 hypothesis = pytest.importorskip("hypothesis")
