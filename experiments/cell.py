@@ -132,14 +132,16 @@ def _bytes(t) -> int:
     return t.numel() * t.element_size()
 
 
-def static_bytes(model, optimizer) -> dict:
+def static_bytes(model, optimizer, grads_persist: bool = True) -> dict:
     """Bytes held by parameters, their gradients (same size as the trainable parameters, counted
-    whether or not they exist right now) and optimizer state tensors (this rank's shards)."""
+    whether or not they exist right now; zero when ``grads_persist`` is false: an optimizer in
+    backward frees each gradient after its step, so they never all exist and the transient ones are
+    part of the activation peak) and optimizer state tensors (this rank's shards)."""
     import torch
 
     params = list(model.parameters())
     p = sum(_bytes(x) for x in params)
-    g = sum(_bytes(x) for x in params if x.requires_grad)
+    g = sum(_bytes(x) for x in params if x.requires_grad) if grads_persist else 0
     o = sum(_bytes(v) for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
     return {"params": p, "grads": g, "optimizer": o}
 
@@ -269,7 +271,7 @@ def run(spec: dict) -> dict:
     hw = provenance.hardware()
     peak = flops.peak_tflops(hw["gpu"]) if device.type == "cuda" else None
     tflops = flops_per_gpu / (med_ms / 1e3) / 1e12
-    static = static_bytes(model, optimizer)
+    static = static_bytes(model, optimizer, grads_persist=not system.optimizer_in_backward)
     peak_bytes = activation_bytes = None
     if device.type == "cuda":
         peak_b = _max_over_ranks([float(torch.cuda.max_memory_allocated(device))], world, device)[0]

@@ -95,8 +95,22 @@ def to_row(rec: dict, run: str) -> dict:
     for k in ("step_ms", "step_ms_min", "step_ms_max", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu",
               "peak_gib", "activation_gib", "first_loss", "final_loss"):
         row[k] = m.get(k)
+    row["activation_gib"] = _activation_gib(row["system"], m)
     row["key"] = summary_key(row)
     return row
+
+
+def _activation_gib(system_name, metrics: dict):
+    """Peak minus what persists between steps. With the optimizer in backward (``-optbwd``,
+    ``-optstream``) gradients do not persist: each is freed after its parameter's step, so the peak
+    less parameters and optimizer state. Records before that rule (cell.static_bytes) subtracted
+    every gradient as well, which made their activation negative; this derives it anew from the
+    recorded peak and static sizes."""
+    static = metrics.get("static_gib") or {}
+    in_backward = {"optbwd", "optstream"} & set((system_name or "").split("-"))  # names of removed variants stay readable
+    if metrics.get("peak_gib") is None or not static or not in_backward:
+        return metrics.get("activation_gib")
+    return metrics["peak_gib"] - static.get("params", 0.0) - static.get("optimizer", 0.0)
 
 
 def _group(row: dict) -> tuple:

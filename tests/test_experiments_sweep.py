@@ -195,3 +195,23 @@ def test_attention_report_skips_empty_runs_and_escapes_errors(tmp_path):
     text = report.attention_markdown(tmp_path)
     assert "## a:" not in text and "a\\|b" in text
     assert "| 1 | flash | ok | 1.000 | 0.500 | 1.0 | - | - |" in text  # no sdpa row: no ratio, no differences
+
+
+def test_activation_with_the_optimizer_in_backward_does_not_subtract_gradients():
+    """Gradients freed one by one (-optbwd, -optstream) are not held between steps: activation is the
+    peak less parameters and optimizer state, also for records that subtracted every gradient."""
+    metrics = {"peak_gib": 36.9, "activation_gib": -4.9,
+               "static_gib": {"params": 10.0, "grads": 10.0, "optimizer": 21.8}}
+    assert report._activation_gib("triton-fusedce-optstream", metrics) == pytest.approx(5.1)
+    assert report._activation_gib("triton-optbwd", metrics) == pytest.approx(5.1)
+    assert report._activation_gib("triton-fusedce", metrics) == -4.9  # gradients persist: as recorded
+    assert report._activation_gib("v5-grouped_mm-cudnnattn", metrics) == -4.9  # a removed variant's name
+
+
+def test_static_bytes_counts_gradients_only_when_they_persist():
+    import torch
+
+    model = torch.nn.Linear(4, 3)  # 15 float32 parameters
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert cell.static_bytes(model, optimizer) == {"params": 60, "grads": 60, "optimizer": 0}
+    assert cell.static_bytes(model, optimizer, grads_persist=False)["grads"] == 0
