@@ -272,11 +272,14 @@ def run(spec: dict) -> dict:
     peak = flops.peak_tflops(hw["gpu"]) if device.type == "cuda" else None
     tflops = flops_per_gpu / (med_ms / 1e3) / 1e12
     static = static_bytes(model, optimizer, grads_persist=not system.optimizer_in_backward)
-    peak_bytes = activation_bytes = None
+    peak_bytes = activation_bytes = peak_reserved_bytes = None
     if device.type == "cuda":
         peak_b = _max_over_ranks([float(torch.cuda.max_memory_allocated(device))], world, device)[0]
         peak_bytes = int(peak_b)
         activation_bytes = peak_bytes - sum(static.values())
+        # CUDA graph replays reuse their capture's private pool without allocating, so the allocated
+        # peak misses their temporaries; the reserved peak bounds them from above.
+        peak_reserved_bytes = int(_max_over_ranks([float(torch.cuda.max_memory_reserved(device))], world, device)[0])
     if spec["trace"]:
         _save_routing_trace(spec, model, optimizer, vocab, rank, system, device, first_step=total)
     for h in hooks:
@@ -293,6 +296,7 @@ def run(spec: dict) -> dict:
         "mfu": (tflops / peak) if peak else None,
         "peak_tflops": peak,
         "peak_gib": peak_bytes / gib if peak_bytes is not None else None,
+        "peak_reserved_gib": peak_reserved_bytes / gib if peak_reserved_bytes is not None else None,
         "activation_gib": activation_bytes / gib if activation_bytes is not None else None,
         "weights_after_build_gib": weights_bytes / gib if weights_bytes is not None else None,
         "static_gib": {k: v / gib for k, v in static.items()},

@@ -36,7 +36,7 @@ SUMMARY_FIELDS = ("tokens_per_s_per_gpu", "step_ms", "tflops_per_gpu", "mfu", "p
                   "routing", "seq", "batch", "commit", "run")
 CSV_FIELDS = ("key", "run", "cell_id", "status", "gpu", "gpu_count", "model", "system", "routing", "seq", "batch",
               "dtype", "optimizer", "ckpt", "steps", "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s_per_gpu",
-              "tflops_per_gpu", "mfu", "peak_gib", "activation_gib", "first_loss", "final_loss",
+              "tflops_per_gpu", "mfu", "peak_gib", "peak_reserved_gib", "activation_gib", "first_loss", "final_loss",
               "speedup_vs_v5-grouped_mm", "speedup_vs_v5-eager", "transformers", "torch", "triton", "cuda",
               "gpu_name", "commit", "dirty", "error")
 
@@ -71,11 +71,12 @@ def summary_key(row: dict) -> str:
         suffix += f"+{row['optimizer']}"
     if row.get("batch", 1) not in (1, None):
         suffix += f"+b{row['batch']}"
+    suffix += "".join(f"+{k}={v}" for k, v in sorted((row.get("flags") or {}).items()))
     return f"{row['gpu']}x{row['gpu_count']}/{row['model']}/{row['system']}{suffix}"
 
 
-def to_row(rec: dict, run: str) -> dict:
-    """A flat row of one cell record."""
+def to_row(rec: dict, run: str, flags: dict | None = None) -> dict:
+    """A flat row of one cell record; ``flags``: the run's non-default behaviour flags (run_flags)."""
     spec = rec.get("spec", {})
     m = rec.get("metrics") or {}
     hw = rec.get("hardware") or {}
@@ -96,6 +97,12 @@ def to_row(rec: dict, run: str) -> dict:
               "peak_gib", "activation_gib", "first_loss", "final_loss"):
         row[k] = m.get(k)
     row["activation_gib"] = _activation_gib(row["system"], m)
+    row["peak_reserved_gib"] = m.get("peak_reserved_gib")
+    if "graphs" in (row["system"] or "").split("-"):
+        # graph replays allocate nothing: the allocated peak misses their temporaries (cell.py), so
+        # these rows show the reserved peak (an upper bound; absent before it was recorded) and no activation
+        row["peak_gib"], row["activation_gib"] = row["peak_reserved_gib"], None
+    row["flags"] = dict(flags or {})
     row["key"] = summary_key(row)
     return row
 
@@ -131,10 +138,24 @@ def add_speedups(rows: list[dict]) -> None:
             r[f"speedup_vs_{b}"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if ok else None
 
 
+# Environment switches that change what a cell measures, with their defaults: a run that set one
+# keeps its own summary keys (``...+MOE_LAB_HOST_CHECKS=1``) instead of standing for the system.
+BEHAVIOUR_FLAGS = {"MOE_LAB_HOST_CHECKS": "0", "MOE_LAB_TRITON_AUTOTUNE": "1", "MOE_LAB_TRITON_TF32": "0"}
+
+
+def run_flags(run_dir: Path) -> dict:
+    """The behaviour flags a run's manifest records with a value other than the default."""
+    manifest = Path(run_dir) / "manifest.json"
+    env = (store.read_json(manifest).get("provenance") or {}).get("env", {}) if manifest.exists() else {}
+    return {k: env[k] for k, default in BEHAVIOUR_FLAGS.items() if env.get(k, default) != default}
+
+
 def collect_rows(run_dirs: list[Path]) -> list[dict]:
     rows = []
     for rd in sorted(run_dirs, key=lambda p: p.name):
-        rows += [to_row(rec, rd.name) for rec in load_records(rd)]
+        flags = run_flags(rd)
+        for rec in load_records(rd):
+            rows.append(to_row(rec, rd.name, flags))
     add_speedups(rows)
     return rows
 
@@ -205,7 +226,10 @@ def markdown(rows: list[dict]) -> str:
         "steps; TFLOP/s are analytic model FLOPs (`experiments/flops.py`: 3x forward matmul FLOPs, causal attention",
         "counted at one half, no recomputation); MFU against the dense bf16 spec peak per GPU "
         f"({peaks} TFLOP/s); note: {flops.MEASURED_CEILING_NOTE}.",
-        "Activation memory = peak allocated - (parameters + gradients + optimizer state). Δ1st loss: first-step",
+        "Activation memory = peak allocated - (parameters + gradients + optimizer state); with the optimizer in",
+        "backward (-optbwd, -optstream) gradients do not persist and are not subtracted. -graphs rows show the peak",
+        "reserved (an upper bound: graph replays allocate nothing, so the allocated peak misses their temporaries)",
+        "and no activation; rows recorded before the reserved peak was kept show none. Δ1st loss: first-step",
         "loss minus v5-eager's (else v5-grouped_mm's) on the same routing; the same seed gives the same weights and data.",
         "",
     ]

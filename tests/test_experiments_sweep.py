@@ -215,3 +215,31 @@ def test_static_bytes_counts_gradients_only_when_they_persist():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     assert cell.static_bytes(model, optimizer) == {"params": 60, "grads": 60, "optimizer": 0}
     assert cell.static_bytes(model, optimizer, grads_persist=False)["grads"] == 0
+
+
+def test_a_run_with_a_behaviour_flag_keeps_its_own_summary_key(swept, tmp_path):
+    """A run made with MOE_LAB_HOST_CHECKS=1 (an A/B of the host syncs) must not stand for the system."""
+    import shutil
+
+    _, run_dir, _ = swept
+    flagged = tmp_path / "flagged"
+    shutil.copytree(run_dir, flagged)
+    manifest = store.read_json(flagged / "manifest.json")
+    manifest["provenance"]["env"]["MOE_LAB_HOST_CHECKS"] = "1"
+    store.write_json(flagged / "manifest.json", manifest)
+    assert report.run_flags(flagged) == {"MOE_LAB_HOST_CHECKS": "1"}
+    assert report.run_flags(run_dir) == {}
+    keys = {r["run"]: r["key"] for r in report.collect_rows([run_dir, flagged]) if r["system"] == "torch"}
+    assert keys["flagged"] == keys[run_dir.name] + "+MOE_LAB_HOST_CHECKS=1"
+
+
+def test_graph_rows_show_the_reserved_peak_and_no_activation():
+    rec = {"spec": {"system": "triton-fusedce-graphs", "routing": "real", "batch": 6},
+           "metrics": {"peak_gib": 45.2, "peak_reserved_gib": 61.0, "activation_gib": 3.4,
+                       "static_gib": {"params": 10.0, "grads": 10.0, "optimizer": 21.8}}}
+    row = report.to_row(rec, "r")
+    assert (row["peak_gib"], row["activation_gib"]) == (61.0, None)
+    del rec["metrics"]["peak_reserved_gib"]  # recorded before the reserved peak was kept
+    assert report.to_row(rec, "r")["peak_gib"] is None
+    rec["spec"]["system"] = "triton-fusedce"
+    assert report.to_row(rec, "r")["peak_gib"] == 45.2
