@@ -140,14 +140,19 @@ def add_speedups(rows: list[dict]) -> None:
 
 # Environment switches that change what a cell measures, with their defaults: a run that set one
 # keeps its own summary keys (``...+MOE_LAB_HOST_CHECKS=1``) instead of standing for the system.
-BEHAVIOUR_FLAGS = {"MOE_LAB_HOST_CHECKS": "0", "MOE_LAB_TRITON_AUTOTUNE": "1", "MOE_LAB_TRITON_TF32": "0"}
+BEHAVIOUR_FLAGS = {"MOE_LAB_HOST_CHECKS": "0", "MOE_LAB_TRITON_AUTOTUNE": "1", "MOE_LAB_TRITON_TF32": "0",
+                   "MOE_LAB_TRITON_TMA": "0"}
+
+
+def env_flags(env: dict) -> dict:
+    """The behaviour flags in a recorded environment with a value other than the default."""
+    return {k: env[k] for k, default in BEHAVIOUR_FLAGS.items() if env.get(k, default) != default}
 
 
 def run_flags(run_dir: Path) -> dict:
-    """The behaviour flags a run's manifest records with a value other than the default."""
+    """The behaviour flags of a sweep run, from its manifest."""
     manifest = Path(run_dir) / "manifest.json"
-    env = (store.read_json(manifest).get("provenance") or {}).get("env", {}) if manifest.exists() else {}
-    return {k: env[k] for k, default in BEHAVIOUR_FLAGS.items() if env.get(k, default) != default}
+    return env_flags((store.read_json(manifest).get("provenance") or {}).get("env", {}) if manifest.exists() else {})
 
 
 def collect_rows(run_dirs: list[Path]) -> list[dict]:
@@ -359,6 +364,7 @@ def block_rows(runs: Path) -> list[dict]:
             row = dict(r, run=path.parent.name, gpu=hw.get("gpu", "unknown"), commit=git.get("commit"),
                        torch=prov.get("versions", {}).get("torch"), triton=prov.get("versions", {}).get("triton"),
                        transformers=prov.get("versions", {}).get("transformers"))
+            suffix += "".join(f"+{k}={v}" for k, v in sorted(env_flags(prov.get("env", {})).items()))
             row["key"] = f"{row['gpu']}x1/moe-block/{r['model']}/{r['system']}{suffix}"
             rows.append(row)
     return rows

@@ -154,6 +154,55 @@ def test_grouped_mm_bf16():
     assert_close_rel(gw[0], torch.zeros_like(rw[0]), 0.0, "dw of an empty expert")
 
 
+@pytest.mark.parametrize("transposed_w", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_mm_tma_matches_the_pointer_kernel(monkeypatch, transposed_w, bias):
+    """MOE_LAB_TRITON_TMA=1: the tensor-descriptor kernel (forward and the input gradient, which runs
+    it on the transpose view) against the reference, with empty experts, an expert over several
+    M-tiles and N narrower than a tile (the descriptors clip at each expert's last row)."""
+    from triton_kernels import grouped_gemm
+
+    E, K, N = 6, 72, 40
+    counts = torch.tensor([0, 70, 3, 0, 17, 1])
+    S = int(counts.sum())
+    offsets = offsets_of(counts)
+    x = rand(S, K, seed=11, dtype=torch.bfloat16)
+    base = rand(E, N, K, seed=12, dtype=torch.bfloat16) if transposed_w else rand(E, K, N, seed=12, dtype=torch.bfloat16)
+    b = rand(E, N, seed=13, dtype=torch.bfloat16) if bias else None
+    xr, br, baser = leaf(x.float()), (leaf(b.float()) if bias else None), leaf(base.float())
+    x, base = leaf(x), leaf(base)
+    w = base.transpose(1, 2) if transposed_w else base
+    launches = []
+    real_launch = grouped_gemm.launch_tma_forward
+    monkeypatch.setattr(grouped_gemm, "launch_tma_forward", lambda *a, **k: launches.append(1) or real_launch(*a, **k))
+    monkeypatch.setenv("MOE_LAB_TRITON_TMA", "1")
+    with poisoned():
+        y = tk.grouped_mm(x, w, offsets, b)
+    y_ref = ref.grouped_mm_ref(xr, baser.transpose(1, 2) if transposed_w else baser, offsets, br)
+    assert launches == [1], "the TMA kernel did not run"
+    assert_close_rel(y, y_ref, 1e-2, "y")
+    dy = rand(S, N, seed=14, dtype=torch.bfloat16)
+    with poisoned():
+        gx, gw = torch.autograd.grad(y, (x, base), dy)
+    rx, rw = torch.autograd.grad(y_ref, (xr, baser), dy.float())
+    assert launches == [1, 1], "the input gradient did not run the TMA kernel"
+    assert_close_rel(gx, rx, 1e-2, "dx")
+    assert_close_rel(gw, rw, 2e-2, "dw")
+    monkeypatch.setenv("MOE_LAB_TRITON_TMA", "0")
+    assert_close(tk.grouped_mm(x, w, offsets, b), y, rtol=0, atol=0, what="pointer kernel vs TMA kernel")
+
+
+def test_grouped_mm_tma_takes_only_what_a_descriptor_can_describe():
+    from triton_kernels.grouped_gemm import tma_eligible
+
+    x, w, y = (torch.zeros(10, 72, dtype=torch.bfloat16), torch.zeros(3, 72, 40, dtype=torch.bfloat16),
+               torch.zeros(10, 40, dtype=torch.bfloat16))
+    assert tma_eligible(x, w, y) and tma_eligible(x, torch.zeros(3, 40, 72, dtype=torch.bfloat16).transpose(1, 2), y)
+    assert not tma_eligible(x.float(), w.float(), y.float())  # 16-bit floats only
+    assert not tma_eligible(torch.zeros(10, 36, dtype=torch.bfloat16), torch.zeros(3, 36, 40, dtype=torch.bfloat16), y)  # 72-byte rows
+    assert not tma_eligible(x, torch.zeros(3, 72, 80, dtype=torch.bfloat16)[:, :, ::2], y)  # no unit stride in w
+
+
 # ---------------------------------------------------------------------------------------------
 # fused expert MLP
 # ---------------------------------------------------------------------------------------------

@@ -271,12 +271,15 @@ def _manifest(args, device):
             return ""
     return dict(
         command=" ".join([sys.executable, "-m", "triton_kernels.bench"] + sys.argv[1:]),
-        commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--", ".")),
+        # MOE_LAB_GIT_COMMIT / _DIRTY name the code when this copy's .git is not its own (a device copy)
+        commit=os.environ.get("MOE_LAB_GIT_COMMIT") or git("rev-parse", "HEAD"),
+        dirty=(os.environ["MOE_LAB_GIT_DIRTY"] not in ("", "0") if "MOE_LAB_GIT_DIRTY" in os.environ
+               else bool(git("status", "--porcelain", "--", "."))),
         time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda, gpu=torch.cuda.get_device_name() if device == "cuda" else None,
         interpreter=interpreting(), tiny=args.tiny, dtype=args.dtype, seed=args.seed,
-        tf32=os.environ.get("MOE_LAB_TRITON_TF32", "0"),
+        tf32=os.environ.get("MOE_LAB_TRITON_TF32", "0"), tma=os.environ.get("MOE_LAB_TRITON_TMA", "0"),
         timer="triton.testing.do_bench median (warmup 25 ms, rep 200 ms)" if device == "cuda" else "wall clock median of 3",
     )
 

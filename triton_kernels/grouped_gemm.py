@@ -84,6 +84,29 @@ def _dw_configs():
     return cfgs if _autotune_enabled() else cfgs[:1]
 
 
+def tma_enabled() -> bool:
+    """``MOE_LAB_TRITON_TMA=1`` runs the plain grouped GEMM (``grouped_mm_forward``: the down
+    projection forward and the input gradients) through ``_grouped_mm_tma_kernel``, which moves
+    tiles with Hopper's tensor-memory accelerator. Experimental, off by default until measured."""
+    return os.environ.get("MOE_LAB_TRITON_TMA", "0") not in ("", "0")
+
+
+def _tma_configs():
+    if interpreting():
+        return [_INTERPRET_FWD]
+    cfgs = []
+    for bm, bn, bk, w, s in [
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 256, 64, 8, 4),
+        (64, 256, 64, 4, 4),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+    return cfgs if _autotune_enabled() else cfgs[:1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Device helpers
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +198,55 @@ def _grouped_mm_kernel(
         acc += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_ys + cols[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.autotune(configs=_tma_configs(), key=["N", "K", "S_BUCKET", "W_KMAJOR"])
+@triton.jit
+def _grouped_mm_tma_kernel(
+    x_ptr, w_ptr, y_ptr, b_ptr, offsets_ptr,
+    N, K, E, S_BUCKET,
+    stride_xs, stride_we, stride_w_outer, stride_ys, stride_be, stride_bn,
+    HAS_BIAS: tl.constexpr, W_KMAJOR: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``_grouped_mm_kernel`` with tiles moved by tensor descriptors (TMA on Hopper). Each program
+    describes its expert's rows of x and y ([count, K], [count, N]) and its expert's weight, so
+    loads past the expert's last row read zeros and the store stops there. x and y have unit column
+    stride; w[e] is [K, N] with unit N stride (``W_KMAJOR`` False, ``stride_w_outer`` = its K stride)
+    or the transpose view of an [N, K] matrix with unit K stride (True, ``stride_w_outer`` = N stride)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    expert, row0, row_end, valid = expert_tile(pid // num_n, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if not valid:
+        return
+    start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int64)
+    count = (row_end - start).to(tl.int32)
+    e64 = expert.to(tl.int64)
+    m0 = (row0 - start).to(tl.int32)
+    n0 = (pid % num_n) * BLOCK_N
+    x_desc = tl.make_tensor_descriptor(x_ptr + start * stride_xs, shape=[count, K], strides=[stride_xs, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    y_desc = tl.make_tensor_descriptor(y_ptr + start * stride_ys, shape=[count, N], strides=[stride_ys, 1],
+                                       block_shape=[BLOCK_M, BLOCK_N])
+    if W_KMAJOR:
+        w_desc = tl.make_tensor_descriptor(w_ptr + e64 * stride_we, shape=[N, K], strides=[stride_w_outer, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr + e64 * stride_we, shape=[K, N], strides=[stride_w_outer, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = x_desc.load([m0, k0])
+        if W_KMAJOR:
+            b = tl.trans(w_desc.load([n0, k0]))
+        else:
+            b = w_desc.load([k0, n0])
+        acc = mma(a, b, acc, False, UPCAST)
+    if HAS_BIAS:
+        cols = n0 + tl.arange(0, BLOCK_N)
+        bias = tl.load(b_ptr + e64 * stride_be + cols * stride_bn, mask=cols < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    y_desc.store([m0, n0], acc.to(y_ptr.dtype.element_ty))
 
 
 @triton.autotune(configs=_dw_configs(), key=["K", "N", "S_BUCKET"])
@@ -273,6 +345,9 @@ def grouped_mm_forward(
     b = bias if bias is not None else x  # dummy pointer when HAS_BIAS is False
     sb = (bias.stride(0), bias.stride(1)) if bias is not None else (0, 0)
     grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
+    if tma_enabled() and tma_eligible(x, w, y):
+        launch_tma_forward(_grouped_mm_tma_kernel, grid, x, w, y, b, offsets, sb, bias is not None, upcast)
+        return y
     _grouped_mm_kernel[grid](
         x, w, y, b, offsets,
         N, K, E, bucket(S),
@@ -283,6 +358,41 @@ def grouped_mm_forward(
         HAS_BIAS=bias is not None, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
     )
     return y
+
+
+def tma_eligible(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether ``_grouped_mm_tma_kernel`` can take these tensors: 16-bit floats; x and y with unit
+    column stride; w [E, K, N] with unit stride along N or K; every base address and outer stride a
+    multiple of 16 bytes (what a tensor descriptor requires)."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.stride(1) != 1 or y.stride(1) != 1:
+        return False
+    if w.stride(2) != 1 and w.stride(1) != 1:
+        return False
+    outer = w.stride(1) if w.stride(2) == 1 else w.stride(2)
+    size = x.element_size()
+    return all(p % 16 == 0 for p in (x.data_ptr(), w.data_ptr(), y.data_ptr())) and all(
+        (st * size) % 16 == 0 for st in (x.stride(0), y.stride(0), w.stride(0), outer))
+
+
+_empty = torch.empty  # bound at import: the scratch is raw bytes, whatever a test does to torch.empty
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    """Global memory where the kernel writes its tensor descriptors (Triton asks for it by size)."""
+    return _empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
+
+
+def launch_tma_forward(kernel, grid, x, w, y, b, offsets, sb, has_bias: bool, upcast: bool, **meta) -> None:
+    """Launch ``kernel`` (the autotuned TMA kernel, or its ``.fn`` with explicit ``meta`` in tests)."""
+    triton.set_allocator(_descriptor_scratch)
+    kmajor = w.stride(2) != 1
+    E = w.shape[0]
+    kernel[grid](
+        x, w, y, b, offsets,
+        w.shape[2], x.shape[1], E, bucket(x.shape[0]),
+        x.stride(0), w.stride(0), w.stride(2) if kmajor else w.stride(1), y.stride(0), sb[0], sb[1],
+        HAS_BIAS=has_bias, W_KMAJOR=kmajor, UPCAST=upcast, BLOCK_E=next_pow2(E), **meta,
+    )
 
 
 def grouped_mm_weight_grad(
