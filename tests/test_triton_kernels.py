@@ -154,12 +154,24 @@ def test_grouped_mm_bf16():
     assert_close_rel(gw[0], torch.zeros_like(rw[0]), 0.0, "dw of an empty expert")
 
 
+class _CountingKernel:
+    """Wraps a Triton kernel; counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("transposed_w", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_grouped_mm_tma_matches_the_pointer_kernel(monkeypatch, transposed_w, bias):
-    """MOE_LAB_TRITON_TMA=1: the tensor-descriptor kernel (forward and the input gradient, which runs
-    it on the transpose view) against the reference, with empty experts, an expert over several
-    M-tiles and N narrower than a tile (the descriptors clip at each expert's last row)."""
+    """MOE_LAB_TRITON_TMA=1: the tensor-descriptor kernels (forward, the input gradient on the
+    transpose view, the weight gradient) against the reference and the pointer kernels, with empty
+    experts, an expert over several M-tiles and N narrower than a tile (the descriptors clip at each
+    expert's last row)."""
     from triton_kernels import grouped_gemm
 
     E, K, N = 6, 72, 40
@@ -170,26 +182,35 @@ def test_grouped_mm_tma_matches_the_pointer_kernel(monkeypatch, transposed_w, bi
     base = rand(E, N, K, seed=12, dtype=torch.bfloat16) if transposed_w else rand(E, K, N, seed=12, dtype=torch.bfloat16)
     b = rand(E, N, seed=13, dtype=torch.bfloat16) if bias else None
     xr, br, baser = leaf(x.float()), (leaf(b.float()) if bias else None), leaf(base.float())
-    x, base = leaf(x), leaf(base)
-    w = base.transpose(1, 2) if transposed_w else base
-    launches = []
-    real_launch = grouped_gemm.launch_tma_forward
-    monkeypatch.setattr(grouped_gemm, "launch_tma_forward", lambda *a, **k: launches.append(1) or real_launch(*a, **k))
-    monkeypatch.setenv("MOE_LAB_TRITON_TMA", "1")
-    with poisoned():
-        y = tk.grouped_mm(x, w, offsets, b)
-    y_ref = ref.grouped_mm_ref(xr, baser.transpose(1, 2) if transposed_w else baser, offsets, br)
-    assert launches == [1], "the TMA kernel did not run"
-    assert_close_rel(y, y_ref, 1e-2, "y")
+    x, base, b = leaf(x), leaf(base), (leaf(b) if bias else None)
+    inputs = (x, base) + ((b,) if bias else ())
     dy = rand(S, N, seed=14, dtype=torch.bfloat16)
-    with poisoned():
-        gx, gw = torch.autograd.grad(y, (x, base), dy)
-    rx, rw = torch.autograd.grad(y_ref, (xr, baser), dy.float())
-    assert launches == [1, 1], "the input gradient did not run the TMA kernel"
+
+    def run():
+        w = base.transpose(1, 2) if transposed_w else base
+        with poisoned():
+            y = tk.grouped_mm(x, w, offsets, b)
+            return (y,) + torch.autograd.grad(y, inputs, dy)
+
+    forward = _CountingKernel(grouped_gemm._grouped_mm_tma_kernel)
+    weight_grad = _CountingKernel(grouped_gemm._grouped_mm_dw_tma_kernel)
+    monkeypatch.setattr(grouped_gemm, "_grouped_mm_tma_kernel", forward)
+    monkeypatch.setattr(grouped_gemm, "_grouped_mm_dw_tma_kernel", weight_grad)
+    monkeypatch.setenv("MOE_LAB_TRITON_TMA", "1")
+    y, gx, gw, *gb = run()
+    assert (forward.launches, weight_grad.launches) == (2, 1), "a TMA kernel did not run"
+    y_ref = ref.grouped_mm_ref(xr, baser.transpose(1, 2) if transposed_w else baser, offsets, br)
+    rx, rw, *rb = torch.autograd.grad(y_ref, (xr, baser) + ((br,) if bias else ()), dy.float())
+    assert_close_rel(y, y_ref, 1e-2, "y")
     assert_close_rel(gx, rx, 1e-2, "dx")
     assert_close_rel(gw, rw, 2e-2, "dw")
+    assert_close_rel(gw[0], torch.zeros_like(rw[0]), 0.0, "dw of an empty expert")
+    if bias:
+        assert_close_rel(gb[0], rb[0], 2e-2, "dbias")
     monkeypatch.setenv("MOE_LAB_TRITON_TMA", "0")
-    assert_close(tk.grouped_mm(x, w, offsets, b), y, rtol=0, atol=0, what="pointer kernel vs TMA kernel")
+    for name, tma, pointer in zip(("y", "dx", "dw", "dbias"), (y, gx, gw, *gb), run()):
+        assert_close(tma, pointer, rtol=0, atol=0, what=f"{name}: TMA vs pointer kernel")
+    assert (forward.launches, weight_grad.launches) == (2, 1)
 
 
 def test_grouped_mm_tma_takes_only_what_a_descriptor_can_describe():

@@ -86,8 +86,9 @@ def _dw_configs():
 
 def tma_enabled() -> bool:
     """``MOE_LAB_TRITON_TMA=1`` runs the plain grouped GEMM (``grouped_mm_forward``: the down
-    projection forward and the input gradients) through ``_grouped_mm_tma_kernel``, which moves
-    tiles with Hopper's tensor-memory accelerator. Experimental, off by default until measured."""
+    projection forward and the input gradients) and the weight gradient without a gather through
+    ``_grouped_mm_tma_kernel`` / ``_grouped_mm_dw_tma_kernel``, which move tiles with Hopper's
+    tensor-memory accelerator. Experimental, off by default until measured."""
     return os.environ.get("MOE_LAB_TRITON_TMA", "0") not in ("", "0")
 
 
@@ -300,6 +301,55 @@ def _grouped_mm_dw_kernel(
             tl.store(db_ptr + e64 * stride_be + nn * stride_bn, dbias.to(db_ptr.dtype.element_ty), mask=nmask)
 
 
+@triton.autotune(configs=_dw_configs(), key=["K", "N", "S_BUCKET"])
+@triton.jit
+def _grouped_mm_dw_tma_kernel(
+    x_ptr, dy_ptr, dw_ptr, db_ptr, offsets_ptr,
+    K, N, S_BUCKET,
+    stride_xs, stride_ds,
+    stride_we, stride_wk, stride_wn,
+    stride_be, stride_bn,
+    HAS_DBIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """``_grouped_mm_dw_kernel`` (without the gather) with row tiles moved by tensor descriptors:
+    each program describes its expert's rows of x [count, K] and dy [count, N] (unit column
+    strides), so the last row tile reads zeros past the expert's end instead of masking."""
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    num_n = tl.cdiv(N, BLOCK_N)
+    e = pid // (num_k * num_n)
+    rest = pid % (num_k * num_n)
+    pid_k = rest // num_n
+    pid_n = rest % num_n
+    start, end = expert_rows(offsets_ptr, e)
+    count = end - start
+    start64 = start.to(tl.int64)
+    rows_desc = tl.maximum(count, 1)  # an empty expert's descriptor is never read
+    x_desc = tl.make_tensor_descriptor(x_ptr + start64 * stride_xs, shape=[rows_desc, K], strides=[stride_xs, 1],
+                                       block_shape=[BLOCK_S, BLOCK_K])
+    dy_desc = tl.make_tensor_descriptor(dy_ptr + start64 * stride_ds, shape=[rows_desc, N], strides=[stride_ds, 1],
+                                        block_shape=[BLOCK_S, BLOCK_N])
+    k0 = pid_k * BLOCK_K
+    n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s0 in range(0, count, BLOCK_S):
+        xt = tl.trans(x_desc.load([s0, k0]))
+        g = dy_desc.load([s0, n0])
+        acc = mma(xt, g, acc, False, UPCAST)
+        if HAS_DBIAS:
+            dbias += tl.sum(g.to(tl.float32), axis=0)
+    kk = k0 + tl.arange(0, BLOCK_K)
+    nn = n0 + tl.arange(0, BLOCK_N)
+    e64 = e.to(tl.int64)
+    dw_ptrs = dw_ptr + e64 * stride_we + kk[:, None] * stride_wk + nn[None, :] * stride_wn
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(kk < K)[:, None] & (nn < N)[None, :])
+    if HAS_DBIAS:
+        if pid_k == 0:
+            tl.store(db_ptr + e64 * stride_be + nn * stride_bn, dbias.to(db_ptr.dtype.element_ty), mask=nn < N)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -360,18 +410,26 @@ def grouped_mm_forward(
     return y
 
 
+def _describable(t: torch.Tensor, outer_strides) -> bool:
+    """A 16-bit float tensor whose base address and given strides are multiples of 16 bytes."""
+    return (t.dtype in (torch.bfloat16, torch.float16) and t.data_ptr() % 16 == 0
+            and all((st * t.element_size()) % 16 == 0 for st in outer_strides))
+
+
+def rows_tma_eligible(*row_tensors: torch.Tensor) -> bool:
+    """Whether [rows, cols] tensors can be read by tensor descriptors: unit column stride, 16-bit,
+    16-byte aligned rows."""
+    return all(t.stride(1) == 1 and _describable(t, (t.stride(0),)) for t in row_tensors)
+
+
 def tma_eligible(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether ``_grouped_mm_tma_kernel`` can take these tensors: 16-bit floats; x and y with unit
-    column stride; w [E, K, N] with unit stride along N or K; every base address and outer stride a
-    multiple of 16 bytes (what a tensor descriptor requires)."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or x.stride(1) != 1 or y.stride(1) != 1:
-        return False
-    if w.stride(2) != 1 and w.stride(1) != 1:
+    """Whether ``_grouped_mm_tma_kernel`` can take these tensors: x and y as in rows_tma_eligible;
+    w [E, K, N] with unit stride along N or K, its other strides 16-byte multiples (what a tensor
+    descriptor requires)."""
+    if not rows_tma_eligible(x, y) or (w.stride(2) != 1 and w.stride(1) != 1):
         return False
     outer = w.stride(1) if w.stride(2) == 1 else w.stride(2)
-    size = x.element_size()
-    return all(p % 16 == 0 for p in (x.data_ptr(), w.data_ptr(), y.data_ptr())) and all(
-        (st * size) % 16 == 0 for st in (x.stride(0), y.stride(0), w.stride(0), outer))
+    return _describable(w, (w.stride(0), outer))
 
 
 _empty = torch.empty  # bound at import: the scratch is raw bytes, whatever a test does to torch.empty
@@ -420,6 +478,17 @@ def grouped_mm_weight_grad(
     dbp = db if db is not None else dw
     sb = (db.stride(0), db.stride(1)) if db is not None else (0, 0)
     grid = lambda meta: (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    if tma_enabled() and src_rows is None and rows_tma_eligible(x, dy):
+        triton.set_allocator(_descriptor_scratch)
+        _grouped_mm_dw_tma_kernel[grid](
+            x, dy, dw, dbp, offsets,
+            K, N, bucket(S),
+            x.stride(0), dy.stride(0),
+            dw.stride(0), dw.stride(1), dw.stride(2),
+            sb[0], sb[1],
+            HAS_DBIAS=with_bias, UPCAST=upcast,
+        )
+        return dw, db
     _grouped_mm_dw_kernel[grid](
         x, dy, dw, dbp, offsets, src_rows if src_rows is not None else offsets,
         K, N, bucket(S),
