@@ -271,7 +271,10 @@ def run(spec: dict) -> dict:
     hw = provenance.hardware()
     peak = flops.peak_tflops(hw["gpu"]) if device.type == "cuda" else None
     tflops = flops_per_gpu / (med_ms / 1e3) / 1e12
-    static = static_bytes(model, optimizer, grads_persist=not system.optimizer_in_backward)
+    # gradients persist unless the optimizer frees them in backward; graphed layers keep theirs in
+    # the graph's pool either way (moe_lab.cuda_graphs)
+    graphed = dict(system.options).get("cuda_graphs", False)
+    static = static_bytes(model, optimizer, grads_persist=graphed or not system.optimizer_in_backward)
     peak_bytes = activation_bytes = peak_reserved_bytes = None
     if device.type == "cuda":
         peak_b = _max_over_ranks([float(torch.cuda.max_memory_allocated(device))], world, device)[0]
@@ -326,6 +329,7 @@ def run(spec: dict) -> dict:
         "hardware": hw,
         "versions": provenance.versions(),
         "git": provenance.git_state(),
+        "env": provenance.env_flags(),  # this cell's own switches (a resumed run may differ)
     }
 
 

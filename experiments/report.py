@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASELINES = ("v5-grouped_mm", "v5-eager", "v5-fsdp2-grouped_mm", "v5-ep")
-SUMMARY_FIELDS = ("tokens_per_s_per_gpu", "step_ms", "tflops_per_gpu", "mfu", "peak_gib", "activation_gib",
+SUMMARY_FIELDS = ("tokens_per_s_per_gpu", "step_ms", "tflops_per_gpu", "mfu", "peak_gib", "peak_reserved_gib", "activation_gib",
                   "routing", "seq", "batch", "commit", "run")
 CSV_FIELDS = ("key", "run", "cell_id", "status", "gpu", "gpu_count", "model", "system", "routing", "seq", "batch",
               "dtype", "optimizer", "ckpt", "steps", "step_ms", "step_ms_min", "step_ms_max", "tokens_per_s_per_gpu",
@@ -100,8 +100,9 @@ def to_row(rec: dict, run: str, flags: dict | None = None) -> dict:
     row["peak_reserved_gib"] = m.get("peak_reserved_gib")
     if "graphs" in (row["system"] or "").split("-"):
         # graph replays allocate nothing: the allocated peak misses their temporaries (cell.py), so
-        # these rows show the reserved peak (an upper bound; absent before it was recorded) and no activation
-        row["peak_gib"], row["activation_gib"] = row["peak_reserved_gib"], None
+        # these rows have no allocated peak or activation, only the reserved peak (an upper bound;
+        # absent before it was recorded)
+        row["peak_gib"], row["activation_gib"] = None, None
     row["flags"] = dict(flags or {})
     row["key"] = summary_key(row)
     return row
@@ -138,29 +139,39 @@ def add_speedups(rows: list[dict]) -> None:
             r[f"speedup_vs_{b}"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if ok else None
 
 
-# Environment switches that change what a cell measures, with their defaults: a run that set one
-# keeps its own summary keys (``...+MOE_LAB_HOST_CHECKS=1``) instead of standing for the system.
-BEHAVIOUR_FLAGS = {"MOE_LAB_HOST_CHECKS": "0", "MOE_LAB_TRITON_AUTOTUNE": "1", "MOE_LAB_TRITON_TF32": "0",
-                   "MOE_LAB_TRITON_TMA": "0"}
+# On/off environment switches that change what a cell measures (on = set to anything but "" or
+# "0", as the code reads them), with their defaults: a cell that ran with one flipped keeps its own
+# summary keys (``...+MOE_LAB_HOST_CHECKS=1``) instead of standing for the system.
+BEHAVIOUR_FLAGS = {"MOE_LAB_HOST_CHECKS": False, "MOE_LAB_TRITON_AUTOTUNE": True, "MOE_LAB_TRITON_TF32": False,
+                   "MOE_LAB_TRITON_TMA": False}
 
 
 def env_flags(env: dict) -> dict:
-    """The behaviour flags in a recorded environment with a value other than the default."""
-    return {k: env[k] for k, default in BEHAVIOUR_FLAGS.items() if env.get(k, default) != default}
+    """The behaviour flags of a recorded environment that differ from their defaults, as "0" / "1"."""
+    flags = {}
+    for name, default in BEHAVIOUR_FLAGS.items():
+        on = env[name] not in ("", "0") if name in env else default
+        if on != default:
+            flags[name] = "1" if on else "0"
+    return flags
 
 
 def run_flags(run_dir: Path) -> dict:
-    """The behaviour flags of a sweep run, from its manifest."""
+    """The behaviour flags of a sweep run, from its manifest: the preset's ``env`` under the
+    launching process's environment (which wins, as for the cells it starts)."""
     manifest = Path(run_dir) / "manifest.json"
-    return env_flags((store.read_json(manifest).get("provenance") or {}).get("env", {}) if manifest.exists() else {})
+    if not manifest.exists():
+        return {}
+    m = store.read_json(manifest)
+    return env_flags({**((m.get("sweep") or {}).get("env") or {}), **((m.get("provenance") or {}).get("env") or {})})
 
 
 def collect_rows(run_dirs: list[Path]) -> list[dict]:
     rows = []
     for rd in sorted(run_dirs, key=lambda p: p.name):
         flags = run_flags(rd)
-        for rec in load_records(rd):
-            rows.append(to_row(rec, rd.name, flags))
+        for rec in load_records(rd):  # a cell's own record of its switches wins (a resumed run may differ)
+            rows.append(to_row(rec, rd.name, env_flags(rec["env"]) if "env" in rec else flags))
     add_speedups(rows)
     return rows
 
@@ -203,7 +214,7 @@ def group_tables(rows: list[dict]) -> str:
             ref = _ref_loss(rows, r)
             dloss = r["first_loss"] - ref if (r["status"] == "ok" and ref is not None) else None
             lines.append([r["system"], r["routing"], r["status"], _f(r["step_ms"]), _f(r["tokens_per_s_per_gpu"], "{:.0f}"),
-                          _f(r["tflops_per_gpu"], "{:.2f}"), _f(r["mfu"], "{:.1%}"), _f(r["peak_gib"], "{:.2f}"),
+                          _f(r["tflops_per_gpu"], "{:.2f}"), _f(r["mfu"], "{:.1%}"), _peak_cell(r),
                           _f(r["activation_gib"], "{:.2f}"), _f(r["first_loss"], "{:.4f}"), _f(dloss, "{:+.1e}"),
                           *[_f(r[f"speedup_vs_{b}"], "{:.2f}x") for b in baselines]])
         header = ["system", "routing", "status", "step ms", "tok/s/GPU", "TFLOP/s/GPU", "MFU", "peak GiB",
@@ -221,6 +232,13 @@ def group_tables(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def _peak_cell(row: dict) -> str:
+    """The allocated peak, or for graph rows "<= reserved (reserved)"."""
+    if row["peak_gib"] is None and row.get("peak_reserved_gib") is not None:
+        return f"<= {row['peak_reserved_gib']:.2f} (reserved)"
+    return _f(row["peak_gib"], "{:.2f}")
+
+
 def markdown(rows: list[dict]) -> str:
     peaks = ", ".join(f"{k.upper()} {v:g}" for k, v in sorted(flops.PEAK_TFLOPS_BF16.items()))
     head = [
@@ -232,9 +250,10 @@ def markdown(rows: list[dict]) -> str:
         "counted at one half, no recomputation); MFU against the dense bf16 spec peak per GPU "
         f"({peaks} TFLOP/s); note: {flops.MEASURED_CEILING_NOTE}.",
         "Activation memory = peak allocated - (parameters + gradients + optimizer state); with the optimizer in",
-        "backward (-optbwd, -optstream) gradients do not persist and are not subtracted. -graphs rows show the peak",
-        "reserved (an upper bound: graph replays allocate nothing, so the allocated peak misses their temporaries)",
-        "and no activation; rows recorded before the reserved peak was kept show none. Δ1st loss: first-step",
+        "backward (-optbwd, -optstream) gradients do not persist and are not subtracted. -graphs rows show",
+        "`<= reserved` (the reserved peak, an upper bound: graph replays allocate nothing, so the allocated peak",
+        "misses their temporaries) and no activation; rows recorded before the reserved peak was kept show none;",
+        "summary.json keeps it as `peak_reserved_gib`. Δ1st loss: first-step",
         "loss minus v5-eager's (else v5-grouped_mm's) on the same routing; the same seed gives the same weights and data.",
         "",
     ]
@@ -316,18 +335,18 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         return []
     labels = [f"{r['model']} {r['gpu']}x{r['gpu_count']}\n{r['system']} {r['routing']}" for r in ok]
     charts = [("throughput.png", "tokens/s per GPU", [r["tokens_per_s_per_gpu"] for r in ok]),
-              ("memory.png", "peak GiB (activation part hatched)", [r["peak_gib"] for r in ok])]
+              ("memory.png", "peak GiB allocated (activation part hatched)", [r["peak_gib"] for r in ok])]
     charts += [(f"speedup_vs_{b}.png", f"speed-up vs {b} (tokens/s/GPU)", [r[f"speedup_vs_{b}"] for r in ok])
                for b in BASELINES]
     written = []
     for name, ylabel, values in charts:
-        vals = [v if v is not None else 0.0 for v in values]
-        if not any(vals):
+        vals = [v if v is not None else math.nan for v in values]  # no bar where there is no number
+        if not any(v == v and v for v in vals):
             continue
         fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(ok) + 2), 4.5), dpi=100)
         ax.bar(range(len(ok)), vals, color="#4477aa")
         if name == "memory.png":
-            act = [r["activation_gib"] or 0.0 for r in ok]
+            act = [r["activation_gib"] if r["activation_gib"] is not None else math.nan for r in ok]
             ax.bar(range(len(ok)), act, color="none", edgecolor="black", hatch="//")
         if name.startswith("speedup"):
             ax.axhline(1.0, color="black", linewidth=0.8)

@@ -222,15 +222,31 @@ def test_a_run_with_a_behaviour_flag_keeps_its_own_summary_key(swept, tmp_path):
     import shutil
 
     _, run_dir, _ = swept
-    flagged = tmp_path / "flagged"
-    shutil.copytree(run_dir, flagged)
-    manifest = store.read_json(flagged / "manifest.json")
-    manifest["provenance"]["env"]["MOE_LAB_HOST_CHECKS"] = "1"
-    store.write_json(flagged / "manifest.json", manifest)
-    assert report.run_flags(flagged) == {"MOE_LAB_HOST_CHECKS": "1"}
-    assert report.run_flags(run_dir) == {}
-    keys = {r["run"]: r["key"] for r in report.collect_rows([run_dir, flagged]) if r["system"] == "torch"}
-    assert keys["flagged"] == keys[run_dir.name] + "+MOE_LAB_HOST_CHECKS=1"
+    runs = {}
+    for name, env in (("plain", {}), ("flagged", {"MOE_LAB_HOST_CHECKS": "1"})):
+        runs[name] = tmp_path / name
+        shutil.copytree(run_dir, runs[name])
+        manifest = store.read_json(runs[name] / "manifest.json")
+        manifest["provenance"]["env"] = dict(env)  # whatever this machine's environment held
+        manifest["sweep"]["env"] = {}
+        store.write_json(runs[name] / "manifest.json", manifest)
+        for cell_file in (runs[name] / "cells").glob("*.json"):
+            rec = store.read_json(cell_file)
+            rec.pop("env", None)  # as records before cells kept their own
+            store.write_json(cell_file, rec)
+    assert report.run_flags(runs["flagged"]) == {"MOE_LAB_HOST_CHECKS": "1"}
+    assert report.run_flags(runs["plain"]) == {}
+    keys = {r["run"]: r["key"] for r in report.collect_rows(list(runs.values())) if r["system"] == "torch"}
+    assert keys["flagged"] == keys["plain"] + "+MOE_LAB_HOST_CHECKS=1"
+
+
+def test_behaviour_flags_read_on_off_as_the_code_does_and_cells_keep_their_own():
+    assert report.env_flags({"MOE_LAB_TRITON_TMA": ""}) == {}  # "" is off, the default
+    assert report.env_flags({"MOE_LAB_TRITON_TMA": "true"}) == {"MOE_LAB_TRITON_TMA": "1"}
+    assert report.env_flags({"MOE_LAB_TRITON_AUTOTUNE": "0", "CUDA_HOME": "/x"}) == {"MOE_LAB_TRITON_AUTOTUNE": "0"}
+    rec = {"spec": {"system": "triton", "routing": "real"}, "metrics": {}, "env": {"MOE_LAB_TRITON_TMA": "1"}}
+    row = report.to_row(rec, "r", report.env_flags(rec["env"]))
+    assert row["key"].endswith("/triton+MOE_LAB_TRITON_TMA=1")
 
 
 def test_graph_rows_show_the_reserved_peak_and_no_activation():
@@ -238,8 +254,9 @@ def test_graph_rows_show_the_reserved_peak_and_no_activation():
            "metrics": {"peak_gib": 45.2, "peak_reserved_gib": 61.0, "activation_gib": 3.4,
                        "static_gib": {"params": 10.0, "grads": 10.0, "optimizer": 21.8}}}
     row = report.to_row(rec, "r")
-    assert (row["peak_gib"], row["activation_gib"]) == (61.0, None)
+    assert (row["peak_gib"], row["peak_reserved_gib"], row["activation_gib"]) == (None, 61.0, None)
+    assert report._peak_cell(row) == "<= 61.00 (reserved)"
     del rec["metrics"]["peak_reserved_gib"]  # recorded before the reserved peak was kept
-    assert report.to_row(rec, "r")["peak_gib"] is None
+    assert report._peak_cell(report.to_row(rec, "r")) == "-"
     rec["spec"]["system"] = "triton-fusedce"
     assert report.to_row(rec, "r")["peak_gib"] == 45.2

@@ -96,15 +96,22 @@ def _tma_configs():
     if interpreting():
         return [_INTERPRET_FWD]
     cfgs = []
-    for bm, bn, bk, w, s in [
+    for bm, bn, bk, w, s in [  # the pointer kernel's usual winners (block 5, triton-kernels 2/3)
         (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
-        (128, 128, 64, 4, 4),
-        (64, 128, 64, 4, 4),
         (128, 256, 64, 8, 4),
-        (64, 256, 64, 4, 4),
+        (64, 128, 64, 4, 4),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+    return cfgs if _autotune_enabled() else cfgs[:1]
+
+
+def _dw_tma_configs():
+    if interpreting():
+        return [_INTERPRET_DW]
+    cfgs = [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_S": bs}, num_warps=w, num_stages=s)
+            for bk, bn, bs, w, s in [(128, 128, 32, 4, 4),  # the pointer kernel's winner (block 5)
+                                     (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 4)]]
     return cfgs if _autotune_enabled() else cfgs[:1]
 
 
@@ -301,7 +308,7 @@ def _grouped_mm_dw_kernel(
             tl.store(db_ptr + e64 * stride_be + nn * stride_bn, dbias.to(db_ptr.dtype.element_ty), mask=nmask)
 
 
-@triton.autotune(configs=_dw_configs(), key=["K", "N", "S_BUCKET"])
+@triton.autotune(configs=_dw_tma_configs(), key=["K", "N", "S_BUCKET"])
 @triton.jit
 def _grouped_mm_dw_tma_kernel(
     x_ptr, dy_ptr, dw_ptr, db_ptr, offsets_ptr,
@@ -411,15 +418,17 @@ def grouped_mm_forward(
 
 
 def _describable(t: torch.Tensor, outer_strides) -> bool:
-    """A 16-bit float tensor whose base address and given strides are multiples of 16 bytes."""
-    return (t.dtype in (torch.bfloat16, torch.float16) and t.data_ptr() % 16 == 0
-            and all((st * t.element_size()) % 16 == 0 for st in outer_strides))
+    """A non-empty 16-bit float tensor whose base address and given strides are positive multiples of
+    16 bytes (a broadcast, zero stride cannot be described)."""
+    return (t.dtype in (torch.bfloat16, torch.float16) and t.numel() > 0 and t.data_ptr() % 16 == 0
+            and all(st > 0 and (st * t.element_size()) % 16 == 0 for st in outer_strides))
 
 
 def rows_tma_eligible(*row_tensors: torch.Tensor) -> bool:
-    """Whether [rows, cols] tensors can be read by tensor descriptors: unit column stride, 16-bit,
-    16-byte aligned rows."""
-    return all(t.stride(1) == 1 and _describable(t, (t.stride(0),)) for t in row_tensors)
+    """Whether [rows, cols] tensors can be read by tensor descriptors: unit column stride, rows that
+    do not overlap, 16-bit, 16-byte aligned rows."""
+    return all(t.stride(1) == 1 and t.stride(0) >= t.shape[1] and _describable(t, (t.stride(0),))
+               for t in row_tensors)
 
 
 def tma_eligible(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> bool:
@@ -436,13 +445,28 @@ _empty = torch.empty  # bound at import: the scratch is raw bytes, whatever a te
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
-    """Global memory where the kernel writes its tensor descriptors (Triton asks for it by size)."""
-    return _empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
+    """Global memory where a kernel writes its tensor descriptors (Triton asks for it by size; the
+    caching allocator's 512-byte alignment covers Triton's 128). On the current device, where
+    Triton launches; the interpreter never asks."""
+    return _empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Give Triton the scratch allocator device-side descriptors need, unless this thread already
+    has one (the host program's or another library's is left in place)."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another Triton layout: set ours
+        pass
+    triton.set_allocator(_descriptor_scratch)
 
 
 def launch_tma_forward(kernel, grid, x, w, y, b, offsets, sb, has_bias: bool, upcast: bool, **meta) -> None:
     """Launch ``kernel`` (the autotuned TMA kernel, or its ``.fn`` with explicit ``meta`` in tests)."""
-    triton.set_allocator(_descriptor_scratch)
+    _ensure_descriptor_allocator()
     kmajor = w.stride(2) != 1
     E = w.shape[0]
     kernel[grid](
@@ -478,8 +502,8 @@ def grouped_mm_weight_grad(
     dbp = db if db is not None else dw
     sb = (db.stride(0), db.stride(1)) if db is not None else (0, 0)
     grid = lambda meta: (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    if tma_enabled() and src_rows is None and rows_tma_eligible(x, dy):
-        triton.set_allocator(_descriptor_scratch)
+    if tma_enabled() and src_rows is None and x.dtype == dy.dtype and rows_tma_eligible(x, dy):
+        _ensure_descriptor_allocator()
         _grouped_mm_dw_tma_kernel[grid](
             x, dy, dw, dbp, offsets,
             K, N, bucket(S),
