@@ -273,7 +273,7 @@ def _manifest(args, device):
         command=" ".join([sys.executable, "-m", "triton_kernels.bench"] + sys.argv[1:]),
         # MOE_LAB_GIT_COMMIT / _DIRTY name the code when this copy's .git is not its own (a device copy)
         commit=os.environ.get("MOE_LAB_GIT_COMMIT") or git("rev-parse", "HEAD"),
-        dirty=(os.environ["MOE_LAB_GIT_DIRTY"] not in ("", "0") if "MOE_LAB_GIT_DIRTY" in os.environ
+        dirty=(os.environ["MOE_LAB_GIT_DIRTY"] not in ("", "0", "false") if "MOE_LAB_GIT_DIRTY" in os.environ
                else bool(git("status", "--porcelain", "--", "."))),
         time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
