@@ -332,6 +332,42 @@ def test_expert_mlp_bf16(act, transposed):
         assert_close_rel(g, gr, 6e-2, name)
 
 
+@pytest.mark.parametrize("act", ["swiglu", "gpt_oss"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_expert_mlp_tma_matches_the_pointer_kernels(monkeypatch, act, transposed):
+    """MOE_LAB_TRITON_TMA=1 in the fused kernels: the gate_up + activation forward (K-major weights,
+    concatenated halves; the interleaved halves of ``transposed`` GPT-OSS-style weights have no unit
+    stride and stay on pointers) and the down backward + activation, against the pointer path."""
+    import importlib
+
+    expert_mlp = importlib.import_module("triton_kernels.expert_mlp")  # the package exports a function of that name
+    E, H, I = 4, 48, 24
+    counts = torch.tensor([9, 0, 70, 2])
+    S = int(counts.sum())
+    offsets = offsets_of(counts)
+    tensors = [leaf(t) for t in _mlp_inputs(E, S, H, I, transposed, False, 21, torch.bfloat16, act=act)[:3]]
+    dy = rand(S, H, seed=22, dtype=torch.bfloat16)
+
+    def run():
+        with poisoned():
+            y = tk.expert_mlp(*tensors, offsets, activation=act, transposed=transposed)
+            return (y,) + torch.autograd.grad(y, tensors, dy)
+
+    described = []
+    real = expert_mlp._ensure_descriptor_allocator
+    monkeypatch.setattr(expert_mlp, "_ensure_descriptor_allocator", lambda: described.append(1) or real())
+    monkeypatch.setenv("MOE_LAB_TRITON_TMA", "1")
+    with_tma = run()
+    assert len(described) == (1 if transposed else 2), "the fused kernels did not take the TMA path"
+    monkeypatch.setenv("MOE_LAB_TRITON_TMA", "0")
+    for name, tma, pointer in zip(("y", "dx", "dgate_up", "ddown"), with_tma, run()):
+        if interpreting():
+            assert_close(tma, pointer, rtol=0, atol=0, what=f"{name}: TMA vs pointer kernels")
+        else:
+            assert_close_rel(tma, pointer, 1e-2, f"{name}: TMA vs pointer kernels")
+    assert len(described) == (1 if transposed else 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # permutation
 # ---------------------------------------------------------------------------------------------

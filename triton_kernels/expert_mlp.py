@@ -31,7 +31,9 @@ import triton.language as tl
 
 from ._common import bucket, check_offsets, next_pow2
 from .grouped_gemm import (
-    _fwd_configs, _gemm_flags, expert_tile_coords, grouped_mm_forward, grouped_mm_weight_grad, mma, tile_matmul,
+    _ensure_descriptor_allocator, _fwd_configs, _gemm_flags, expert_tile, grouped_mm_forward, grouped_mm_weight_grad,
+    mma, tile_matmul, tma_eligible, tma_enabled, tma_expert_span, tma_load_weight, tma_rows_desc, tma_tile_matmul,
+    tma_weight_desc, weight_descriptor_layout,
 )
 from .permute import _check_slots, _reduce
 
@@ -73,49 +75,69 @@ def _act_bwd(g, u, da, ACT: tl.constexpr, alpha, limit):
     return a, dg, du
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "K", "S_BUCKET"])
+@triton.autotune(configs=_fwd_configs(), key=["N", "K", "S_BUCKET", "USE_TMA"])
 @triton.jit
 def _gate_up_act_kernel(
     x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, a_ptr, hg_ptr, hu_ptr, offsets_ptr, src_ptr,
     N, K, E, S_BUCKET, alpha, limit,
     stride_xs, stride_xk,
-    stride_we, stride_wk, stride_wn,
+    stride_we, stride_wk, stride_wn, stride_w_outer,
     stride_be, stride_bn,
     stride_as, stride_an,
     stride_hs, stride_hn,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr, GATHER: tl.constexpr,
+    USE_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """act[rows, n] = ACT(x @ wg[e] + bg[e], x @ wu[e] + bu[e]) for one (M, N) tile; N = I.
     Optionally stores the pre-activations (gate into hg, up into hu). With GATHER, row r of the
-    GEMM reads x[src[r]] (the token of a routed row): the permuted copy is never written."""
-    expert, rows, rmask, cols, cmask, valid = expert_tile_coords(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
+    GEMM reads x[src[r]] (the token of a routed row): the permuted copy is never written. With
+    USE_TMA (not with GATHER) the GEMM tiles move by tensor descriptors (``tma_tile_matmul``'s
+    conventions for ``W_KMAJOR`` and ``stride_w_outer``); the epilogue is the same."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    expert, row0, row_end, valid = expert_tile(pid // num_n, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if not valid:
         return
-    ks = tl.arange(0, BLOCK_K)
-
-    if GATHER:
-        src = tl.load(src_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        src = rows
-    x_ptrs = x_ptr + src[:, None] * stride_xs + ks[None, :] * stride_xk
-    w_off = expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    wg_ptrs = wg_ptr + w_off
-    wu_ptrs = wu_ptr + w_off
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < row_end
+    cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    expert = expert.to(tl.int64)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (k0 + ks) < K
-        a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wmask = kmask[:, None] & cmask[None, :]
-        bg = tl.load(wg_ptrs, mask=wmask, other=0.0)
-        bu = tl.load(wu_ptrs, mask=wmask, other=0.0)
-        acc_g = mma(a, bg, acc_g, IEEE, UPCAST)
-        acc_u = mma(a, bu, acc_u, IEEE, UPCAST)
-        x_ptrs += BLOCK_K * stride_xk
-        wg_ptrs += BLOCK_K * stride_wk
-        wu_ptrs += BLOCK_K * stride_wk
+    if USE_TMA:
+        start, count, m0 = tma_expert_span(offsets_ptr, expert, row0, row_end)
+        n0 = (pid % num_n) * BLOCK_N
+        x_desc = tma_rows_desc(x_ptr, start, count, stride_xs, K, BLOCK_M, BLOCK_K)
+        wg_desc = tma_weight_desc(wg_ptr, expert, stride_we, stride_w_outer, N, K, W_KMAJOR, BLOCK_N, BLOCK_K)
+        wu_desc = tma_weight_desc(wu_ptr, expert, stride_we, stride_w_outer, N, K, W_KMAJOR, BLOCK_N, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            a = x_desc.load([m0, k0])
+            acc_g = mma(a, tma_load_weight(wg_desc, k0, n0, W_KMAJOR), acc_g, False, UPCAST)
+            acc_u = mma(a, tma_load_weight(wu_desc, k0, n0, W_KMAJOR), acc_u, False, UPCAST)
+    else:
+        ks = tl.arange(0, BLOCK_K)
+        if GATHER:
+            src = tl.load(src_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            src = rows
+        x_ptrs = x_ptr + src[:, None] * stride_xs + ks[None, :] * stride_xk
+        w_off = expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+        wg_ptrs = wg_ptr + w_off
+        wu_ptrs = wu_ptr + w_off
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + ks) < K
+            a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            wmask = kmask[:, None] & cmask[None, :]
+            bg = tl.load(wg_ptrs, mask=wmask, other=0.0)
+            bu = tl.load(wu_ptrs, mask=wmask, other=0.0)
+            acc_g = mma(a, bg, acc_g, IEEE, UPCAST)
+            acc_u = mma(a, bu, acc_u, IEEE, UPCAST)
+            x_ptrs += BLOCK_K * stride_xk
+            wg_ptrs += BLOCK_K * stride_wk
+            wu_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         b_off = expert * stride_be + cols * stride_bn
         acc_g += tl.load(bg_ptr + b_off, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -134,28 +156,42 @@ def _gate_up_act_kernel(
              act.to(a_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "K", "S_BUCKET"])
+@triton.autotune(configs=_fwd_configs(), key=["N", "K", "S_BUCKET", "USE_TMA"])
 @triton.jit
 def _down_bwd_act_kernel(
     dy_ptr, w_ptr, hg_ptr, hu_ptr, dhg_ptr, dhu_ptr, a_ptr, offsets_ptr,
     N, K, E, S_BUCKET, alpha, limit,
     stride_ds, stride_dk,
-    stride_we, stride_wk, stride_wn,
+    stride_we, stride_wk, stride_wn, stride_w_outer,
     stride_hs, stride_hn,
     stride_as, stride_an,
-    ACT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
+    ACT: tl.constexpr, USE_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """d_act = dy @ w[e] (w = w_down^T view [E, H, I]; K = H, N = I), then in the epilogue:
-    recompute act from h and store act [S, I] and dh (gate part to dhg, up part to dhu)."""
-    expert, rows, rmask, cols, cmask, valid = expert_tile_coords(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
+    recompute act from h and store act [S, I] and dh (gate part to dhg, up part to dhu). With
+    USE_TMA the GEMM tiles move by tensor descriptors (``tma_tile_matmul``)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    expert, row0, row_end, valid = expert_tile(pid // num_n, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if not valid:
         return
-    ks = tl.arange(0, BLOCK_K)
-    d_ptrs = dy_ptr + rows[:, None] * stride_ds + ks[None, :] * stride_dk
-    w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tile_matmul(d_ptrs, w_ptrs, BLOCK_K * stride_dk, BLOCK_K * stride_wk, rmask, cmask, K,
-                      IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < row_end
+    cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    expert = expert.to(tl.int64)
+    if USE_TMA:
+        start, count, m0 = tma_expert_span(offsets_ptr, expert, row0, row_end)
+        acc = tma_tile_matmul(dy_ptr, w_ptr, start, count, expert, m0, (pid % num_n) * BLOCK_N, N, K, stride_ds,
+                              stride_we, stride_w_outer, W_KMAJOR, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        ks = tl.arange(0, BLOCK_K)
+        d_ptrs = dy_ptr + rows[:, None] * stride_ds + ks[None, :] * stride_dk
+        w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+        acc = tile_matmul(d_ptrs, w_ptrs, BLOCK_K * stride_dk, BLOCK_K * stride_wk, rmask, cmask, K,
+                          IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     omask = rmask[:, None] & cmask[None, :]
     h_off = rows[:, None] * stride_hs + cols[None, :] * stride_hn
     g = tl.load(hg_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
@@ -194,16 +230,21 @@ def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, sto
     sb = (bg.stride(0), bg.stride(1)) if b_gu is not None else (0, 0)
     ieee, upcast = _gemm_flags(x.dtype)
     grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
+    use_tma = (tma_enabled() and src_rows is None and tma_eligible(x, wg, act)
+               and tma_eligible(x, wu, act) and wg.stride() == wu.stride())
+    if use_tma:
+        _ensure_descriptor_allocator()
+    kmajor, outer = weight_descriptor_layout(wg)
     _gate_up_act_kernel[grid](
         x, wg, wu, bg, bu, act, hg, hu, offsets, src_rows if src_rows is not None else offsets,
         I, H, E, bucket(S), float(alpha), float(limit),
         x.stride(0), x.stride(1),
-        wg.stride(0), wg.stride(1), wg.stride(2),
+        wg.stride(0), wg.stride(1), wg.stride(2), outer,
         sb[0], sb[1],
         act.stride(0), act.stride(1),
         hg.stride(0), hg.stride(1),
         ACT=act_id, HAS_BIAS=b_gu is not None, STORE_H=store_h, GATHER=src_rows is not None,
-        IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
+        USE_TMA=use_tma, W_KMAJOR=kmajor and use_tma, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
     )
     return act, h
 
@@ -220,14 +261,18 @@ def _down_bwd_act(dy, w_down, h, offsets, act_id, concatenated, alpha, limit):
     dhg, dhu = _split_cols(dh, concatenated)
     ieee, upcast = _gemm_flags(dy.dtype)
     grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
+    use_tma = tma_enabled() and tma_eligible(dy, w, act)
+    if use_tma:
+        _ensure_descriptor_allocator()
+    kmajor, outer = weight_descriptor_layout(w)
     _down_bwd_act_kernel[grid](
         dy, w, hg, hu, dhg, dhu, act, offsets,
         I, H, E, bucket(S), float(alpha), float(limit),
         dy.stride(0), dy.stride(1),
-        w.stride(0), w.stride(1), w.stride(2),
+        w.stride(0), w.stride(1), w.stride(2), outer,
         hg.stride(0), hg.stride(1),
         act.stride(0), act.stride(1),
-        ACT=act_id, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
+        ACT=act_id, USE_TMA=use_tma, W_KMAJOR=kmajor and use_tma, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
     )
     return dh, act
 

@@ -171,6 +171,56 @@ def tile_matmul(a_ptrs, b_ptrs, step_a, step_b, rmask, cmask, K,
 
 
 @triton.jit
+def tma_expert_span(offsets_ptr, expert, row0, row_end):
+    """(first row int64, row count int32, this tile's first row within the expert int32)."""
+    start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int64)
+    return start, (row_end - start).to(tl.int32), (row0 - start).to(tl.int32)
+
+
+@triton.jit
+def tma_rows_desc(x_ptr, start, count, stride_xs, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Descriptor of one expert's rows ``x[start:start + count, :K]`` (unit column stride): a load
+    past the last row reads zeros, a store stops there."""
+    return tl.make_tensor_descriptor(x_ptr + start * stride_xs, shape=[count, K], strides=[stride_xs, 1],
+                                     block_shape=[BLOCK_M, BLOCK_K])
+
+
+@triton.jit
+def tma_weight_desc(w_ptr, expert, stride_we, stride_w_outer, N, K, W_KMAJOR: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Descriptor of one expert's weight ``[K, N]`` (unit N stride, ``stride_w_outer`` its K stride)
+    or, with ``W_KMAJOR``, of the ``[N, K]`` matrix it is the transpose view of."""
+    if W_KMAJOR:
+        return tl.make_tensor_descriptor(w_ptr + expert * stride_we, shape=[N, K], strides=[stride_w_outer, 1],
+                                         block_shape=[BLOCK_N, BLOCK_K])
+    return tl.make_tensor_descriptor(w_ptr + expert * stride_we, shape=[K, N], strides=[stride_w_outer, 1],
+                                     block_shape=[BLOCK_K, BLOCK_N])
+
+
+@triton.jit
+def tma_load_weight(w_desc, k0, n0, W_KMAJOR: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] weight tile at (k0, n0)."""
+    if W_KMAJOR:
+        return tl.trans(w_desc.load([n0, k0]))
+    return w_desc.load([k0, n0])
+
+
+@triton.jit
+def tma_tile_matmul(x_ptr, w_ptr, start, count, expert, m0, n0, N, K, stride_xs, stride_we, stride_w_outer,
+                    W_KMAJOR: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = x[start + m0 + (0..BLOCK_M), :] @ w[expert][:, n0 + (0..BLOCK_N)] with
+    both tiles moved by tensor descriptors (``tma_rows_desc``, ``tma_weight_desc``): rows past the
+    expert's last one and columns past N read as zeros."""
+    x_desc = tma_rows_desc(x_ptr, start, count, stride_xs, K, BLOCK_M, BLOCK_K)
+    w_desc = tma_weight_desc(w_ptr, expert, stride_we, stride_w_outer, N, K, W_KMAJOR, BLOCK_N, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = mma(x_desc.load([m0, k0]), tma_load_weight(w_desc, k0, n0, W_KMAJOR), acc, False, UPCAST)
+    return acc
+
+
+@triton.jit
 def expert_rows(offsets_ptr, e):
     """(start, end) rows of expert ``e`` from cumulative end offsets."""
     end = tl.load(offsets_ptr + e)
@@ -227,29 +277,12 @@ def _grouped_mm_tma_kernel(
     expert, row0, row_end, valid = expert_tile(pid // num_n, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if not valid:
         return
-    start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0).to(tl.int64)
-    count = (row_end - start).to(tl.int32)
+    start, count, m0 = tma_expert_span(offsets_ptr, expert, row0, row_end)
     e64 = expert.to(tl.int64)
-    m0 = (row0 - start).to(tl.int32)
     n0 = (pid % num_n) * BLOCK_N
-    x_desc = tl.make_tensor_descriptor(x_ptr + start * stride_xs, shape=[count, K], strides=[stride_xs, 1],
-                                       block_shape=[BLOCK_M, BLOCK_K])
-    y_desc = tl.make_tensor_descriptor(y_ptr + start * stride_ys, shape=[count, N], strides=[stride_ys, 1],
-                                       block_shape=[BLOCK_M, BLOCK_N])
-    if W_KMAJOR:
-        w_desc = tl.make_tensor_descriptor(w_ptr + e64 * stride_we, shape=[N, K], strides=[stride_w_outer, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        w_desc = tl.make_tensor_descriptor(w_ptr + e64 * stride_we, shape=[K, N], strides=[stride_w_outer, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = x_desc.load([m0, k0])
-        if W_KMAJOR:
-            b = tl.trans(w_desc.load([n0, k0]))
-        else:
-            b = w_desc.load([k0, n0])
-        acc = mma(a, b, acc, False, UPCAST)
+    y_desc = tma_rows_desc(y_ptr, start, count, stride_ys, N, BLOCK_M, BLOCK_N)
+    acc = tma_tile_matmul(x_ptr, w_ptr, start, count, e64, m0, n0, N, K, stride_xs, stride_we, stride_w_outer,
+                          W_KMAJOR, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         cols = n0 + tl.arange(0, BLOCK_N)
         bias = tl.load(b_ptr + e64 * stride_be + cols * stride_bn, mask=cols < N, other=0.0)
@@ -333,10 +366,8 @@ def _grouped_mm_dw_tma_kernel(
     count = end - start
     start64 = start.to(tl.int64)
     rows_desc = tl.maximum(count, 1)  # an empty expert's descriptor is never read
-    x_desc = tl.make_tensor_descriptor(x_ptr + start64 * stride_xs, shape=[rows_desc, K], strides=[stride_xs, 1],
-                                       block_shape=[BLOCK_S, BLOCK_K])
-    dy_desc = tl.make_tensor_descriptor(dy_ptr + start64 * stride_ds, shape=[rows_desc, N], strides=[stride_ds, 1],
-                                        block_shape=[BLOCK_S, BLOCK_N])
+    x_desc = tma_rows_desc(x_ptr, start64, rows_desc, stride_xs, K, BLOCK_S, BLOCK_K)
+    dy_desc = tma_rows_desc(dy_ptr, start64, rows_desc, stride_ds, N, BLOCK_S, BLOCK_N)
     k0 = pid_k * BLOCK_K
     n0 = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -464,15 +495,22 @@ def _ensure_descriptor_allocator() -> None:
     triton.set_allocator(_descriptor_scratch)
 
 
+def weight_descriptor_layout(w: torch.Tensor) -> tuple[bool, int]:
+    """(W_KMAJOR, stride_w_outer) of a weight view w [E, K, N] for ``tma_tile_matmul``: K-major when
+    N is not the unit-stride dimension."""
+    kmajor = w.stride(2) != 1
+    return kmajor, (w.stride(2) if kmajor else w.stride(1))
+
+
 def launch_tma_forward(kernel, grid, x, w, y, b, offsets, sb, has_bias: bool, upcast: bool, **meta) -> None:
     """Launch ``kernel`` (the autotuned TMA kernel, or its ``.fn`` with explicit ``meta`` in tests)."""
     _ensure_descriptor_allocator()
-    kmajor = w.stride(2) != 1
+    kmajor, outer = weight_descriptor_layout(w)
     E = w.shape[0]
     kernel[grid](
         x, w, y, b, offsets,
         w.shape[2], x.shape[1], E, bucket(x.shape[0]),
-        x.stride(0), w.stride(0), w.stride(2) if kmajor else w.stride(1), y.stride(0), sb[0], sb[1],
+        x.stride(0), w.stride(0), outer, y.stride(0), sb[0], sb[1],
         HAS_BIAS=has_bias, W_KMAJOR=kmajor, UPCAST=upcast, BLOCK_E=next_pow2(E), **meta,
     )
 
