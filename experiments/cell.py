@@ -330,7 +330,17 @@ def run(spec: dict) -> dict:
         "versions": provenance.versions(),
         "git": provenance.git_state(),
         "env": provenance.env_flags(),  # this cell's own switches (a resumed run may differ)
+        "autotune": _autotune_choices(),
     }
+
+
+def _autotune_choices() -> dict:
+    """The tiles the Triton autotuner chose in this cell ({} when no Triton kernel ran or Triton is absent)."""
+    try:
+        from triton_kernels.autotune_choices import autotune_choices
+    except ImportError:
+        return {}
+    return autotune_choices()
 
 
 def _save_routing_trace(spec, model, optimizer, vocab, rank, system, device, first_step):

@@ -47,6 +47,7 @@ def test_two_cells_end_to_end(swept):
         assert m["step_ms"] > 0 and m["tokens_per_s_per_gpu"] > 0 and m["tflops_per_gpu"] > 0
         assert m["loss_finite"] and r["versions"]["transformers"] and r["git"]["commit"]
         assert (run_dir / "cells" / f"{r['cell_id']}.json").exists()
+        assert isinstance(r["env"], dict) and isinstance(r["autotune"], dict)  # the cell's switches and tiles
     # same seed, same weights and routing: the same first-step loss on v5 and on moe_lab
     assert ok[0]["metrics"]["first_loss"] == pytest.approx(ok[1]["metrics"]["first_loss"], rel=1e-5)
     manifest = store.read_json(run_dir / "manifest.json")
