@@ -644,6 +644,31 @@ def test_gpu_router_and_permute_large():
     assert torch.equal(slots, r_slots) and torch.equal(counts, r_counts) and torch.equal(offsets, r_offsets)
 
 
+def test_recorded_autotune_choices_pin_back_into_the_autotuners(monkeypatch, tmp_path):
+    """A block.json's ``autotune`` (strings, as recorded) goes back into the caches as equal Configs,
+    keyed by the same tuples; a kernel name this package lacks is refused."""
+    import json
+
+    import triton
+    from triton_kernels import grouped_gemm
+    from triton_kernels.autotune_choices import autotune_choices, config_from_string, pin_autotune_choices
+
+    config = triton.Config({"BLOCK_K": 128, "BLOCK_N": 128, "BLOCK_S": 32}, num_warps=4, num_stages=4)
+    key = "(768, 2048, 32768, 'torch.bfloat16', 'torch.bfloat16', 'torch.bfloat16', 'torch.bfloat16', 'torch.int32')"
+    monkeypatch.setattr(grouped_gemm._grouped_mm_dw_kernel, "cache", {})
+    path = tmp_path / "block.json"
+    path.write_text(json.dumps({"rows": [], "autotune": {"grouped_gemm._grouped_mm_dw_kernel": {key: str(config)}}}))
+    assert pin_autotune_choices(path) == 1
+    pinned = grouped_gemm._grouped_mm_dw_kernel.cache
+    assert list(pinned) == [(768, 2048, 32768, "torch.bfloat16", "torch.bfloat16", "torch.bfloat16",
+                             "torch.bfloat16", "torch.int32")]
+    assert pinned[next(iter(pinned))].all_kwargs() == config.all_kwargs()
+    assert autotune_choices()["grouped_gemm._grouped_mm_dw_kernel"] == {key: str(config)}  # round trip
+    assert config_from_string("BLOCK_M: 64, num_warps: 4, num_ctas: 1, num_stages: 2, maxnreg: None").num_stages == 2
+    with pytest.raises(ValueError, match="not an autotuned kernel"):
+        pin_autotune_choices({"grouped_gemm._no_such_kernel": {key: str(config)}})
+
+
 def test_autotune_choices_reports_the_chosen_config(monkeypatch):
     import triton
     from triton_kernels import grouped_gemm

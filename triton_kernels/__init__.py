@@ -13,11 +13,17 @@ are int32 cumulative END offsets per expert ``[E]`` over rows sorted by expert.
 - ``expert_mlp_gathered(x [T, H], sorted_slots, inv_slots, k, gate_up, down, offsets, ...) -> [S, H]``:
   the same MLP gathering token rows in the GEMM prologue (no permuted copy)
 - ``combine(y [S, H], weights [T, k], sorted_slots) -> [T, H]``
+
+Set ``MOE_LAB_TRITON_PIN=<json>`` to re-use the tiles a recorded run's autotuner chose
+(``triton_kernels.autotune_choices``).
 """
 from .expert_mlp import expert_mlp, expert_mlp_gathered
 from .grouped_gemm import grouped_mm
 from .permute import combine, expert_counts, inverse_permutation, permute, sort_by_expert
 from .router import route
+from .autotune_choices import pin_from_environment
+
+pin_from_environment()  # MOE_LAB_TRITON_PIN=<json>: the autotuner's recorded choices, re-applied
 
 __all__ = [
     "route",

@@ -1,23 +1,80 @@
-"""Which configuration the Triton autotuner chose for each kernel and key, for result manifests.
+"""Which configuration the Triton autotuner chose for each kernel and key, recorded and re-applied.
 
 ``autotune_choices() -> {"module.kernel": {"key": "BLOCK_M: 128, ..., num_warps: 8, ..."}}`` covers
 every autotuned kernel of this package that has run in this process (an untouched kernel has no
-entry). Benchmarks record it so a table says which tiles produced its times.
+entry). Benchmarks and harness cells record it, so a table says which tiles produced its times.
+
+``pin_autotune_choices(source)`` puts such choices back into the autotuners' caches, so a later run
+uses the same tiles without timing candidates again (a rerun of a table on another machine, or an
+A/B that should differ in one thing only). ``source``: the mapping, or a JSON file holding it or
+holding it under ``"autotune"`` (``block.json``, ``triton_kernels_bench.json``, a cell record).
+Importing the package pins the file named by ``MOE_LAB_TRITON_PIN``. Pinned keys are never timed; a
+kernel run with a single candidate (the interpreter, ``MOE_LAB_TRITON_AUTOTUNE=0``) ignores them.
 """
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
+import json
+import os
+from pathlib import Path
 
+import triton
 from triton.runtime.autotuner import Autotuner
 
 _MODULES = ("grouped_gemm", "expert_mlp", "permute", "router", "rmsnorm", "rope", "cross_entropy", "adamw")
 
 
-def autotune_choices() -> dict:
-    choices = {}
+def _autotuners() -> dict:
+    tuners = {}
     for name in _MODULES:
         module = importlib.import_module(f"{__package__}.{name}")
         for attr, obj in vars(module).items():
-            if isinstance(obj, Autotuner) and obj.cache:
-                choices[f"{name}.{attr}"] = {str(key): str(cfg) for key, cfg in obj.cache.items()}
-    return choices
+            if isinstance(obj, Autotuner):
+                tuners[f"{name}.{attr}"] = obj
+    return tuners
+
+
+def autotune_choices() -> dict:
+    return {name: {str(key): str(cfg) for key, cfg in tuner.cache.items()}
+            for name, tuner in _autotuners().items() if tuner.cache}
+
+
+def config_from_string(text: str) -> triton.Config:
+    """The ``triton.Config`` that ``str(config)`` printed: ``"BLOCK_M: 128, num_warps: 8, ..."``."""
+    options = set(inspect.signature(triton.Config.__init__).parameters) - {"self", "kwargs"}
+    kwargs, extra = {}, {}
+    for item in text.split(", "):
+        name, _, value = item.partition(": ")
+        parsed = ast.literal_eval(value)
+        (extra if name in options else kwargs)[name] = parsed
+    return triton.Config(kwargs, **extra)
+
+
+def pin_autotune_choices(source) -> int:
+    """Put recorded choices into the autotuners' caches; returns how many keys were pinned.
+    Raises ValueError for a kernel this package does not have."""
+    if not isinstance(source, dict):
+        source = json.loads(Path(source).read_text())
+    choices = source.get("autotune", source)
+    tuners = _autotuners()
+    pinned = 0
+    for kernel, by_key in choices.items():
+        if kernel not in tuners:
+            raise ValueError(f"pinned autotune choices name {kernel!r}, which is not an autotuned kernel of "
+                             f"triton_kernels (known: {', '.join(sorted(tuners))})")
+        for key, config in by_key.items():
+            tuners[kernel].cache[ast.literal_eval(key)] = config_from_string(config)
+            pinned += 1
+    return pinned
+
+
+def pin_from_environment() -> int:
+    path = os.environ.get("MOE_LAB_TRITON_PIN")
+    if not path:
+        return 0
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"MOE_LAB_TRITON_PIN={path}: no such file (a JSON of recorded autotune choices, "
+                                "e.g. a block.json or a cell record)")
+    return pin_autotune_choices(path)
