@@ -98,12 +98,11 @@ def main(argv=None) -> int:
                 print(f"{routing:9s} {system:14s} {row['ms']:8.3f} ms  {row['tflops']:6.1f} TFLOP/s  act {row['activation_gib']:.3f} GiB", flush=True)
             else:
                 print(f"{routing:9s} {system:14s} FAILED {row['error'][:120]}", flush=True)
-    from triton_kernels.autotune_choices import autotune_choices
+    from triton_kernels.autotune_choices import autotune_choices, autotune_lines
 
     chosen = autotune_choices()
-    for kernel, by_key in chosen.items():
-        for key, config in by_key.items():
-            print(f"autotune {kernel} {key}: {config}", flush=True)
+    for line in autotune_lines(chosen):
+        print(line, flush=True)
     record = {"kind": "moe-block", "rows": rows, "autotune": chosen,
               "provenance": provenance.collect(sys.argv if argv is None else argv)}
     store.write_json(args.out, record)

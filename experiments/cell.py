@@ -223,7 +223,7 @@ def run(spec: dict) -> dict:
     if spec["fail_at"] == "crash":
         os._exit(17)  # simulates a process killed before it could write its record
 
-    if dict(system.options).get("cuda_graphs") and (spec["routing"] != "real" or spec["trace"] or spec["ckpt"]):
+    if system.cuda_graphs and (spec["routing"] != "real" or spec["trace"] or spec["ckpt"]):
         raise ValueError(f"{system.name}: CUDA graphs replay the layers without their Python hooks; the routing "
                          "regimes, routing traces and checkpointing need them (use routing 'real', no trace, no ckpt)")
     torch.manual_seed(spec["seed"])
@@ -273,8 +273,7 @@ def run(spec: dict) -> dict:
     tflops = flops_per_gpu / (med_ms / 1e3) / 1e12
     # gradients persist unless the optimizer frees them in backward; graphed layers keep theirs in
     # the graph's pool either way (moe_lab.cuda_graphs)
-    graphed = dict(system.options).get("cuda_graphs", False)
-    static = static_bytes(model, optimizer, grads_persist=graphed or not system.optimizer_in_backward)
+    static = static_bytes(model, optimizer, grads_persist=system.cuda_graphs or not system.optimizer_in_backward)
     peak_bytes = activation_bytes = peak_reserved_bytes = None
     if device.type == "cuda":
         peak_b = _max_over_ranks([float(torch.cuda.max_memory_allocated(device))], world, device)[0]

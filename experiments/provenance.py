@@ -27,6 +27,12 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def switch_on(value: str | None, default: bool = False) -> bool:
+    """How an on/off environment switch reads (as ``triton_kernels._common.switch_on``, which this
+    package does not import for it: it needs no Triton): unset -> ``default``, "" / "0" / "false" -> off."""
+    return default if value is None else value.strip().lower() not in ("", "0", "false")
+
+
 def git_state() -> dict:
     """{"commit": sha or "unknown", "dirty": bool | None, "source": "env" | "git" | "none"}.
 
@@ -35,7 +41,7 @@ def git_state() -> dict:
     env_commit = os.environ.get("MOE_LAB_GIT_COMMIT")
     if env_commit:
         dirty = os.environ.get("MOE_LAB_GIT_DIRTY")
-        return {"commit": env_commit, "dirty": None if dirty is None else dirty not in ("0", "false", ""),
+        return {"commit": env_commit, "dirty": None if dirty is None else switch_on(dirty),
                 "source": "env"}
     commit = _git("rev-parse", "HEAD")
     if commit:

@@ -26,7 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import flops, store
+from . import flops, store, systems
+from .provenance import switch_on
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,12 @@ def summary_key(row: dict) -> str:
         suffix += f"+{row['optimizer']}"
     if row.get("batch", 1) not in (1, None):
         suffix += f"+b{row['batch']}"
-    suffix += "".join(f"+{k}={v}" for k, v in sorted((row.get("flags") or {}).items()))
-    return f"{row['gpu']}x{row['gpu_count']}/{row['model']}/{row['system']}{suffix}"
+    return f"{row['gpu']}x{row['gpu_count']}/{row['model']}/{row['system']}{suffix}{_flag_suffix(row.get('flags'))}"
+
+
+def _flag_suffix(flags: dict | None) -> str:
+    """``+NAME=value`` for each behaviour flag a measurement ran with (env_flags), in name order."""
+    return "".join(f"+{k}={v}" for k, v in sorted((flags or {}).items()))
 
 
 def to_row(rec: dict, run: str, flags: dict | None = None) -> dict:
@@ -98,7 +103,7 @@ def to_row(rec: dict, run: str, flags: dict | None = None) -> dict:
         row[k] = m.get(k)
     row["activation_gib"] = _activation_gib(row["system"], m)
     row["peak_reserved_gib"] = m.get("peak_reserved_gib")
-    if "graphs" in (row["system"] or "").split("-"):
+    if _has_variant(row["system"], "graphs"):
         # graph replays allocate nothing: the allocated peak misses their temporaries (cell.py), so
         # these rows have no allocated peak or activation, only the reserved peak (an upper bound;
         # absent before it was recorded)
@@ -108,6 +113,12 @@ def to_row(rec: dict, run: str, flags: dict | None = None) -> dict:
     return row
 
 
+def _has_variant(system_name: str | None, *words: str) -> bool:
+    """Whether a system name carries any of these variant words. Read from the name's words, not
+    ``systems.parse``: records keep names of variants since removed (``-cudnnattn``)."""
+    return bool(set(words) & set((system_name or "").split("-")))
+
+
 def _activation_gib(system_name, metrics: dict):
     """Peak minus what persists between steps. With the optimizer in backward (``-optbwd``,
     ``-optstream``) gradients do not persist: each is freed after its parameter's step, so the peak
@@ -115,7 +126,7 @@ def _activation_gib(system_name, metrics: dict):
     every gradient as well, which made their activation negative; this derives it anew from the
     recorded peak and static sizes."""
     static = metrics.get("static_gib") or {}
-    in_backward = {"optbwd", "optstream"} & set((system_name or "").split("-"))  # names of removed variants stay readable
+    in_backward = _has_variant(system_name, systems.OPTIMIZER_IN_BACKWARD, systems.OPTIMIZER_ON_SIDE_STREAM)
     if metrics.get("peak_gib") is None or not static or not in_backward:
         return metrics.get("activation_gib")
     return metrics["peak_gib"] - static.get("params", 0.0) - static.get("optimizer", 0.0)
@@ -150,7 +161,7 @@ def env_flags(env: dict) -> dict:
     """The behaviour flags of a recorded environment that differ from their defaults, as "0" / "1"."""
     flags = {}
     for name, default in BEHAVIOUR_FLAGS.items():
-        on = env[name] not in ("", "0") if name in env else default
+        on = switch_on(env.get(name), default)
         if on != default:
             flags[name] = "1" if on else "0"
     return flags
@@ -383,7 +394,7 @@ def block_rows(runs: Path) -> list[dict]:
             row = dict(r, run=path.parent.name, gpu=hw.get("gpu", "unknown"), commit=git.get("commit"),
                        torch=prov.get("versions", {}).get("torch"), triton=prov.get("versions", {}).get("triton"),
                        transformers=prov.get("versions", {}).get("transformers"))
-            suffix += "".join(f"+{k}={v}" for k, v in sorted(env_flags(prov.get("env", {})).items()))
+            suffix += _flag_suffix(env_flags(prov.get("env", {})))
             row["key"] = f"{row['gpu']}x1/moe-block/{r['model']}/{r['system']}{suffix}"
             rows.append(row)
     return rows
@@ -469,6 +480,33 @@ def attention_markdown(runs: Path) -> str | None:
     return "\n".join(lines)
 
 
+def kernel_bench_markdown(runs: Path) -> str | None:
+    """Every ``*triton_kernels_bench.json`` (``python -m triton_kernels.bench``) under ``runs`` as
+    tables (medians; "vs torch" = torch's median over Triton's for the same op), or None if none."""
+    files = bench_files(runs, "*triton_kernels_bench.json")
+    if not files:
+        return None
+    lines = ["# Triton kernels against their PyTorch equivalents (`python -m triton_kernels.bench`)", ""]
+    for path in files:
+        rec = store.read_json(path)
+        m = rec.get("manifest", {})
+        lines += [f"## {path.parent.name}/{path.name}: {m.get('gpu')}, torch {m.get('torch')}, triton {m.get('triton')}, "
+                  f"commit {str(m.get('commit'))[:12]}{' (dirty)' if m.get('dirty') else ''}"
+                  f"{', MOE_LAB_TRITON_TMA=' + m['tma'] if m.get('tma') not in (None, '0') else ''}", "",
+                  f"Command: `{m.get('command')}`; timer: {m.get('timer')}.", "",
+                  "| group | op | shape | impl | ms (median) | samples | TFLOP/s | GB/s | vs torch |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        torch_ms = {(r["group"], r["op"], r["shape"]): r["ms"] for r in rec.get("rows", []) if r["impl"] == "torch"}
+        for r in rec.get("rows", []):
+            base = torch_ms.get((r["group"], r["op"], r["shape"])) if r["impl"] != "torch" else None
+            vs_torch = _f(base / r["ms"] if base else None, "{:.2f}x")
+            lines.append(f"| {r['group']} | {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.4f} | "
+                         f"{len(r.get('ms_samples') or []) or '-'} | {_f(r.get('tflops'))} | {_f(r.get('gbps'))} | "
+                         f"{vs_torch} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool = True) -> dict:
     """Regenerate every derived file; returns {"rows": n, "files": [...]}."""
     run_dirs = find_runs(runs)
@@ -487,10 +525,10 @@ def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool =
     if breakdown is not None:
         store.write_text(out_dir / "step_breakdown.md", breakdown)
         files.append(out_dir / "step_breakdown.md")
-    attention = attention_markdown(runs)
-    if attention is not None:
-        store.write_text(out_dir / "attention.md", attention)
-        files.append(out_dir / "attention.md")
+    for name, text in (("attention.md", attention_markdown(runs)), ("kernels.md", kernel_bench_markdown(runs))):
+        if text is not None:
+            store.write_text(out_dir / name, text)
+            files.append(out_dir / name)
     if summary is not None:
         merge_summary(summary, {**summary_entries(rows), **block_summary_entries(blocks)})
         files.append(Path(summary))

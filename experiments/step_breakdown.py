@@ -218,7 +218,7 @@ def breakdown_system(spec: dict, profile: bool = False) -> dict:
     if world != 1:
         raise ValueError("step_breakdown runs one process on one device")
     system = systems.parse(spec["system"])
-    if dict(system.options).get("cuda_graphs"):
+    if system.cuda_graphs:
         raise ValueError(f"{spec['system']}: the breakdown times blocks with hooks inside the layers, which CUDA "
                          "graphs replay without; time graphed systems with the sweep")
     config = models.build_config(spec["model"], spec["layers"])

@@ -66,6 +66,11 @@ class System:
     optimizer_side_stream: bool = False  # the `-optstream` variant
 
     @property
+    def cuda_graphs(self) -> bool:
+        """The ``-graphs`` variant: decoder layers replayed as CUDA graphs."""
+        return dict(self.options).get("cuda_graphs", False)
+
+    @property
     def distributed(self) -> bool:
         return self.kind in ("v5-fsdp2", "v5-ep", "moe_lab-ep")
 

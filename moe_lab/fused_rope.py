@@ -21,8 +21,8 @@ import types
 import torch
 
 log = logging.getLogger(__name__)
-_state = threading.local()
-_warned: set = set()  # depth: how many opted-in attention forwards are running in this thread
+_state = threading.local()  # depth: how many opted-in attention forwards are running in this thread
+_warned: set = set()  # fallback reasons already logged
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

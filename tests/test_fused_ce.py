@@ -11,7 +11,7 @@ import transformers
 import moe_lab
 from moe_lab.fused_ce import enable_fused_cross_entropy, linear_cross_entropy
 from markers import needs_interpreter
-from tiny_models import tiny_config
+from tiny_models import tiny_config, v5_and_moe_lab
 
 TOL = dict(rtol=1e-4, atol=1e-6)
 
@@ -61,11 +61,8 @@ def test_model_loss_and_gradients_match_v5(family, items):
 
 
 def test_inference_and_generate_unchanged():
-    config = tiny_config("qwen3_moe")
-    torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(config)
-    ours = moe_lab.AutoModelForCausalLM.from_config(config, fused_cross_entropy=True)
-    ours.load_state_dict(reference.state_dict())
+    reference, ours = v5_and_moe_lab(tiny_config("qwen3_moe"), fused_cross_entropy=True)
+    config = ours.config
     ids = torch.randint(0, config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(ours(ids).logits, reference(ids).logits, **TOL)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)

@@ -3,7 +3,6 @@ both formulas, and a model with `fused_norm=True` trains like v5. float32 pins t
 formulas differ only in bf16 rounding, which tests/test_step_kernels_gpu.py checks on the GPU."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
 import moe_lab
 from markers import needs_interpreter
-from tiny_models import assert_same_grads, tiny_config
+from tiny_models import assert_same_grads, tiny_config, v5_and_moe_lab
 from triton_kernels.rmsnorm import rms_norm
 
 pytestmark = needs_interpreter
@@ -89,10 +88,7 @@ def test_model_with_fused_norm_trains_like_v5(family, monkeypatch):
     kernel = rmsnorm.rms_norm
     monkeypatch.setattr(rmsnorm, "rms_norm", lambda *a, **k: calls.append(k["weight_last"]) or kernel(*a, **k))
     config = tiny_config(family)
-    torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(config)
-    ours = moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), moe_backend="torch", fused_norm=True)
-    ours.load_state_dict(reference.state_dict())
+    reference, ours = v5_and_moe_lab(config, moe_backend="torch", fused_norm=True)
     norms = [m for m in ours.modules() if type(m).__name__.endswith("RMSNorm")]
     ids = torch.randint(0, config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
     want, got = reference(ids, labels=ids), ours(ids, labels=ids)

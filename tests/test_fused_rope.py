@@ -4,17 +4,15 @@ like v5. float32 pins the math (the kernel rounds where v5 rounds, which only bf
 tests/test_step_kernels_gpu.py checks that bit for bit)."""
 from __future__ import annotations
 
-import copy
 import importlib
 
 import pytest
 import torch
 import transformers
 
-import moe_lab
 from markers import needs_interpreter
 from moe_lab.fused_rope import computes_rotate_half_rope, enable_fused_rope, rope_reference
-from tiny_models import assert_same_grads, tiny_config
+from tiny_models import assert_same_grads, tiny_config, v5_and_moe_lab
 from triton_kernels.rope import check_rope_args, rope
 
 ROPE_FAMILIES = ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"]
@@ -78,10 +76,7 @@ def test_model_with_fused_rope_trains_like_v5_and_leaves_other_models_alone(fami
     launch = rope_module._launch
     monkeypatch.setattr(rope_module, "_launch", lambda *a, **k: calls.append(k["backward"]) or launch(*a, **k))
     config = tiny_config(family)
-    torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(config)
-    ours = moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), moe_backend="torch", fused_rope=True)
-    ours.load_state_dict(reference.state_dict())
+    reference, ours = v5_and_moe_lab(config, moe_backend="torch", fused_rope=True)
     ids = torch.randint(0, config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
     want = reference(ids, labels=ids)
     assert calls == [], "a model without the option keeps v5's rotary embedding"
@@ -135,10 +130,7 @@ def test_deepseek_without_interleave_runs_the_kernel(monkeypatch):
     monkeypatch.setattr(rope_module, "_launch", lambda *a, **k: calls.append(k["backward"]) or launch(*a, **k))
     config = tiny_config("deepseek_v3")
     config.rope_interleave = False
-    torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(config)
-    ours = moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), moe_backend="torch", fused_rope=True)
-    ours.load_state_dict(reference.state_dict())
+    reference, ours = v5_and_moe_lab(config, moe_backend="torch", fused_rope=True)
     ids = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     assert calls.count(False) == 2 * config.num_hidden_layers

@@ -353,19 +353,19 @@ def test_expert_mlp_tma_matches_the_pointer_kernels(monkeypatch, act, transposed
             y = tk.expert_mlp(*tensors, offsets, activation=act, transposed=transposed)
             return (y,) + torch.autograd.grad(y, tensors, dy)
 
-    described = []
-    real = expert_mlp._ensure_descriptor_allocator
-    monkeypatch.setattr(expert_mlp, "_ensure_descriptor_allocator", lambda: described.append(1) or real())
+    described = []  # use_tma of each fused-kernel launch
+    real = expert_mlp.tma_weight_args
+    monkeypatch.setattr(expert_mlp, "tma_weight_args", lambda use_tma, w: described.append(use_tma) or real(use_tma, w))
     monkeypatch.setenv("MOE_LAB_TRITON_TMA", "1")
     with_tma = run()
-    assert len(described) == (1 if transposed else 2), "the fused kernels did not take the TMA path"
+    assert described.count(True) == (1 if transposed else 2), "the fused kernels did not take the TMA path"
     monkeypatch.setenv("MOE_LAB_TRITON_TMA", "0")
     for name, tma, pointer in zip(("y", "dx", "dgate_up", "ddown"), with_tma, run()):
         if interpreting():
             assert_close(tma, pointer, rtol=0, atol=0, what=f"{name}: TMA vs pointer kernels")
         else:
             assert_close_rel(tma, pointer, 1e-2, f"{name}: TMA vs pointer kernels")
-    assert len(described) == (1 if transposed else 2)
+    assert described.count(True) == (1 if transposed else 2)
 
 
 # ---------------------------------------------------------------------------------------------

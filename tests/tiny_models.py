@@ -1,4 +1,5 @@
-"""Tiny random configs of each supported family, small enough for fast CPU tests, and a gradient comparison."""
+"""Tiny random configs of each supported family, small enough for fast CPU tests, a v5 / moe_lab pair
+with the same weights, and a gradient comparison."""
 from __future__ import annotations
 
 import torch
@@ -47,6 +48,19 @@ def tiny_config(family: str, num_experts: int = 6, top_k: int = 2, layers: int =
 
 FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"]
 GENERIC = ["qwen2_moe", "olmoe"]
+
+
+def v5_and_moe_lab(config, seed: int = 0, **options):
+    """(a plain v5 model, a moe_lab model with ``options``) of ``config``, with the same weights."""
+    import copy
+
+    import moe_lab
+
+    torch.manual_seed(seed)
+    reference = transformers.AutoModelForCausalLM.from_config(config)
+    ours = moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), **options)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
 
 
 def assert_same_grads(model, reference, *, rtol: float, atol: float, where: str = "") -> None:

@@ -8,9 +8,20 @@ import triton
 import triton.language as tl
 
 
+def switch_on(value: str | None, default: bool = False) -> bool:
+    """How an on/off environment switch reads: unset -> ``default``, "" / "0" / "false" -> off,
+    anything else -> on. ``switch_on(os.environ.get(name), default)``; recorded environments too."""
+    return default if value is None else value.strip().lower() not in ("", "0", "false")
+
+
+def env_switch(name: str, default: bool = False) -> bool:
+    """The on/off environment switch ``name`` (see ``switch_on``)."""
+    return switch_on(os.environ.get(name), default)
+
+
 def interpreting() -> bool:
     """True when Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env_switch("TRITON_INTERPRET")
 
 
 def runs_on(device: torch.device) -> bool:
@@ -24,7 +35,7 @@ def allow_tf32() -> bool:
     Off by default (exact "ieee" fp32 products); set ``MOE_LAB_TRITON_TF32=1`` to trade exactness
     for speed. bf16/fp16 inputs always use tensor cores with fp32 accumulation.
     """
-    return os.environ.get("MOE_LAB_TRITON_TF32", "0") not in ("", "0")
+    return env_switch("MOE_LAB_TRITON_TF32")
 
 
 def next_pow2(n: int) -> int:

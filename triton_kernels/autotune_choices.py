@@ -41,6 +41,11 @@ def autotune_choices() -> dict:
             for name, tuner in _autotuners().items() if tuner.cache}
 
 
+def autotune_lines(choices: dict) -> list[str]:
+    """One console line per kernel and key: ``autotune <kernel> <key>: <config>``."""
+    return [f"autotune {kernel} {key}: {config}" for kernel, by_key in choices.items() for key, config in by_key.items()]
+
+
 def config_from_string(text: str) -> triton.Config:
     """The ``triton.Config`` that ``str(config)`` printed: ``"BLOCK_M: 128, num_warps: 8, ..."``."""
     options = set(inspect.signature(triton.Config.__init__).parameters) - {"self", "kwargs"}

@@ -47,8 +47,8 @@ import triton  # noqa: E402
 
 from triton_kernels import combine, expert_mlp, grouped_mm, permute, route, sort_by_expert  # noqa: E402
 from triton_kernels import reference as ref  # noqa: E402
-from triton_kernels._common import interpreting  # noqa: E402
-from triton_kernels.autotune_choices import autotune_choices  # noqa: E402
+from triton_kernels._common import interpreting, switch_on  # noqa: E402
+from triton_kernels.autotune_choices import autotune_choices, autotune_lines  # noqa: E402
 
 FULL = dict(H=2048, E=128, k=8, I=768, T_gemm=4096, T_route=(4096, 65536))
 TINY = dict(H=64, E=6, k=2, I=48, T_gemm=40, T_route=(40,))
@@ -57,17 +57,19 @@ TINY = dict(H=64, E=6, k=2, I=48, T_gemm=40, T_route=(40,))
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------
-def bench_ms(fn) -> float:
-    """Median milliseconds of fn(): do_bench on CUDA, a wall clock under the interpreter."""
+def timings(fn) -> list[float]:
+    """Milliseconds of fn(), every repetition: do_bench's on CUDA (warm-up 25 ms, 200 ms of
+    repetitions), three wall-clock runs under the interpreter. Tables report the median."""
     if torch.cuda.is_available() and not interpreting():
-        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+        times = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="all")
+        return [float(t) for t in (times if isinstance(times, (list, tuple)) else [times])]
     fn()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def _grad_fn(fwd, inputs, seed=0):
@@ -88,10 +90,13 @@ class Table:
     def __init__(self):
         self.rows = []
 
-    def add(self, group, op, shape, impl, ms, flops=None, nbytes=None, note=""):
+    def add(self, group, op, shape, impl, samples, flops=None, nbytes=None, note=""):
+        """One row: ``samples`` (ms, from ``timings``) kept beside their median."""
+        ms = statistics.median(samples)
         row = dict(group=group, op=op, shape=shape, impl=impl, ms=ms,
                    tflops=(flops / ms / 1e9) if flops else None,
-                   gbps=(nbytes / ms / 1e6) if nbytes else None, note=note)
+                   gbps=(nbytes / ms / 1e6) if nbytes else None, note=note,
+                   ms_samples=[round(t, 5) for t in samples])
         self.rows.append(row)
         rate = f"{row['tflops']:8.1f} TFLOP/s" if flops else (f"{row['gbps']:8.1f} GB/s" if nbytes else "")
         print(f"{group:8s} {op:28s} {shape:34s} {impl:16s} {ms:10.4f} ms  {rate}", flush=True)
@@ -137,14 +142,14 @@ def bench_router(tab, geo, device, dtype, seed):
             if kw.get("n_group", 1) > 1 and E % kw["n_group"]:
                 continue
             shape = f"T={T} E={E} k={k}"
-            tab.add("router", name + " fwd", shape, "triton", bench_ms(lambda: route(logits, k, **kw)), nbytes=nbytes)
-            tab.add("router", name + " fwd", shape, "torch", bench_ms(lambda: ref.route_ref(logits, k, **kw)),
+            tab.add("router", name + " fwd", shape, "triton", timings(lambda: route(logits, k, **kw)), nbytes=nbytes)
+            tab.add("router", name + " fwd", shape, "torch", timings(lambda: ref.route_ref(logits, k, **kw)),
                     nbytes=nbytes)
             tab.ratio("router", name + " fwd", shape)
             tab.add("router", name + " fwd+bwd", shape, "triton",
-                    bench_ms(_grad_fn(lambda: route(logits, k, **kw), (logits,))), nbytes=2 * nbytes)
+                    timings(_grad_fn(lambda: route(logits, k, **kw), (logits,))), nbytes=2 * nbytes)
             tab.add("router", name + " fwd+bwd", shape, "torch",
-                    bench_ms(_grad_fn(lambda: ref.route_ref(logits, k, **kw), (logits,))), nbytes=2 * nbytes)
+                    timings(_grad_fn(lambda: ref.route_ref(logits, k, **kw), (logits,))), nbytes=2 * nbytes)
             tab.ratio("router", name + " fwd+bwd", shape)
 
 
@@ -155,10 +160,10 @@ def bench_permute(tab, geo, device, dtype, seed):
         S = T * k
         shape = f"T={T} E={E} k={k}"
         sort_bytes = S * ids.element_size() + S * 8 * 2 + E * 12
-        tab.add("permute", "sort_by_expert", shape, "triton", bench_ms(lambda: sort_by_expert(ids, E)),
+        tab.add("permute", "sort_by_expert", shape, "triton", timings(lambda: sort_by_expert(ids, E)),
                 nbytes=sort_bytes)
         tab.add("permute", "sort_by_expert", shape, "torch",
-                bench_ms(lambda: ref.sort_by_expert_ref(ids, E)), nbytes=sort_bytes)
+                timings(lambda: ref.sort_by_expert_ref(ids, E)), nbytes=sort_bytes)
         tab.ratio("permute", "sort_by_expert", shape)
 
         slots, _, _, inv = sort_by_expert(ids, E, return_inverse=True)
@@ -166,29 +171,29 @@ def bench_permute(tab, geo, device, dtype, seed):
         es = x.element_size()
         shape = f"T={T} H={H} k={k}"
         moved = (T * H + S * H) * es + S * 8
-        tab.add("permute", "permute fwd", shape, "triton", bench_ms(lambda: permute(x, slots, k, inv)), nbytes=moved)
-        tab.add("permute", "permute fwd", shape, "torch", bench_ms(lambda: ref.permute_ref(x, slots, k)),
+        tab.add("permute", "permute fwd", shape, "triton", timings(lambda: permute(x, slots, k, inv)), nbytes=moved)
+        tab.add("permute", "permute fwd", shape, "torch", timings(lambda: ref.permute_ref(x, slots, k)),
                 nbytes=moved)
         tab.ratio("permute", "permute fwd", shape)
         tab.add("permute", "permute fwd+bwd", shape, "triton",
-                bench_ms(_grad_fn(lambda: permute(x, slots, k, inv), (x,))), nbytes=2 * moved)
+                timings(_grad_fn(lambda: permute(x, slots, k, inv), (x,))), nbytes=2 * moved)
         tab.add("permute", "permute fwd+bwd", shape, "torch",
-                bench_ms(_grad_fn(lambda: ref.permute_ref(x, slots, k), (x,))), nbytes=2 * moved)
+                timings(_grad_fn(lambda: ref.permute_ref(x, slots, k), (x,))), nbytes=2 * moved)
         tab.ratio("permute", "permute fwd+bwd", shape)
 
         y = randn(S, H, device=device, dtype=dtype, seed=seed + 1).requires_grad_()
         wt = w.detach().clone().requires_grad_()
         moved = (S * H + T * H) * es + S * (8 + 4)
-        tab.add("permute", "combine fwd", shape, "triton", bench_ms(lambda: combine(y, wt, slots, inv)), nbytes=moved)
-        tab.add("permute", "combine fwd", shape, "torch", bench_ms(lambda: ref.combine_ref(y, wt, slots)),
+        tab.add("permute", "combine fwd", shape, "triton", timings(lambda: combine(y, wt, slots, inv)), nbytes=moved)
+        tab.add("permute", "combine fwd", shape, "torch", timings(lambda: ref.combine_ref(y, wt, slots)),
                 nbytes=moved)
         tab.ratio("permute", "combine fwd", shape)
         # backward reads dout (T*H) and y (S*H), writes dy (S*H) and dw
         bwd_moved = moved + (2 * S * H + T * H) * es
         tab.add("permute", "combine fwd+bwd", shape, "triton",
-                bench_ms(_grad_fn(lambda: combine(y, wt, slots, inv), (y, wt))), nbytes=bwd_moved)
+                timings(_grad_fn(lambda: combine(y, wt, slots, inv), (y, wt))), nbytes=bwd_moved)
         tab.add("permute", "combine fwd+bwd", shape, "torch",
-                bench_ms(_grad_fn(lambda: ref.combine_ref(y, wt, slots), (y, wt))), nbytes=bwd_moved)
+                timings(_grad_fn(lambda: ref.combine_ref(y, wt, slots), (y, wt))), nbytes=bwd_moved)
         tab.ratio("permute", "combine fwd+bwd", shape)
         del x, y
 
@@ -221,13 +226,13 @@ def bench_gemm(tab, geo, device, dtype, seed):
         flops = 2 * S * K * N
         tr = lambda inp=inp, wparam=wparam: grouped_mm(inp, wparam.transpose(1, 2), offsets)
         th = lambda inp=inp, wparam=wparam: _torch_grouped_mm(inp, wparam.transpose(1, 2), offsets)
-        tab.add("gemm", f"grouped_mm {name} fwd", shape, "triton", bench_ms(tr), flops=flops,
+        tab.add("gemm", f"grouped_mm {name} fwd", shape, "triton", timings(tr), flops=flops,
                 note=_check(tr, th))
-        tab.add("gemm", f"grouped_mm {name} fwd", shape, "torch", bench_ms(th), flops=flops)
+        tab.add("gemm", f"grouped_mm {name} fwd", shape, "torch", timings(th), flops=flops)
         tab.ratio("gemm", f"grouped_mm {name} fwd", shape)
-        tab.add("gemm", f"grouped_mm {name} fwd+bwd", shape, "triton", bench_ms(_grad_fn(tr, (inp, wparam))),
+        tab.add("gemm", f"grouped_mm {name} fwd+bwd", shape, "triton", timings(_grad_fn(tr, (inp, wparam))),
                 flops=3 * flops)
-        tab.add("gemm", f"grouped_mm {name} fwd+bwd", shape, "torch", bench_ms(_grad_fn(th, (inp, wparam))),
+        tab.add("gemm", f"grouped_mm {name} fwd+bwd", shape, "torch", timings(_grad_fn(th, (inp, wparam))),
                 flops=3 * flops)
         tab.ratio("gemm", f"grouped_mm {name} fwd+bwd", shape)
 
@@ -250,12 +255,12 @@ def bench_mlp(tab, geo, device, dtype, seed):
     flops = 6 * S * H * I
     tr = lambda: expert_mlp(x, gate_up, down, offsets, "swiglu")
     th = lambda: _torch_mlp(x, gate_up, down, offsets)
-    tab.add("mlp", "expert_mlp swiglu fwd", shape, "triton", bench_ms(tr), flops=flops, note=_check(tr, th))
-    tab.add("mlp", "expert_mlp swiglu fwd", shape, "torch", bench_ms(th), flops=flops)
+    tab.add("mlp", "expert_mlp swiglu fwd", shape, "triton", timings(tr), flops=flops, note=_check(tr, th))
+    tab.add("mlp", "expert_mlp swiglu fwd", shape, "torch", timings(th), flops=flops)
     tab.ratio("mlp", "expert_mlp swiglu fwd", shape)
     params = (x, gate_up, down)
-    tab.add("mlp", "expert_mlp swiglu fwd+bwd", shape, "triton", bench_ms(_grad_fn(tr, params)), flops=3 * flops)
-    tab.add("mlp", "expert_mlp swiglu fwd+bwd", shape, "torch", bench_ms(_grad_fn(th, params)), flops=3 * flops)
+    tab.add("mlp", "expert_mlp swiglu fwd+bwd", shape, "triton", timings(_grad_fn(tr, params)), flops=3 * flops)
+    tab.add("mlp", "expert_mlp swiglu fwd+bwd", shape, "torch", timings(_grad_fn(th, params)), flops=3 * flops)
     tab.ratio("mlp", "expert_mlp swiglu fwd+bwd", shape)
 
 
@@ -273,14 +278,15 @@ def _manifest(args, device):
         command=" ".join([sys.executable, "-m", "triton_kernels.bench"] + sys.argv[1:]),
         # MOE_LAB_GIT_COMMIT / _DIRTY name the code when this copy's .git is not its own (a device copy)
         commit=os.environ.get("MOE_LAB_GIT_COMMIT") or git("rev-parse", "HEAD"),
-        dirty=(os.environ["MOE_LAB_GIT_DIRTY"] not in ("", "0", "false") if "MOE_LAB_GIT_DIRTY" in os.environ
+        dirty=(switch_on(os.environ["MOE_LAB_GIT_DIRTY"]) if "MOE_LAB_GIT_DIRTY" in os.environ
                else bool(git("status", "--porcelain", "--", "."))),
         time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda, gpu=torch.cuda.get_device_name() if device == "cuda" else None,
         interpreter=interpreting(), tiny=args.tiny, dtype=args.dtype, seed=args.seed,
         tf32=os.environ.get("MOE_LAB_TRITON_TF32", "0"), tma=os.environ.get("MOE_LAB_TRITON_TMA", "0"),
-        timer="triton.testing.do_bench median (warmup 25 ms, rep 200 ms)" if device == "cuda" else "wall clock median of 3",
+        timer=("triton.testing.do_bench, every repetition in ms_samples, median in ms (warmup 25 ms, rep 200 ms)"
+               if device == "cuda" else "wall clock, 3 runs in ms_samples, median in ms"),
     )
 
 
@@ -301,13 +307,12 @@ def main(args=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "triton_kernels_bench.json")
     tmp = path + ".tmp"
+    chosen = autotune_choices()
     with open(tmp, "w") as f:
-        json.dump(dict(manifest=_manifest(args, device), geometry=geo, rows=tab.rows,
-                       autotune=autotune_choices()), f, indent=1)
+        json.dump(dict(manifest=_manifest(args, device), geometry=geo, rows=tab.rows, autotune=chosen), f, indent=1)
     os.replace(tmp, path)
-    for kernel, by_key in autotune_choices().items():
-        for key, config in by_key.items():
-            print(f"autotune {kernel} {key}: {config}", flush=True)
+    for line in autotune_lines(chosen):
+        print(line, flush=True)
     print(f"wrote {path}", flush=True)
     return tab.rows
 

@@ -31,9 +31,9 @@ import triton.language as tl
 
 from ._common import bucket, check_offsets, next_pow2
 from .grouped_gemm import (
-    _ensure_descriptor_allocator, _fwd_configs, _gemm_flags, expert_tile, grouped_mm_forward, grouped_mm_weight_grad,
-    mma, tile_matmul, tma_eligible, tma_enabled, tma_expert_span, tma_load_weight, tma_rows_desc, tma_tile_matmul,
-    tma_weight_desc, weight_descriptor_layout,
+    _fwd_configs, _gemm_flags, grouped_mm_forward, grouped_mm_weight_grad, mma, program_tile, rows_tma_eligible,
+    tile_matmul, tile_rows_cols, tma_enabled, tma_expert_span, tma_load_weight, tma_rows_desc, tma_tile_matmul,
+    tma_weight_args, tma_weight_desc, weight_tma_eligible,
 )
 from .permute import _check_slots, _reduce
 
@@ -95,21 +95,14 @@ def _gate_up_act_kernel(
     GEMM reads x[src[r]] (the token of a routed row): the permuted copy is never written. With
     USE_TMA (not with GATHER) the GEMM tiles move by tensor descriptors (``tma_tile_matmul``'s
     conventions for ``W_KMAJOR`` and ``stride_w_outer``); the epilogue is the same."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    expert, row0, row_end, valid = expert_tile(pid // num_n, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, row0, row_end, n0, valid = program_tile(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
     if not valid:
         return
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < row_end
-    cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    expert = expert.to(tl.int64)
+    rows, rmask, cols, cmask = tile_rows_cols(row0, row_end, n0, N, BLOCK_M, BLOCK_N)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if USE_TMA:
         start, count, m0 = tma_expert_span(offsets_ptr, expert, row0, row_end)
-        n0 = (pid % num_n) * BLOCK_N
         x_desc = tma_rows_desc(x_ptr, start, count, stride_xs, K, BLOCK_M, BLOCK_K)
         wg_desc = tma_weight_desc(wg_ptr, expert, stride_we, stride_w_outer, N, K, W_KMAJOR, BLOCK_N, BLOCK_K)
         wu_desc = tma_weight_desc(wu_ptr, expert, stride_we, stride_w_outer, N, K, W_KMAJOR, BLOCK_N, BLOCK_K)
@@ -172,19 +165,13 @@ def _down_bwd_act_kernel(
     """d_act = dy @ w[e] (w = w_down^T view [E, H, I]; K = H, N = I), then in the epilogue:
     recompute act from h and store act [S, I] and dh (gate part to dhg, up part to dhu). With
     USE_TMA the GEMM tiles move by tensor descriptors (``tma_tile_matmul``)."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    expert, row0, row_end, valid = expert_tile(pid // num_n, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, row0, row_end, n0, valid = program_tile(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
     if not valid:
         return
-    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < row_end
-    cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    expert = expert.to(tl.int64)
+    rows, rmask, cols, cmask = tile_rows_cols(row0, row_end, n0, N, BLOCK_M, BLOCK_N)
     if USE_TMA:
         start, count, m0 = tma_expert_span(offsets_ptr, expert, row0, row_end)
-        acc = tma_tile_matmul(dy_ptr, w_ptr, start, count, expert, m0, (pid % num_n) * BLOCK_N, N, K, stride_ds,
+        acc = tma_tile_matmul(dy_ptr, w_ptr, start, count, expert, m0, n0, N, K, stride_ds,
                               stride_we, stride_w_outer, W_KMAJOR, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         ks = tl.arange(0, BLOCK_K)
@@ -230,11 +217,9 @@ def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, sto
     sb = (bg.stride(0), bg.stride(1)) if b_gu is not None else (0, 0)
     ieee, upcast = _gemm_flags(x.dtype)
     grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
-    use_tma = (tma_enabled() and src_rows is None and tma_eligible(x, wg, act)
-               and tma_eligible(x, wu, act) and wg.stride() == wu.stride())
-    if use_tma:
-        _ensure_descriptor_allocator()
-    kmajor, outer = weight_descriptor_layout(wg)
+    use_tma = (tma_enabled() and src_rows is None and rows_tma_eligible(x) and weight_tma_eligible(wg)
+               and weight_tma_eligible(wu))  # wg, wu: views of one tensor, the same strides
+    kmajor, outer = tma_weight_args(use_tma, wg)
     _gate_up_act_kernel[grid](
         x, wg, wu, bg, bu, act, hg, hu, offsets, src_rows if src_rows is not None else offsets,
         I, H, E, bucket(S), float(alpha), float(limit),
@@ -244,7 +229,7 @@ def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, sto
         act.stride(0), act.stride(1),
         hg.stride(0), hg.stride(1),
         ACT=act_id, HAS_BIAS=b_gu is not None, STORE_H=store_h, GATHER=src_rows is not None,
-        USE_TMA=use_tma, W_KMAJOR=kmajor and use_tma, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
+        USE_TMA=use_tma, W_KMAJOR=kmajor, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
     )
     return act, h
 
@@ -261,10 +246,8 @@ def _down_bwd_act(dy, w_down, h, offsets, act_id, concatenated, alpha, limit):
     dhg, dhu = _split_cols(dh, concatenated)
     ieee, upcast = _gemm_flags(dy.dtype)
     grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
-    use_tma = tma_enabled() and tma_eligible(dy, w, act)
-    if use_tma:
-        _ensure_descriptor_allocator()
-    kmajor, outer = weight_descriptor_layout(w)
+    use_tma = tma_enabled() and rows_tma_eligible(dy) and weight_tma_eligible(w)
+    kmajor, outer = tma_weight_args(use_tma, w)
     _down_bwd_act_kernel[grid](
         dy, w, hg, hu, dhg, dhu, act, offsets,
         I, H, E, bucket(S), float(alpha), float(limit),
@@ -272,7 +255,7 @@ def _down_bwd_act(dy, w_down, h, offsets, act_id, concatenated, alpha, limit):
         w.stride(0), w.stride(1), w.stride(2), outer,
         hg.stride(0), hg.stride(1),
         act.stride(0), act.stride(1),
-        ACT=act_id, USE_TMA=use_tma, W_KMAJOR=kmajor and use_tma, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
+        ACT=act_id, USE_TMA=use_tma, W_KMAJOR=kmajor, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
     )
     return dh, act
 

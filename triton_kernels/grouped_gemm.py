@@ -18,14 +18,13 @@ unless ``MOE_LAB_TRITON_TF32=1``.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import allow_tf32, bucket, check_offsets, interpreting, mma, next_pow2
+from ._common import allow_tf32, bucket, env_switch, check_offsets, interpreting, mma, next_pow2
 
 # ----------------------------------------------------------------------------------------------
 # Autotune configurations. Chosen for an H200 (sm_90, 228 KiB shared memory per SM, bf16): large
@@ -40,14 +39,24 @@ _INTERPRET_DW = triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_S": 64}, num
 def _autotune_enabled() -> bool:
     """``MOE_LAB_TRITON_AUTOTUNE=0`` pins one config per kernel (the first of each list): for
     tests on the GPU that try many shapes, where autotuning each would compile dozens of kernels."""
-    return os.environ.get("MOE_LAB_TRITON_AUTOTUNE", "1") not in ("", "0")
+    return env_switch("MOE_LAB_TRITON_AUTOTUNE", default=True)
+
+
+def _configs(names: tuple, rows: list, interpreted: triton.Config) -> list:
+    """``triton.Config``s of tile sizes ``names`` from rows ``(*sizes, num_warps, num_stages)``; the
+    interpreter gets ``interpreted`` alone, ``MOE_LAB_TRITON_AUTOTUNE=0`` the first row alone."""
+    if interpreting():
+        return [interpreted]
+    cfgs = [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
+    return cfgs if _autotune_enabled() else cfgs[:1]
+
+
+_MNK = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_KNS = ("BLOCK_K", "BLOCK_N", "BLOCK_S")
 
 
 def _fwd_configs():
-    if interpreting():
-        return [_INTERPRET_FWD]
-    cfgs = []
-    for bm, bn, bk, w, s in [
+    return _configs(_MNK, [
         (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
         (128, 128, 64, 4, 4),
@@ -55,64 +64,51 @@ def _fwd_configs():
         (64, 256, 64, 8, 3),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
-        # session 4, not yet timed: larger tiles for the 4096-token block (fewer programs, fewer reloads)
+        # session 4's larger tiles: 128x256 s4 won some keys in session 5, 256x128 none
         (128, 256, 64, 8, 4),
         (256, 128, 64, 8, 3),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
-    return cfgs if _autotune_enabled() else cfgs[:1]
+    ], _INTERPRET_FWD)
 
 
 def _dw_configs():
-    if interpreting():
-        return [_INTERPRET_DW]
-    cfgs = []
-    for bk, bn, bs, w, s in [
+    return _configs(_KNS, [
         (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),
+        (128, 128, 32, 4, 4),  # every weight-gradient key's winner in session 5
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
         (128, 256, 32, 8, 3),
-        # session 4, not yet timed: the weight gradient was the block's slowest GEMM (294 TFLOP/s): wider
-        # output tiles halve the re-reads of each expert's rows; a longer row step halves the loop count
+        # session 4's larger tiles (wider outputs, a longer row step): never chosen in session 5
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
         (128, 128, 128, 8, 2),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_S": bs}, num_warps=w, num_stages=s))
-    return cfgs if _autotune_enabled() else cfgs[:1]
+    ], _INTERPRET_DW)
 
 
 def tma_enabled() -> bool:
-    """``MOE_LAB_TRITON_TMA=1`` runs the plain grouped GEMM (``grouped_mm_forward``: the down
-    projection forward and the input gradients) and the weight gradient without a gather through
-    ``_grouped_mm_tma_kernel`` / ``_grouped_mm_dw_tma_kernel``, which move tiles with Hopper's
-    tensor-memory accelerator. Experimental, off by default until measured."""
-    return os.environ.get("MOE_LAB_TRITON_TMA", "0") not in ("", "0")
+    """``MOE_LAB_TRITON_TMA=1``: the GEMM tiles move by tensor descriptors (Hopper's tensor-memory
+    accelerator) where the tensors allow it: the plain grouped GEMM (``_grouped_mm_tma_kernel``), the
+    weight gradient without a gather (``_grouped_mm_dw_tma_kernel``) and the fused expert-MLP kernels
+    (``expert_mlp``, without the gather). Experimental, off by default."""
+    return env_switch("MOE_LAB_TRITON_TMA")
 
 
 def _tma_configs():
-    if interpreting():
-        return [_INTERPRET_FWD]
-    cfgs = []
-    for bm, bn, bk, w, s in [  # the pointer kernel's usual winners (block 5, triton-kernels 2/3)
+    return _configs(_MNK, [  # the pointer kernel's usual winners (session 5)
         (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
         (128, 256, 64, 8, 4),
         (64, 128, 64, 4, 4),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
-    return cfgs if _autotune_enabled() else cfgs[:1]
+    ], _INTERPRET_FWD)
 
 
 def _dw_tma_configs():
-    if interpreting():
-        return [_INTERPRET_DW]
-    cfgs = [triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_S": bs}, num_warps=w, num_stages=s)
-            for bk, bn, bs, w, s in [(128, 128, 32, 4, 4),  # the pointer kernel's winner (block 5)
-                                     (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 4)]]
-    return cfgs if _autotune_enabled() else cfgs[:1]
+    return _configs(_KNS, [
+        (128, 128, 32, 4, 4),  # the pointer kernel's winner (session 5)
+        (128, 128, 64, 8, 3),
+        (128, 256, 32, 8, 3),
+        (64, 128, 64, 4, 4),
+    ], _INTERPRET_DW)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,15 +137,21 @@ def expert_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.conste
 
 
 @triton.jit
-def expert_tile_coords(offsets_ptr, N, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
-    """This program's output tile of a grouped GEMM over expert-sorted rows: (expert int64, rows
-    [BLOCK_M] int64, row mask, cols [BLOCK_N], col mask, valid). Programs are laid out M-tile major."""
+def program_tile(offsets_ptr, N, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's output tile of a grouped GEMM over expert-sorted rows: (expert int64, first row,
+    end row of the expert, first column, valid). Programs are laid out M-tile major."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     expert, row0, row_end, valid = expert_tile(pid // num_n, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    return expert.to(tl.int64), row0, row_end, (pid % num_n) * BLOCK_N, valid
+
+
+@triton.jit
+def tile_rows_cols(row0, row_end, n0, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(rows [BLOCK_M] int64, row mask, cols [BLOCK_N], col mask) of the tile at (row0, n0)."""
     rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return expert.to(tl.int64), rows, rows < row_end, cols, cols < N, valid
+    cols = n0 + tl.arange(0, BLOCK_N)
+    return rows, rows < row_end, cols, cols < N
 
 
 @triton.jit
@@ -243,9 +245,10 @@ def _grouped_mm_kernel(
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    expert, rows, rmask, cols, cmask, valid = expert_tile_coords(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
+    expert, row0, row_end, n0, valid = program_tile(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
     if not valid:
         return
+    rows, rmask, cols, cmask = tile_rows_cols(row0, row_end, n0, N, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * stride_xs + ks[None, :] * stride_xk
     w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
@@ -272,20 +275,16 @@ def _grouped_mm_tma_kernel(
     loads past the expert's last row read zeros and the store stops there. x and y have unit column
     stride; w[e] is [K, N] with unit N stride (``W_KMAJOR`` False, ``stride_w_outer`` = its K stride)
     or the transpose view of an [N, K] matrix with unit K stride (True, ``stride_w_outer`` = N stride)."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    expert, row0, row_end, valid = expert_tile(pid // num_n, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    expert, row0, row_end, n0, valid = program_tile(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
     if not valid:
         return
     start, count, m0 = tma_expert_span(offsets_ptr, expert, row0, row_end)
-    e64 = expert.to(tl.int64)
-    n0 = (pid % num_n) * BLOCK_N
     y_desc = tma_rows_desc(y_ptr, start, count, stride_ys, N, BLOCK_M, BLOCK_N)
-    acc = tma_tile_matmul(x_ptr, w_ptr, start, count, e64, m0, n0, N, K, stride_xs, stride_we, stride_w_outer,
+    acc = tma_tile_matmul(x_ptr, w_ptr, start, count, expert, m0, n0, N, K, stride_xs, stride_we, stride_w_outer,
                           W_KMAJOR, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         cols = n0 + tl.arange(0, BLOCK_N)
-        bias = tl.load(b_ptr + e64 * stride_be + cols * stride_bn, mask=cols < N, other=0.0)
+        bias = tl.load(b_ptr + expert * stride_be + cols * stride_bn, mask=cols < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     y_desc.store([m0, n0], acc.to(y_ptr.dtype.element_ty))
 
@@ -462,14 +461,17 @@ def rows_tma_eligible(*row_tensors: torch.Tensor) -> bool:
                for t in row_tensors)
 
 
-def tma_eligible(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether ``_grouped_mm_tma_kernel`` can take these tensors: x and y as in rows_tma_eligible;
-    w [E, K, N] with unit stride along N or K, its other strides 16-byte multiples (what a tensor
-    descriptor requires)."""
-    if not rows_tma_eligible(x, y) or (w.stride(2) != 1 and w.stride(1) != 1):
+def weight_tma_eligible(w: torch.Tensor) -> bool:
+    """Whether a weight view w [E, K, N] can be read by tensor descriptors: unit stride along N or K,
+    its other strides 16-byte multiples."""
+    if w.stride(2) != 1 and w.stride(1) != 1:
         return False
-    outer = w.stride(1) if w.stride(2) == 1 else w.stride(2)
-    return _describable(w, (w.stride(0), outer))
+    return _describable(w, (w.stride(0), weight_descriptor_layout(w)[1]))
+
+
+def tma_eligible(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether ``_grouped_mm_tma_kernel`` can take these tensors (rows_tma_eligible, weight_tma_eligible)."""
+    return rows_tma_eligible(x, y) and weight_tma_eligible(w)
 
 
 _empty = torch.empty  # bound at import: the scratch is raw bytes, whatever a test does to torch.empty
@@ -502,10 +504,18 @@ def weight_descriptor_layout(w: torch.Tensor) -> tuple[bool, int]:
     return kmajor, (w.stride(2) if kmajor else w.stride(1))
 
 
+def tma_weight_args(use_tma: bool, w: torch.Tensor) -> tuple[bool, int]:
+    """(W_KMAJOR, stride_w_outer) for a kernel with a ``USE_TMA`` switch; readies Triton's descriptor
+    scratch when it is on. Off, W_KMAJOR is False whatever the layout (one compiled variant)."""
+    if not use_tma:
+        return False, 0
+    _ensure_descriptor_allocator()
+    return weight_descriptor_layout(w)
+
+
 def launch_tma_forward(kernel, grid, x, w, y, b, offsets, sb, has_bias: bool, upcast: bool, **meta) -> None:
     """Launch ``kernel`` (the autotuned TMA kernel, or its ``.fn`` with explicit ``meta`` in tests)."""
-    _ensure_descriptor_allocator()
-    kmajor, outer = weight_descriptor_layout(w)
+    kmajor, outer = tma_weight_args(True, w)
     E = w.shape[0]
     kernel[grid](
         x, w, y, b, offsets,
