@@ -216,6 +216,73 @@ def test_grouped_mm_tma_matches_the_pointer_kernel(monkeypatch, transposed_w, bi
     assert (forward.launches, weight_grad.launches) == (2, 1)
 
 
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("transposed_like", [False, True])
+def test_weight_grad_kernels_agree_with_the_reference(gather, transposed_like):
+    """Every weight-gradient kernel (``DW_IMPLS``; ``tma`` only without a gather) against
+    per-expert ``x_e^T @ dy_e``, with empty experts (zeros), an expert over several row steps,
+    K and N not multiples of the tiles, dbias, and the result in the layout of ``like``. Under the
+    interpreter the persistent kernel runs two programs, each walking many tiles of several experts."""
+    from triton_kernels import grouped_gemm
+
+    E, K, N = 5, 72, 40
+    counts = torch.tensor([0, 53, 3, 0, 17])
+    S = int(counts.sum())
+    offsets = offsets_of(counts)
+    T = 29
+    src = torch.randint(0, T, (S,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    bf16 = torch.bfloat16  # (what tensor descriptors take)
+    x = rand(T if gather else S, K, seed=21, dtype=bf16)
+    dy = rand(S, N, seed=22, dtype=bf16)
+    like = rand(E, N, K, seed=23, dtype=bf16).transpose(1, 2) if transposed_like else rand(E, K, N, seed=23, dtype=bf16)
+    rows = x[src] if gather else x
+    ends = offsets.tolist()
+    want = torch.stack([rows[a:b].double().T @ dy[a:b].double() for a, b in zip([0] + ends[:-1], ends)])
+    want_db = torch.stack([dy[a:b].double().sum(0) for a, b in zip([0] + ends[:-1], ends)])
+    impls = [i for i in grouped_gemm.DW_IMPLS if not (gather and i == "tma")]
+    for impl in impls:
+        with poisoned():
+            dw, db = grouped_gemm.grouped_mm_weight_grad(x, dy, offsets, like, with_bias=True,
+                                                         src_rows=src if gather else None, impl=impl)
+        assert dw.stride() == like.stride(), f"{impl}: dw not in the weight's layout"
+        assert_close_rel(dw, want, 1e-2, f"{impl}: dw")
+        assert_close_rel(db, want_db, 1e-2, f"{impl}: dbias")
+        assert_close_rel(dw[0], want[0], 0.0, f"{impl}: dw of an empty expert")
+    if gather:
+        with pytest.raises(ValueError, match="without a gather"):
+            grouped_gemm.grouped_mm_weight_grad(x, dy, offsets, like, src_rows=src, impl="tma")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        grouped_gemm.grouped_mm_weight_grad(x, dy, offsets, like, impl="cutlass")
+
+
+def test_persistent_weight_grad_is_chosen_by_its_switch(monkeypatch):
+    """``MOE_LAB_TRITON_DW_PERSISTENT=1`` routes autograd's weight gradient (grouped_mm and the fused
+    expert MLP) to the persistent kernel, and it matches the default kernel's gradients."""
+    from triton_kernels import grouped_gemm
+
+    E, H, I = 4, 32, 24
+    counts = torch.tensor([5, 0, 19, 8])
+    offsets = offsets_of(counts)
+    S = int(counts.sum())
+    x = leaf(rand(S, H, seed=31))
+    gate_up = leaf(rand(E, 2 * I, H, seed=32, scale=0.2))
+    down = leaf(rand(E, H, I, seed=33, scale=0.2))
+    dy = rand(S, H, seed=34)
+
+    def grads():
+        y = tk.expert_mlp(x, gate_up, down, offsets, "swiglu")
+        return torch.autograd.grad(y, (x, gate_up, down), dy)
+
+    default = grads()
+    persistent = _CountingKernel(grouped_gemm._grouped_mm_dw_persistent_kernel)
+    monkeypatch.setattr(grouped_gemm, "_grouped_mm_dw_persistent_kernel", persistent)
+    monkeypatch.setenv("MOE_LAB_TRITON_DW_PERSISTENT", "1")
+    switched = grads()
+    assert persistent.launches == 2, "the persistent kernel did not compute both weight gradients"
+    for name, a, b in zip(("dx", "dgate_up", "ddown"), switched, default):
+        assert_close(a, b, rtol=1e-4, atol=1e-4, what=f"{name}: persistent vs default")
+
+
 def test_grouped_mm_tma_store_stops_at_the_experts_last_row():
     """Only expert 1's tiles launched (70 rows, the last tile half full): the rows after it must stay
     untouched, which a store clipped anywhere but at the expert's own end would overwrite (with every

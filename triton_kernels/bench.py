@@ -28,7 +28,7 @@ def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for triton_kernels_bench.json")
     p.add_argument("--tiny", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 (no GPU needed)")
-    p.add_argument("--only", default="", help="comma list of groups: router,permute,gemm,mlp (default all)")
+    p.add_argument("--only", default="", help="comma list of groups: router,permute,gemm,mlp,dw,down_bwd (default all)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -264,7 +264,101 @@ def bench_mlp(tab, geo, device, dtype, seed):
     tab.ratio("mlp", "expert_mlp swiglu fwd+bwd", shape)
 
 
-GROUPS = {"router": bench_router, "permute": bench_permute, "gemm": bench_gemm, "mlp": bench_mlp}
+def config_sweep(tab, group, op, shape, tuner, fn, flops, check=None):
+    """One row per autotune candidate of ``tuner``: ``fn`` timed with that config alone (impl
+    ``"config <config>"``, note: ``check()``'s verdict on that config's output); a candidate that
+    fails to compile or launch gets a row with no time."""
+    candidates = list(tuner.configs)
+    try:
+        for cfg in candidates:
+            tuner.configs = [cfg]  # a single candidate is used as is, without timing the others
+            label = f"config {cfg}"
+            try:
+                note = check() if check else ""
+                tab.add(group, op, shape, label, timings(fn), flops=flops, note=note)
+            except Exception as e:  # noqa: BLE001 - a candidate that does not build is a result too
+                print(f"{group:8s} {op:28s} {shape:34s} {label}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                tab.rows.append(dict(group=group, op=op, shape=shape, impl=label, ms=None, tflops=None, gbps=None,
+                                     note=f"failed: {type(e).__name__}: {str(e)[:300]}", ms_samples=[]))
+    finally:
+        tuner.configs = candidates
+
+
+def _torch_weight_grad(x, dy, offsets):
+    """dw [E, K, N] = per-expert x^T dy by torch's grouped GEMM (2-D x 2-D, groups along the rows)."""
+    if x.device.type == "cuda":
+        return F.grouped_mm(x.t(), dy, offs=offsets)
+    ends = offsets.tolist()
+    return torch.stack([x[a:b].T @ dy[a:b] for a, b in zip([0] + ends[:-1], ends)])
+
+
+def bench_dw(tab, geo, device, dtype, seed):
+    """The weight-gradient GEMMs alone (``dw[e] = x_e^T dy_e``, K = rows of expert e): torch's grouped
+    GEMM and each kernel of ``DW_IMPLS`` autotuned, then every candidate config of each kernel."""
+    from triton_kernels import grouped_gemm as gg
+
+    E, k, H, I, T = geo["E"], geo["k"], geo["H"], geo["I"], geo["T_gemm"]
+    _, _, _, offsets = routing(T, E, k, device, seed)
+    S = T * k
+    gate_up = randn(E, 2 * I, H, device=device, dtype=dtype, seed=seed + 2)
+    down = randn(E, H, I, device=device, dtype=dtype, seed=seed + 3)
+    # (name, rows x [S, K], upstream dy [S, N], like: the weight view [E, K, N] the gradient copies)
+    cases = [("gate_up", randn(S, H, device=device, dtype=dtype, seed=seed), randn(S, 2 * I, device=device,
+              dtype=dtype, seed=seed + 1), gate_up.transpose(1, 2)),
+             ("down", randn(S, I, device=device, dtype=dtype, seed=seed + 4), randn(S, H, device=device,
+              dtype=dtype, seed=seed + 5), down.transpose(1, 2))]
+    kernels = {"pointer": gg._grouped_mm_dw_kernel, "tma": gg._grouped_mm_dw_tma_kernel,
+               "persistent": gg._grouped_mm_dw_persistent_kernel}
+    for name, x, dy, like in cases:
+        K, N = x.shape[1], dy.shape[1]
+        shape = f"S={S} E={E} K={K} N={N}"
+        flops = 2 * S * K * N
+        op = f"weight grad {name}"
+        th = lambda x=x, dy=dy: _torch_weight_grad(x, dy, offsets)
+        tab.add("dw", op, shape, "torch", timings(th), flops=flops)
+        impls = [i for i in gg.DW_IMPLS if i != "tma" or gg.rows_tma_eligible(x, dy)]
+        for impl in impls:
+            fn = lambda x=x, dy=dy, like=like, impl=impl: gg.grouped_mm_weight_grad(x, dy, offsets, like, impl=impl)[0]
+            tab.add("dw", op, shape, impl, timings(fn), flops=flops, note=_check(fn, th))
+            tab.ratio("dw", op, shape, fast=impl)
+        if not interpreting():
+            for impl in impls:
+                fn = lambda x=x, dy=dy, like=like, impl=impl: gg.grouped_mm_weight_grad(x, dy, offsets, like, impl=impl)[0]
+                config_sweep(tab, "dw", f"{op} {impl}", shape, kernels[impl], fn, flops, check=lambda fn=fn, th=th: _check(fn, th))
+
+
+def bench_down_bwd(tab, geo, device, dtype, seed):
+    """The expert MLP's first backward kernel (d_act = dy @ w_down^T with the activation's backward
+    in its epilogue): autotuned, then every candidate config (tiles, epilogue split)."""
+    import importlib
+
+    em = importlib.import_module("triton_kernels.expert_mlp")
+    E, k, H, I, T = geo["E"], geo["k"], geo["H"], geo["I"], geo["T_gemm"]
+    _, _, _, offsets = routing(T, E, k, device, seed)
+    S = T * k
+    dy = randn(S, H, device=device, dtype=dtype, seed=seed)
+    h = randn(S, 2 * I, device=device, dtype=dtype, seed=seed + 1)
+    down = randn(E, H, I, device=device, dtype=dtype, scale=I ** -0.5, seed=seed + 2)
+    shape = f"S={S} E={E} H={H} I={I}"
+    flops = 2 * S * H * I
+    op = "down backward + swiglu"
+    fn = lambda: em._down_bwd_act(dy, down.transpose(1, 2), h, offsets, 0, True, 0.0, 0.0)
+    fused = lambda: torch.cat(fn(), dim=1)  # [dh | act]
+
+    def unfused():  # torch's grouped GEMM, then SwiGLU's backward in fp32
+        d_act = _torch_grouped_mm(dy, down, offsets).float()
+        g, u = h.float().chunk(2, dim=1)
+        sg = torch.sigmoid(g)
+        dg, du = d_act * u * sg * (1 + g * (1 - sg)), d_act * g * sg
+        return torch.cat([dg, du, g * sg * u], dim=1)
+    tab.add("down_bwd", op, shape, "triton", timings(fn), flops=flops, note=_check(fused, unfused))
+    if not interpreting():
+        config_sweep(tab, "down_bwd", op, shape, em._down_bwd_act_kernel, fn, flops,
+                     check=lambda: _check(fused, unfused))
+
+
+GROUPS = {"router": bench_router, "permute": bench_permute, "gemm": bench_gemm, "mlp": bench_mlp,
+          "dw": bench_dw, "down_bwd": bench_down_bwd}
 
 
 def _manifest(args, device):
