@@ -307,8 +307,7 @@ def bench_dw(tab, geo, device, dtype, seed):
               dtype=dtype, seed=seed + 1), gate_up.transpose(1, 2)),
              ("down", randn(S, I, device=device, dtype=dtype, seed=seed + 4), randn(S, H, device=device,
               dtype=dtype, seed=seed + 5), down.transpose(1, 2))]
-    kernels = {"pointer": gg._grouped_mm_dw_kernel, "tma": gg._grouped_mm_dw_tma_kernel,
-               "persistent": gg._grouped_mm_dw_persistent_kernel}
+    kernels = {"pointer": gg._grouped_mm_dw_kernel, "tma": gg._grouped_mm_dw_tma_kernel}
     for name, x, dy, like in cases:
         K, N = x.shape[1], dy.shape[1]
         shape = f"S={S} E={E} K={K} N={N}"

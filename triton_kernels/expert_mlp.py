@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import bucket, check_offsets, next_pow2
 from .grouped_gemm import (
-    _configs, _fwd_configs, _gemm_flags, grouped_mm_forward, grouped_mm_weight_grad, mma, program_tile, rows_tma_eligible,
+    _configs, _gemm_flags, grouped_mm_forward, grouped_mm_weight_grad, mma, program_tile, rows_tma_eligible,
     tile_matmul, tile_rows_cols, tma_enabled, tma_expert_span, tma_load_weight, tma_rows_desc, tma_tile_matmul,
     tma_weight_args, tma_weight_desc, weight_tma_eligible,
 )
@@ -75,7 +75,25 @@ def _act_bwd(g, u, da, ACT: tl.constexpr, alpha, limit):
     return a, dg, du
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "K", "S_BUCKET", "USE_TMA"])
+def _gate_up_configs():
+    """Tiles of the fused gate_up kernel (two accumulators, gate and up, per tile). Without the
+    candidates that spill or exceed shared memory on sm_90 (``compile_check``: 128x256, 256x128,
+    128x128 with 4 warps)."""
+    return _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
+        (128, 128, 64, 8, 3),  # the winner of sessions 4-6
+        (128, 128, 64, 8, 4),
+        (128, 128, 32, 8, 5),
+        (64, 128, 64, 4, 4),
+        (64, 256, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+    ], _INTERPRET_GATE_UP)
+
+
+_INTERPRET_GATE_UP = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)
+
+
+@triton.autotune(configs=_gate_up_configs(), key=["N", "K", "S_BUCKET", "USE_TMA"])
 @triton.jit
 def _gate_up_act_kernel(
     x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, a_ptr, hg_ptr, hu_ptr, offsets_ptr, src_ptr,
@@ -152,16 +170,16 @@ def _gate_up_act_kernel(
 def _down_bwd_configs():
     """Tiles of the down-backward kernel, with ``EPI_SPLIT``: how many column slices its epilogue
     works through one after another (fewer live registers, so larger GEMM tiles fit). Session 5's
-    autotuner chose 64x64 tiles without a split (0.41 ms for 103 GFLOP, 251 TFLOP/s)."""
+    autotuner chose 64x64 tiles without a split (0.41 ms for 103 GFLOP, 251 TFLOP/s): 128x128
+    tiles spilled 2.8 KB of registers without a split (``python -m triton_kernels.compile_check``)."""
     return _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "EPI_SPLIT"), [
-        (64, 64, 64, 1, 4, 4),
-        (128, 128, 64, 2, 8, 3),
-        (128, 128, 64, 4, 8, 3),
-        (128, 128, 64, 1, 8, 3),
-        (128, 64, 64, 2, 4, 4),
-        (64, 128, 64, 2, 4, 4),
+        (128, 128, 64, 4, 8, 3),  # session 6's winner: 0.32 ms
+        (128, 128, 64, 4, 8, 4),
+        (128, 128, 32, 4, 8, 5),
         (128, 256, 64, 4, 8, 3),
-        (128, 128, 64, 2, 4, 4),
+        (64, 128, 64, 2, 4, 4),
+        (128, 128, 64, 2, 8, 3),
+        (64, 64, 64, 1, 4, 4),  # session 5's choice; small row counts
     ], _INTERPRET_DOWN_BWD)
 
 

@@ -12,9 +12,6 @@ Kernels
 - ``_grouped_mm_dw_kernel``: ragged-K GEMM ``dw[e] = x[rows of e]^T @ dy[rows of e]`` (zero for
   empty experts), optionally also ``dbias[e] = sum(dy[rows of e])``. One program per
   (expert, K-tile, N-tile) loops over that expert's rows; no atomics, deterministic.
-- ``_grouped_mm_dw_persistent_kernel``: the same result from a persistent grid (a few programs per
-  SM), each walking its (expert, K-tile, N-tile) tiles in one flat loop of row steps, so the loads of
-  a tile's first rows are issued while the previous tile finishes (``MOE_LAB_TRITON_DW_PERSISTENT=1``).
 
 Accumulation is fp32; outputs are in the input dtype. fp32 inputs use exact ("ieee") products
 unless ``MOE_LAB_TRITON_TF32=1``.
@@ -37,8 +34,6 @@ from ._common import allow_tf32, bucket, env_switch, check_offsets, interpreting
 # ----------------------------------------------------------------------------------------------
 _INTERPRET_FWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)
 _INTERPRET_DW = triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_S": 64}, num_warps=4)
-_INTERPRET_DW_PERSISTENT = triton.Config({"BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_S": 16, "PROGRAMS_PER_SM": 1},
-                                         num_warps=4)
 
 
 def _autotune_enabled() -> bool:
@@ -77,42 +72,23 @@ def _fwd_configs():
 
 def _dw_configs():
     return _configs(_KNS, [
+        (128, 128, 32, 4, 4),  # every weight-gradient key's winner in sessions 5 and 6
+        (128, 128, 32, 4, 5),
+        (128, 128, 32, 4, 6),
+        (128, 128, 32, 8, 4),
         (128, 128, 64, 8, 3),
-        (128, 128, 32, 4, 4),  # every weight-gradient key's winner in session 5
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (128, 256, 32, 8, 3),
-        # session 4's larger tiles (wider outputs, a longer row step): never chosen in session 5
+        (128, 256, 32, 8, 4),
         (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 128, 8, 2),
+        (64, 64, 64, 4, 4),  # small row counts
     ], _INTERPRET_DW)
-
-
-def _dw_persistent_configs():
-    """Tiles and grid size (programs per SM) of the persistent weight-gradient kernel."""
-    return _configs(("BLOCK_K", "BLOCK_N", "BLOCK_S", "PROGRAMS_PER_SM"), [
-        (128, 128, 32, 2, 4, 4),  # the one-tile-per-program winner's tile, two programs per SM
-        (128, 128, 64, 1, 8, 3),
-        (128, 128, 64, 2, 8, 3),
-        (128, 256, 64, 1, 8, 3),
-        (128, 256, 32, 1, 8, 4),
-        (256, 128, 64, 1, 8, 3),
-        (128, 128, 32, 3, 4, 4),
-    ], _INTERPRET_DW_PERSISTENT)
-
-
-def dw_persistent_enabled() -> bool:
-    """``MOE_LAB_TRITON_DW_PERSISTENT=1``: weight gradients by the persistent-grid kernel."""
-    return env_switch("MOE_LAB_TRITON_DW_PERSISTENT")
 
 
 def tma_enabled() -> bool:
     """``MOE_LAB_TRITON_TMA=1``: the GEMM tiles move by tensor descriptors (Hopper's tensor-memory
-    accelerator) where the tensors allow it: the plain grouped GEMM (``_grouped_mm_tma_kernel``), the
-    weight gradient without a gather (``_grouped_mm_dw_tma_kernel``) and the fused expert-MLP kernels
-    (``expert_mlp``, without the gather). Experimental, off by default."""
+    accelerator) where the tensors allow it: the plain grouped GEMM (``_grouped_mm_tma_kernel``) and
+    the fused expert-MLP kernels (``expert_mlp``, without the gather). The weight gradient stays on
+    the pointer kernel (its descriptor version, ``grouped_mm_weight_grad(impl="tma")``, was 5-6%
+    slower on the H200 in session 6). Experimental, off by default."""
     return env_switch("MOE_LAB_TRITON_TMA")
 
 
@@ -214,20 +190,25 @@ def tma_rows_desc(x_ptr, start, count, stride_xs, K, BLOCK_M: tl.constexpr, BLOC
 def tma_weight_desc(w_ptr, expert, stride_we, stride_w_outer, N, K, W_KMAJOR: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Descriptor of one expert's weight ``[K, N]`` (unit N stride, ``stride_w_outer`` its K stride)
-    or, with ``W_KMAJOR``, of the ``[N, K]`` matrix it is the transpose view of."""
+    or, with ``W_KMAJOR``, of the ``[N, K]`` matrix it is the transpose view of. (The two branches
+    return descriptors of different block shapes: the compiler accepts that only as if / else.)"""
     if W_KMAJOR:
-        return tl.make_tensor_descriptor(w_ptr + expert * stride_we, shape=[N, K], strides=[stride_w_outer, 1],
+        desc = tl.make_tensor_descriptor(w_ptr + expert * stride_we, shape=[N, K], strides=[stride_w_outer, 1],
                                          block_shape=[BLOCK_N, BLOCK_K])
-    return tl.make_tensor_descriptor(w_ptr + expert * stride_we, shape=[K, N], strides=[stride_w_outer, 1],
-                                     block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        desc = tl.make_tensor_descriptor(w_ptr + expert * stride_we, shape=[K, N], strides=[stride_w_outer, 1],
+                                         block_shape=[BLOCK_K, BLOCK_N])
+    return desc
 
 
 @triton.jit
 def tma_load_weight(w_desc, k0, n0, W_KMAJOR: tl.constexpr):
     """The [BLOCK_K, BLOCK_N] weight tile at (k0, n0)."""
     if W_KMAJOR:
-        return tl.trans(w_desc.load([n0, k0]))
-    return w_desc.load([k0, n0])
+        tile = tl.trans(w_desc.load([n0, k0]))
+    else:
+        tile = w_desc.load([k0, n0])
+    return tile
 
 
 @triton.jit
@@ -361,93 +342,6 @@ def _grouped_mm_dw_kernel(
     if HAS_DBIAS:
         if pid_k == 0:
             tl.store(db_ptr + e64 * stride_be + nn * stride_bn, dbias.to(db_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _dw_program_steps(offsets_ptr, E, tiles_per_e, pid, programs, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
-    """Row steps of this program's tiles ``pid, pid + programs, ...`` of a weight gradient: each tile
-    of expert e takes ``max(1, cdiv(rows of e, BLOCK_S))`` (an empty expert's tile still stores zeros)."""
-    total = E * tiles_per_e
-    steps = 0
-    for t0 in range(pid, total, programs * CHUNK):
-        tiles = t0 + programs * tl.arange(0, CHUNK)
-        valid = tiles < total
-        es = tiles // tiles_per_e
-        ends = tl.load(offsets_ptr + es, mask=valid, other=0)
-        starts = tl.load(offsets_ptr + es - 1, mask=valid & (es > 0), other=0)
-        steps += tl.sum(tl.where(valid, tl.maximum(tl.cdiv(ends - starts, BLOCK_S), 1), 0), 0)
-    return steps
-
-
-@triton.autotune(configs=_dw_persistent_configs(), key=["K", "N", "S_BUCKET"])
-@triton.jit
-def _grouped_mm_dw_persistent_kernel(
-    x_ptr, dy_ptr, dw_ptr, db_ptr, offsets_ptr, src_ptr,
-    E, K, N, S_BUCKET,
-    stride_xs, stride_xk,
-    stride_ds, stride_dn,
-    stride_we, stride_wk, stride_wn,
-    stride_be, stride_bn,
-    HAS_DBIAS: tl.constexpr, GATHER: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
-):
-    """``_grouped_mm_dw_kernel``'s result from a persistent grid: program p owns tiles p, p + P, ...
-    (tile = (expert, K-tile, N-tile), expert-major, so the programs running at once share an
-    expert's rows in L2) and runs all their row steps as one flat loop: a tile starts when the
-    previous one's steps are used up and is stored after its last step. One flat loop lets the
-    compiler's software pipeline prefetch across tile boundaries. (PROGRAMS_PER_SM sizes the grid.)"""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    num_k = tl.cdiv(K, BLOCK_K)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_e = num_k * num_n
-    n_steps = _dw_program_steps(offsets_ptr, E, tiles_per_e, pid, programs, BLOCK_S, 256)
-    ss = tl.arange(0, BLOCK_S)
-    tile = pid - programs
-    left = 0
-    e = 0
-    first_k = False
-    s = 0
-    end = 0
-    kk = tl.arange(0, BLOCK_K)
-    nn = tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for _ in range(0, n_steps):
-        if left == 0:  # the next tile of this program
-            tile += programs
-            e = tile // tiles_per_e
-            rest = tile % tiles_per_e
-            first_k = rest < num_n
-            kk = (rest // num_n) * BLOCK_K + tl.arange(0, BLOCK_K)
-            nn = (rest % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-            s, end = expert_rows(offsets_ptr, e)
-            left = tl.maximum(tl.cdiv(end - s, BLOCK_S), 1)
-        rows = (s + ss).to(tl.int64)
-        smask = rows < end
-        if GATHER:
-            src = tl.load(src_ptr + rows, mask=smask, other=0).to(tl.int64)
-        else:
-            src = rows
-        xt = tl.load(x_ptr + src[None, :] * stride_xs + kk[:, None] * stride_xk,
-                     mask=(kk < K)[:, None] & smask[None, :], other=0.0)
-        g = tl.load(dy_ptr + rows[:, None] * stride_ds + nn[None, :] * stride_dn,
-                    mask=smask[:, None] & (nn < N)[None, :], other=0.0)
-        acc = mma(xt, g, acc, IEEE, UPCAST)
-        if HAS_DBIAS:
-            dbias += tl.sum(g.to(tl.float32), axis=0)
-        s += BLOCK_S
-        left -= 1
-        if left == 0:  # the tile's last step: store it
-            e64 = e.to(tl.int64)
-            dw_ptrs = dw_ptr + e64 * stride_we + kk[:, None] * stride_wk + nn[None, :] * stride_wn
-            tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(kk < K)[:, None] & (nn < N)[None, :])
-            if HAS_DBIAS:
-                if first_k:
-                    tl.store(db_ptr + e64 * stride_be + nn * stride_bn, dbias.to(db_ptr.dtype.element_ty),
-                             mask=nn < N)
-            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-            dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
 
 @triton.autotune(configs=_dw_tma_configs(), key=["K", "N", "S_BUCKET"])
@@ -635,25 +529,7 @@ def launch_tma_forward(kernel, grid, x, w, y, b, offsets, sb, has_bias: bool, up
     )
 
 
-DW_IMPLS = ("pointer", "tma", "persistent")
-
-
-def dw_impl(x: torch.Tensor, dy: torch.Tensor, src_rows: Optional[torch.Tensor]) -> str:
-    """The weight-gradient kernel the switches choose: ``persistent`` with
-    ``MOE_LAB_TRITON_DW_PERSISTENT=1``, else ``tma`` with ``MOE_LAB_TRITON_TMA=1`` where the rows
-    allow it (no gather, unit column strides), else ``pointer``."""
-    if dw_persistent_enabled():
-        return "persistent"
-    if tma_enabled() and src_rows is None and x.dtype == dy.dtype and rows_tma_eligible(x, dy):
-        return "tma"
-    return "pointer"
-
-
-def _multiprocessors(device: torch.device) -> int:
-    """SMs of ``device`` (2 under the interpreter, so that each program walks several tiles)."""
-    if interpreting():
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+DW_IMPLS = ("pointer", "tma")
 
 
 def grouped_mm_weight_grad(
@@ -663,11 +539,11 @@ def grouped_mm_weight_grad(
     """Ragged-K grouped GEMM: ``dw[e] = x[rows of e]^T @ dy[rows of e]`` (zero for empty experts).
 
     x [S, K] (or, with src_rows [S] int64, x [T, K] read as x[src_rows]), dy [S, N], offsets int32
-    [E], like: the weight [E, K, N] whose layout dw copies. ``impl`` (one of ``DW_IMPLS``; default:
-    ``dw_impl``'s choice) picks the kernel; ``tma`` needs rows without a gather.
+    [E], like: the weight [E, K, N] whose layout dw copies. ``impl`` picks the kernel (``DW_IMPLS``):
+    ``pointer`` (the default, also under ``MOE_LAB_TRITON_TMA=1``), or ``tma`` (rows without a gather).
     Returns dw [E, K, N] (and dbias [E, N] = per-expert row sums of dy when with_bias).
     """
-    impl = impl or dw_impl(x, dy, src_rows)
+    impl = impl or "pointer"
     if impl not in DW_IMPLS:
         raise ValueError(f"grouped_mm_weight_grad: impl must be one of {DW_IMPLS}, got {impl!r}")
     if impl == "tma" and not (src_rows is None and x.dtype == dy.dtype and rows_tma_eligible(x, dy)):
@@ -687,20 +563,7 @@ def grouped_mm_weight_grad(
     ieee, upcast = _gemm_flags(x.dtype)
     dbp = db if db is not None else dw
     sb = (db.stride(0), db.stride(1)) if db is not None else (0, 0)
-    tiles = lambda meta: E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"])
-    if impl == "persistent":
-        sms = _multiprocessors(x.device)
-        _grouped_mm_dw_persistent_kernel[lambda meta: (min(tiles(meta), sms * meta["PROGRAMS_PER_SM"]),)](
-            x, dy, dw, dbp, offsets, src_rows if src_rows is not None else offsets,
-            E, K, N, bucket(S),
-            x.stride(0), x.stride(1),
-            dy.stride(0), dy.stride(1),
-            dw.stride(0), dw.stride(1), dw.stride(2),
-            sb[0], sb[1],
-            HAS_DBIAS=with_bias, GATHER=src_rows is not None, IEEE=ieee, UPCAST=upcast,
-        )
-        return dw, db
-    grid = lambda meta: (tiles(meta),)
+    grid = lambda meta: (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     if impl == "tma":
         _ensure_descriptor_allocator()
         _grouped_mm_dw_tma_kernel[grid](
