@@ -3,6 +3,11 @@ moe_lab backends, under each routing regime. Times with CUDA events (triton.test
 median), and records the block's activation memory (what forward keeps for backward).
 
     python -m experiments.block_bench --model qwen3-30b-a3b --tokens 4096 --out results/runs/<name>/block.json
+    python -m experiments.block_bench ... --profile   # + one profiled forward+backward per row: its kernels
+
+With ``--profile`` each row also keeps ``profile``: the kernels of one more forward+backward by
+device time (``experiments.kernel_profile``), their sum and the profiled wall time, which says how
+much of the block the GPU spent waiting for the host.
 
 FLOPs counted: the three expert GEMMs (gate, up, down) forward (2*T*k*3*H*I) and backward (twice
 that) plus the router GEMM (2*T*H*E, times 3); routing, permutation and element-wise work count 0.
@@ -32,7 +37,8 @@ def block_flops(config, tokens: int) -> float:
     return 3 * (expert_gemms + router)
 
 
-def bench_block(model_name: str, system_name: str, routing: str, tokens: int, seed: int = 0) -> dict:
+def bench_block(model_name: str, system_name: str, routing: str, tokens: int, seed: int = 0,
+                profile: bool = False) -> dict:
     import torch
     import triton.testing
 
@@ -67,11 +73,16 @@ def bench_block(model_name: str, system_name: str, routing: str, tokens: int, se
     for h in hooks:
         h.remove()
     flop = block_flops(config, tokens)
-    return {
+    row = {
         "model": model_name, "system": system_name, "routing": routing, "tokens": tokens,
         "ms": ms, "ms_forward": ms_fwd, "ms_samples": samples, "ms_forward_samples": samples_fwd, "tflops": flop / (ms / 1e3) / 1e12, "flops": flop,
         "activation_gib": activation / 2**30,
     }
+    if profile:
+        from .kernel_profile import profile_kernels
+
+        row["profile"] = profile_kernels(lambda: (step(), torch.cuda.synchronize()), torch.device("cuda"), top=40)
+    return row
 
 
 def main(argv=None) -> int:
@@ -81,13 +92,14 @@ def main(argv=None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--routing", default="real,balanced,skewed")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--profile", action="store_true", help="one more forward+backward per row under torch.profiler")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = []
     for routing in args.routing.split(","):
         for system in args.systems.split(","):
             try:
-                row = bench_block(args.model, system, routing, args.tokens)
+                row = bench_block(args.model, system, routing, args.tokens, profile=args.profile)
                 row["status"] = "ok"
             except Exception as exc:  # noqa: BLE001 - a failed row is recorded and the others go on
                 log.exception("block %s %s failed", system, routing)
@@ -96,6 +108,11 @@ def main(argv=None) -> int:
             rows.append(row)
             if row["status"] == "ok":
                 print(f"{routing:9s} {system:14s} {row['ms']:8.3f} ms  {row['tflops']:6.1f} TFLOP/s  act {row['activation_gib']:.3f} GiB", flush=True)
+                if "profile" in row:
+                    prof = row["profile"]
+                    print(f"{'':24s} kernels {prof['kernel_total_ms']:.3f} ms of a {prof['profiled_ms']:.3f} ms profiled run", flush=True)
+                    for k in prof["kernels"][:25]:
+                        print(f"{'':26s} {k['ms']:7.3f} ms {k['calls']:3d}x  {k['name'][:90]}", flush=True)
             else:
                 print(f"{routing:9s} {system:14s} FAILED {row['error'][:120]}", flush=True)
     from triton_kernels.autotune_choices import autotune_choices, autotune_lines

@@ -22,6 +22,7 @@ import sys
 import time
 
 from . import cell, models, provenance, regimes, store, systems
+from .kernel_profile import kernel_class, profile_kernels  # noqa: F401 (kernel_class: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -158,56 +159,21 @@ def breakdown_steps(model, optimizer, batches, device, after_backward) -> list[d
     return steps
 
 
-# kernel class -> name fragments (lower case), first match wins; anything else is "other"
-KERNEL_CLASSES = (
-    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
-    ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "sm90_")),
-    ("elementwise", ("elementwise", "unrolled", "vectorized")),
-    ("reduce", ("reduce", "norm")),
-    ("copy/index", ("copy", "cat", "index", "gather", "scatter", "embedding", "sort", "fill", "memcpy", "memset")),
-)
-
-
-def kernel_class(name: str) -> str:
-    low = name.lower()
-    return next((cls for cls, frags in KERNEL_CLASSES if any(f in low for f in frags)), "other")
-
-
 def profile_step(model, optimizer, ids, device, after_backward, top: int = 60) -> dict:
-    """One training step under torch.profiler: {"kernels": [{name, class, ms, calls}] (top by device
-    time; on the CPU, ops by their own time), "kernel_classes": {class: ms}, "kernel_total_ms",
-    "profiled_step_ms" (that step's wall time, profiler included)}."""
-    import collections
+    """One training step under torch.profiler (``kernel_profile.profile_kernels``); its wall time
+    is ``profiled_step_ms``."""
 
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
+    def step():
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         after_backward(model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         cell._sync(device)
-        wall_ms = (time.perf_counter() - start) * 1e3
-    totals: dict = collections.defaultdict(lambda: [0.0, 0])
-    for evt in prof.events():
-        if device.type == "cuda" and evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        t = totals[evt.name]
-        # CPU events nest (an autograd node holds its ATen ops): count each op's own time only
-        t[0] += evt.device_time_total / 1e3 if device.type == "cuda" else evt.self_cpu_time_total / 1e3
-        t[1] += 1
-    kernels = sorted(({"name": n[:200], "class": kernel_class(n), "ms": ms, "calls": c} for n, (ms, c) in totals.items()),
-                     key=lambda k: -k["ms"])
-    classes: dict = collections.defaultdict(float)
-    for k in kernels:
-        classes[k["class"]] += k["ms"]
-    return {"kernels": kernels[:top], "kernel_classes": dict(sorted(classes.items(), key=lambda kv: -kv[1])),
-            "kernel_total_ms": sum(classes.values()), "profiled_step_ms": wall_ms}
+
+    profiled = profile_kernels(step, device, top)
+    profiled["profiled_step_ms"] = profiled.pop("profiled_ms")
+    return profiled
 
 
 def breakdown_system(spec: dict, profile: bool = False) -> dict:
