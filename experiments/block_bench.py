@@ -5,6 +5,10 @@ median), and records the block's activation memory (what forward keeps for backw
     python -m experiments.block_bench --model qwen3-30b-a3b --tokens 4096 --out results/runs/<name>/block.json
     python -m experiments.block_bench ... --profile   # + one profiled forward+backward per row: its kernels
 
+A ``-graphs`` system (``triton-graphs``) replays the block's forward and backward as CUDA graphs
+(``torch.cuda.make_graphed_callables``; real routing only): the GPU time of its kernels without the
+host's launch gaps. Its row has no activation figure (a replay allocates nothing new).
+
 With ``--profile`` each row also keeps ``profile``: the kernels of one more forward+backward by
 device time (``experiments.kernel_profile``), their sum and the profiled wall time, which says how
 much of the block the GPU spent waiting for the host.
@@ -50,6 +54,13 @@ def bench_block(model_name: str, system_name: str, routing: str, tokens: int, se
     block = model.model.layers[0].mlp
     x = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    if system.cuda_graphs:
+        # the block's forward and its backward each replayed as one CUDA graph: the GPU time of its
+        # kernels without the host's launch gaps (the routing regimes' hooks could not be replayed)
+        if hooks:
+            raise ValueError(f"{system_name}: CUDA graphs replay the block without the routing hooks of {routing!r}; "
+                             "use --routing real")
+        block = torch.cuda.make_graphed_callables(block, (x,))
 
     def forward():
         out = block(x)
@@ -68,7 +79,8 @@ def bench_block(model_name: str, system_name: str, routing: str, tokens: int, se
     before = torch.cuda.memory_allocated()
     out = forward()
     torch.cuda.synchronize()
-    activation = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+    # (a graph replay writes into its own pool: nothing new is allocated, so no figure for graphs)
+    activation = None if system.cuda_graphs else torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
     del out
     for h in hooks:
         h.remove()
@@ -76,11 +88,13 @@ def bench_block(model_name: str, system_name: str, routing: str, tokens: int, se
     row = {
         "model": model_name, "system": system_name, "routing": routing, "tokens": tokens,
         "ms": ms, "ms_forward": ms_fwd, "ms_samples": samples, "ms_forward_samples": samples_fwd, "tflops": flop / (ms / 1e3) / 1e12, "flops": flop,
-        "activation_gib": activation / 2**30,
+        "activation_gib": activation / 2**30 if activation is not None else None,
     }
     if profile:
         from .kernel_profile import profile_kernels
 
+        for t in (x, *block.parameters()):
+            t.grad = None  # as do_bench's grad_to_none: no gradient accumulation in the profiled step
         row["profile"] = profile_kernels(lambda: (step(), torch.cuda.synchronize()), torch.device("cuda"), top=40)
     return row
 
@@ -107,7 +121,8 @@ def main(argv=None) -> int:
                        "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
             rows.append(row)
             if row["status"] == "ok":
-                print(f"{routing:9s} {system:14s} {row['ms']:8.3f} ms  {row['tflops']:6.1f} TFLOP/s  act {row['activation_gib']:.3f} GiB", flush=True)
+                act = f"{row['activation_gib']:.3f} GiB" if row["activation_gib"] is not None else "-"
+                print(f"{routing:9s} {system:14s} {row['ms']:8.3f} ms  {row['tflops']:6.1f} TFLOP/s  act {act}", flush=True)
                 if "profile" in row:
                     prof = row["profile"]
                     print(f"{'':24s} kernels {prof['kernel_total_ms']:.3f} ms of a {prof['profiled_ms']:.3f} ms profiled run", flush=True)

@@ -415,8 +415,9 @@ def block_markdown(rows: list[dict]) -> str:
                 continue
             b = base.get(r["routing"])
             ratio = f"{b['ms'] / r['ms']:.2f}x" if b else ""
+            act = f"{r['activation_gib']:.3f}" if r.get("activation_gib") is not None else "-"
             lines.append(f"| {r['system']} | {r['routing']} | {r['ms']:.3f} | {r['ms_forward']:.3f} | {r['tflops']:.1f} | "
-                         f"{r['activation_gib']:.3f} | {ratio} |")
+                         f"{act} | {ratio} |")
         lines += ["", f"Versions: transformers {first['transformers']}, torch {first['torch']}, triton {first['triton']}, "
                       f"commit {str(first['commit'])[:12]}", ""]
     return "\n".join(lines)

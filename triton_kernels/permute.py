@@ -54,6 +54,31 @@ def _chunk_scatter_kernel(ids_ptr, base_ptr, sorted_ptr, inv_ptr, S, E,
     tl.store(inv_ptr + slots, dest, mask=smask)
 
 
+@triton.jit
+def _chunk_bases_kernel(hist_ptr, counts_ptr, offsets_ptr, base_ptr, n_chunks, E,
+                        BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program, from hist [n_chunks, E]: counts[e] (int64), offsets[e] = cumulative end rows
+    (int32) and base[c, e] = (rows of experts < e) + (rows of expert e in chunks < c) (int64)."""
+    experts = tl.arange(0, BLOCK_E)
+    emask = experts < E
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int64)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        chunks = c0 + tl.arange(0, BLOCK_C)
+        mask = (chunks < n_chunks)[:, None] & emask[None, :]
+        h = tl.load(hist_ptr + chunks[:, None] * E + experts[None, :], mask=mask, other=0).to(tl.int64)
+        counts += tl.sum(h, axis=0)
+    ends = tl.cumsum(counts, 0)
+    tl.store(counts_ptr + experts, counts, mask=emask)
+    tl.store(offsets_ptr + experts, ends.to(tl.int32), mask=emask)
+    carry = ends - counts
+    for c0 in range(0, n_chunks, BLOCK_C):
+        chunks = c0 + tl.arange(0, BLOCK_C)
+        mask = (chunks < n_chunks)[:, None] & emask[None, :]
+        h = tl.load(hist_ptr + chunks[:, None] * E + experts[None, :], mask=mask, other=0).to(tl.int64)
+        tl.store(base_ptr + chunks[:, None] * E + experts[None, :], carry[None, :] + tl.cumsum(h, 0) - h, mask=mask)
+        carry += tl.sum(h, axis=0)
+
+
 def _sort_block(num_experts: int) -> int:
     be = next_pow2(num_experts)
     if interpreting():
@@ -94,11 +119,14 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int, return_inverse: bool = F
     S = ids_flat.numel()
     E = num_experts
     hist, block = _chunk_histograms(ids_flat, E)
-    counts = hist.sum(0, dtype=torch.int64)
-    ends = counts.cumsum(0)
-    offsets = ends.to(torch.int32)
-    # base[c, e] = (rows of experts < e) + (rows of expert e in chunks < c)
-    base = (hist.cumsum(0, dtype=torch.int64) - hist + (ends - counts)[None, :]).contiguous()
+    # counts, offsets and base[c, e] = (rows of experts < e) + (rows of expert e in chunks < c) in
+    # one launch (torch's cumsum over the chunks alone took 49 us on the H200: a sequential scan)
+    counts = torch.empty(E, dtype=torch.int64, device=ids.device)
+    offsets = torch.empty(E, dtype=torch.int32, device=ids.device)
+    base = torch.empty(hist.shape, dtype=torch.int64, device=ids.device)
+    if E:
+        _chunk_bases_kernel[(1,)](hist, counts, offsets, base, hist.shape[0], E,
+                                  BLOCK_C=max(1, 4096 // next_pow2(E)), BLOCK_E=next_pow2(E), num_warps=4)
     sorted_slots = torch.empty(S, dtype=torch.int64, device=ids.device)
     inv = torch.empty(S, dtype=torch.int64, device=ids.device)
     if S:
