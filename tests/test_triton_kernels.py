@@ -453,14 +453,23 @@ def test_sort_by_expert(T, E, k, mode, seed, int32):
     assert torch.equal(tk.inverse_permutation(sorted_slots), inv)
 
 
-def test_sort_by_expert_many_chunks():
-    """More slots than one chunk holds, so chunk bases and ranks across chunks are exercised."""
+@pytest.mark.parametrize("max_chunks", [256, 2, 1])
+def test_sort_by_expert_many_chunks(monkeypatch, max_chunks):
+    """More slots than one sub-block holds, so chunk bases and ranks across chunks are exercised;
+    with few chunks allowed, each chunk walks several sub-blocks (as at 65,536 tokens on a GPU)."""
+    import importlib
+
+    permute_module = importlib.import_module("triton_kernels.permute")  # (the package exports a function `permute`)
+    monkeypatch.setattr(permute_module, "MAX_CHUNKS", max_chunks)
     T, k, E = 700, 3, 6
     ids = make_ids(T, k, E, 5, "random")
+    chunk, sub = permute_module._chunking(T * k, E)
+    assert chunk // sub == (1 if max_chunks == 256 else 3 if max_chunks == 1 else 2)
     with poisoned():
-        sorted_slots, counts, offsets = tk.sort_by_expert(ids, E)
+        sorted_slots, counts, offsets, inv = tk.sort_by_expert(ids, E, return_inverse=True)
     r_slots, r_counts, r_offsets = ref.sort_by_expert_ref(ids, E)
     assert torch.equal(sorted_slots, r_slots) and torch.equal(counts, r_counts) and torch.equal(offsets, r_offsets)
+    assert torch.equal(inv, ref.inverse_permutation_ref(r_slots))
 
 
 @CHEAP
