@@ -1,14 +1,22 @@
 """expert_mlp_gathered (gather in the GEMM prologue) against the PyTorch reference of
-permute -> expert MLP, forward and every gradient, under the interpreter on the CPU."""
+permute -> expert MLP, forward and every gradient: under the interpreter on the CPU, compiled
+(fp32, exact products) on a GPU."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 from triton_kernels import expert_mlp_gathered, sort_by_expert  # noqa: E402
+from triton_kernels._common import interpreting  # noqa: E402
 from triton_kernels.reference import expert_mlp_ref  # noqa: E402
+
+DEVICE = "cpu" if interpreting() else "cuda"
 
 
 @settings(max_examples=12, deadline=None)
@@ -30,13 +38,17 @@ def test_gathered_mlp_matches_reference(activation, num_experts, k, tokens, hidd
         ids = torch.stack([torch.roll(torch.arange(num_experts), 0)[:k] for _ in range(tokens)])
     else:
         ids = torch.stack([torch.randperm(num_experts, generator=g)[:k] for _ in range(tokens)])
-    x = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+    def leaf(t):
+        return t.to(DEVICE).requires_grad_()
+
+    ids = ids.to(DEVICE)
+    x = leaf(torch.randn(tokens, hidden, generator=g))
     shape_gu = (num_experts, hidden, 2 * inter) if transposed else (num_experts, 2 * inter, hidden)
     shape_dn = (num_experts, inter, hidden) if transposed else (num_experts, hidden, inter)
-    gate_up = (0.3 * torch.randn(shape_gu, generator=g)).requires_grad_()
-    down = (0.3 * torch.randn(shape_dn, generator=g)).requires_grad_()
-    b_gu = (0.1 * torch.randn(num_experts, 2 * inter, generator=g)).requires_grad_() if transposed else None
-    b_dn = (0.1 * torch.randn(num_experts, hidden, generator=g)).requires_grad_() if transposed else None
+    gate_up = leaf(0.3 * torch.randn(shape_gu, generator=g))
+    down = leaf(0.3 * torch.randn(shape_dn, generator=g))
+    b_gu = leaf(0.1 * torch.randn(num_experts, 2 * inter, generator=g)) if transposed else None
+    b_dn = leaf(0.1 * torch.randn(num_experts, hidden, generator=g)) if transposed else None
     slots, counts, offsets, inv = sort_by_expert(ids, num_experts, return_inverse=True)
 
     got = expert_mlp_gathered(x, slots, inv, k, gate_up, down, offsets, activation=activation,
@@ -45,7 +57,7 @@ def test_gathered_mlp_matches_reference(activation, num_experts, k, tokens, hidd
     want = expert_mlp_ref(rows, gate_up, down, offsets, activation=activation, gate_up_bias=b_gu,
                           down_bias=b_dn, transposed=transposed)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    upstream = torch.randn(got.shape, generator=g)
+    upstream = torch.randn(got.shape, generator=g).to(DEVICE)
     inputs = [t for t in (x, gate_up, down, b_gu, b_dn) if t is not None]
     for a, b in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
