@@ -18,6 +18,7 @@ import importlib
 import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 
 import triton
@@ -57,9 +58,23 @@ def config_from_string(text: str) -> triton.Config:
     return triton.Config(kwargs, **extra)
 
 
+def _misfit(tuner: Autotuner, key: tuple, config: triton.Config) -> str | None:
+    """Why a recorded (key, config) cannot stand for this kernel as it is now, or None. A key holds
+    the values of the tuner's key arguments, then the dtypes of the tensor arguments; a config
+    names the kernel's tile parameters."""
+    values = [k for k in key if not (isinstance(k, str) and k.startswith("torch."))]
+    if len(values) != len(tuner.keys):
+        return f"its key has {len(values)} values, the kernel's autotune key {len(tuner.keys)} ({', '.join(tuner.keys)})"
+    wanted = set(tuner.configs[0].kwargs)
+    if set(config.kwargs) != wanted:
+        return f"its config sets {sorted(config.kwargs)}, the kernel's candidates {sorted(wanted)}"
+    return None
+
+
 def pin_autotune_choices(source) -> int:
     """Put recorded choices into the autotuners' caches; returns how many keys were pinned.
-    Raises ValueError for a kernel this package does not have."""
+    Raises ValueError for a kernel this package does not have; a choice recorded for an older form
+    of a kernel (another key or other tile parameters) is skipped with a warning."""
     if not isinstance(source, dict):
         source = json.loads(Path(source).read_text())
     choices = source.get("autotune", source)
@@ -69,8 +84,14 @@ def pin_autotune_choices(source) -> int:
         if kernel not in tuners:
             raise ValueError(f"pinned autotune choices name {kernel!r}, which is not an autotuned kernel of "
                              f"triton_kernels (known: {', '.join(sorted(tuners))})")
-        for key, config in by_key.items():
-            tuners[kernel].cache[ast.literal_eval(key)] = config_from_string(config)
+        for key, text in by_key.items():
+            parsed, config = ast.literal_eval(key), config_from_string(text)
+            why = _misfit(tuners[kernel], parsed, config)
+            if why:
+                warnings.warn(f"not pinned: {kernel} {key}: {why} (recorded by an older version of the kernel)",
+                              stacklevel=2)
+                continue
+            tuners[kernel].cache[parsed] = config
             pinned += 1
     return pinned
 

@@ -31,6 +31,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from triton_kernels._common import interpreting
+
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 
@@ -66,14 +68,14 @@ def _dw_args(kind: str, K: int, N: int) -> dict:
     args = dict(x_ptr=BF16, dy_ptr=BF16, dw_ptr=BF16, db_ptr=BF16, offsets_ptr="*i32", K=K, N=N, S_BUCKET=S,
                 stride_xs=K, stride_ds=N, stride_we=K * N, stride_wk=1, stride_wn=K, stride_be=0, stride_bn=0)
     if kind == "pointer":
-        args.update(src_ptr="*i32", stride_xk=1, stride_dn=1)
+        args.update(src_ptr="*i64", stride_xk=1, stride_dn=1)  # src_rows: int64 token rows
     return args
 
 
 def _gate_up_args() -> dict:
     # w_gu [E, H, 2I] is the transpose view of the HF [E, 2I, H]: K (= H) contiguous
     return dict(x_ptr=BF16, wg_ptr=BF16, wu_ptr=BF16, bg_ptr=BF16, bu_ptr=BF16, a_ptr=BF16, hg_ptr=BF16,
-                hu_ptr=BF16, offsets_ptr="*i32", src_ptr="*i32", N=I, K=H, E=E, S_BUCKET=S, alpha=1.0, limit=7.0,
+                hu_ptr=BF16, offsets_ptr="*i32", src_ptr="*i64", N=I, K=H, E=E, S_BUCKET=S, alpha=1.0, limit=7.0,
                 stride_xs=H, stride_xk=1, stride_we=2 * I * H, stride_wk=1, stride_wn=H, stride_w_outer=H,
                 stride_be=0, stride_bn=0, stride_as=I, stride_an=1, stride_hs=2 * I, stride_hn=1)
 
@@ -144,7 +146,7 @@ class Report:
 
 
 def _jit_function(module: str, kernel: str):
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         raise SystemExit("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
     fn = getattr(importlib.import_module(f"triton_kernels.{module}"), kernel)
     while not isinstance(fn, triton.runtime.jit.JITFunction):
@@ -186,26 +188,37 @@ def _ptxas_usage(ptx: str) -> tuple[int, int]:
             f.write(ptx)
         out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr
-    registers = int(re.search(r"Used (\d+) registers", out).group(1))
+    used = re.search(r"Used (\d+) registers", out)
+    if used is None:
+        raise RuntimeError(f"ptxas -v printed no register count: {out[-300:]}")
+    registers = int(used.group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
     return registers, spills
 
 
+def _reason(e: BaseException) -> str:
+    """The innermost cause of a compile error (a failure inside a called ``@jit`` function is
+    reported as source context, its reason chained as ``__cause__``), on one line."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and ln.strip() != "^"]
+    return f"{type(e).__name__}: " + " | ".join(lines[-2:])[:400]
+
+
 def check(case: Case, config: triton.Config) -> Report:
-    """Compile ``case`` with ``config`` for sm_90 and measure it."""
+    """Compile ``case`` with ``config`` for sm_90 and measure it; a failure (the compiler's or
+    ptxas') becomes the report's ``error``."""
     report = Report(case.name, str(config))
+    fn = _jit_function(case.module, case.kernel)
     try:
-        fn = _jit_function(case.module, case.kernel)
         compiled = triton.compile(_source(fn, case, config.kwargs), target=HOPPER,
                                   options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        ir = compiled.asm["ttgir"]
+        report.shared_bytes = compiled.metadata.shared
+        report.pipelined_loads = ir.count("async_copy_global_to_local") + ir.count("async_tma_copy_global_to_local")
+        report.registers, report.spill_bytes = _ptxas_usage(compiled.asm["ptx"])
     except Exception as e:  # noqa: BLE001 - a candidate that does not compile is the finding
-        lines = [ln for ln in str(e).splitlines() if ln.strip() and ln.strip() != "^"]
-        report.error = f"{type(e).__name__}: " + " | ".join(lines[-2:])[:400]
-        return report
-    ir = compiled.asm["ttgir"]
-    report.shared_bytes = compiled.metadata.shared
-    report.pipelined_loads = ir.count("async_copy_global_to_local") + ir.count("async_tma_copy_global_to_local")
-    report.registers, report.spill_bytes = _ptxas_usage(compiled.asm["ptx"])
+        report.error = _reason(e)
     return report
 
 

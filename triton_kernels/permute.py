@@ -2,8 +2,8 @@
 combine expert outputs back into tokens.
 
 Shapes: ``ids [T, k]`` expert of each (token, choice), flat slot ``t*k + j``; S = T*k routed rows.
-- ``sort_by_expert(ids, E)``: a counting sort in two kernels (per-chunk histograms, then per-slot
-  ranks); the order equals a STABLE sort of the flattened ids (ties by slot index ascending), so it
+- ``sort_by_expert(ids, E)``: a counting sort in three kernels (per-chunk histograms; counts,
+  offsets and each chunk's first row per expert, in one program; per-slot ranks); the order equals a STABLE sort of the flattened ids (ties by slot index ascending), so it
   is deterministic and matches ``torch.argsort(ids.flatten(), stable=True)``.
 - ``permute(x, sorted_slots, k)``: ``x[sorted_slots // k]`` -> [S, H]; backward sums the k rows of
   each token in fixed order j = 0..k-1 through the inverse permutation (no float atomics).
