@@ -153,8 +153,9 @@ def add_speedups(rows: list[dict]) -> None:
 # On/off environment switches that change what a cell measures (on = set to anything but "" or
 # "0", as the code reads them), with their defaults: a cell that ran with one flipped keeps its own
 # summary keys (``...+MOE_LAB_HOST_CHECKS=1``) instead of standing for the system.
+# (MOE_LAB_TRITON_DW_PERSISTENT: a switch of commit 78efe7f only, removed since; its one run keeps its key.)
 BEHAVIOUR_FLAGS = {"MOE_LAB_HOST_CHECKS": False, "MOE_LAB_TRITON_AUTOTUNE": True, "MOE_LAB_TRITON_TF32": False,
-                   "MOE_LAB_TRITON_TMA": False}
+                   "MOE_LAB_TRITON_TMA": False, "MOE_LAB_TRITON_DW_PERSISTENT": False}
 
 
 def env_flags(env: dict) -> dict:
@@ -500,8 +501,8 @@ def kernel_bench_markdown(runs: Path) -> str | None:
         torch_ms = {(r["group"], r["op"], r["shape"]): r["ms"] for r in rec.get("rows", []) if r["impl"] == "torch"}
         for r in rec.get("rows", []):
             base = torch_ms.get((r["group"], r["op"], r["shape"])) if r["impl"] != "torch" else None
-            vs_torch = _f(base / r["ms"] if base else None, "{:.2f}x")
-            lines.append(f"| {r['group']} | {r['op']} | {r['shape']} | {r['impl']} | {r['ms']:.4f} | "
+            vs_torch = _f(base / r["ms"] if base and r["ms"] else None, "{:.2f}x")  # (a failed candidate has no ms)
+            lines.append(f"| {r['group']} | {r['op']} | {r['shape']} | {r['impl']} | {_f(r['ms'], '{:.4f}')} | "
                          f"{len(r.get('ms_samples') or []) or '-'} | {_f(r.get('tflops'))} | {_f(r.get('gbps'))} | "
                          f"{vs_torch} |")
         lines.append("")

@@ -22,7 +22,7 @@ import sys
 import time
 
 from . import cell, models, provenance, regimes, store, systems
-from .kernel_profile import kernel_class, profile_kernels  # noqa: F401 (kernel_class: re-exported)
+from .kernel_profile import profile_kernels
 
 log = logging.getLogger(__name__)
 

@@ -266,9 +266,10 @@ def test_graph_rows_show_the_reserved_peak_and_no_activation():
 def test_kernel_bench_files_become_a_table_with_their_samples(tmp_path):
     """``report.kernel_bench_markdown``: every ``*triton_kernels_bench.json`` under the runs, Triton
     against torch for the same op, the number of kept samples, the TMA switch in the heading."""
-    rows = [{"group": "gemm", "op": "grouped_mm fwd", "shape": "S=8", "impl": impl, "ms": ms, "tflops": 400.0,
+    rows = [{"group": "gemm", "op": "grouped_mm fwd", "shape": "S=8", "impl": impl, "ms": ms, "tflops": 400.0 if ms else None,
              "gbps": None, "note": "", "ms_samples": samples}
-            for impl, ms, samples in (("triton", 0.4, [0.39, 0.4, 0.41]), ("torch", 0.5, [0.5, 0.5]))]
+            for impl, ms, samples in (("triton", 0.4, [0.39, 0.4, 0.41]), ("torch", 0.5, [0.5, 0.5]),
+                                      ("config BLOCK_M: 256", None, []))]  # a candidate that failed to build
     manifest = {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6.0", "commit": "abc", "dirty": False,
                 "tma": "1", "command": "python -m triton_kernels.bench", "timer": "do_bench"}
     for name in ("run-a/triton_kernels_bench.json", "run-b/run1-triton_kernels_bench.json"):
@@ -277,4 +278,5 @@ def test_kernel_bench_files_become_a_table_with_their_samples(tmp_path):
     assert text.count("MOE_LAB_TRITON_TMA=1") == 2 and "run-b/run1-triton_kernels_bench.json" in text
     assert "| gemm | grouped_mm fwd | S=8 | triton | 0.4000 | 3 | 400.0 | - | 1.25x |" in text
     assert "| gemm | grouped_mm fwd | S=8 | torch | 0.5000 | 2 | 400.0 | - | - |" in text
+    assert "| gemm | grouped_mm fwd | S=8 | config BLOCK_M: 256 | - | - | - | - | - |" in text
     assert report.kernel_bench_markdown(tmp_path / "run-c") is None

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from experiments import cell, step_breakdown
+from experiments import cell, kernel_profile, step_breakdown
 
 
 @pytest.mark.parametrize("system", ["v5-grouped_mm", "torch"])
@@ -72,6 +72,6 @@ def test_profile_lists_kernels_by_class():
     assert sum(row["kernel_classes"].values()) == pytest.approx(row["kernel_total_ms"])
     # ops' own times: nested events (autograd nodes holding ATen ops) are not counted twice
     assert row["kernel_total_ms"] <= row["profiled_step_ms"]
-    assert step_breakdown.kernel_class("void flash_fwd_kernel<...>") == "attention"
-    assert step_breakdown.kernel_class("nvjet_tst_128x256") == "gemm"
-    assert step_breakdown.kernel_class("at::native::vectorized_elementwise_kernel<4>") == "elementwise"
+    assert kernel_profile.kernel_class("void flash_fwd_kernel<...>") == "attention"
+    assert kernel_profile.kernel_class("nvjet_tst_128x256") == "gemm"
+    assert kernel_profile.kernel_class("at::native::vectorized_elementwise_kernel<4>") == "elementwise"

@@ -315,14 +315,13 @@ def bench_dw(tab, geo, device, dtype, seed):
         op = f"weight grad {name}"
         th = lambda x=x, dy=dy: _torch_weight_grad(x, dy, offsets)
         tab.add("dw", op, shape, "torch", timings(th), flops=flops)
-        impls = [i for i in gg.DW_IMPLS if i != "tma" or gg.rows_tma_eligible(x, dy)]
-        for impl in impls:
-            fn = lambda x=x, dy=dy, like=like, impl=impl: gg.grouped_mm_weight_grad(x, dy, offsets, like, impl=impl)[0]
+        fns = {impl: (lambda x=x, dy=dy, like=like, impl=impl: gg.grouped_mm_weight_grad(x, dy, offsets, like, impl=impl)[0])
+               for impl in gg.DW_IMPLS if impl != "tma" or gg.rows_tma_eligible(x, dy)}
+        for impl, fn in fns.items():
             tab.add("dw", op, shape, impl, timings(fn), flops=flops, note=_check(fn, th))
             tab.ratio("dw", op, shape, fast=impl)
         if not interpreting():
-            for impl in impls:
-                fn = lambda x=x, dy=dy, like=like, impl=impl: gg.grouped_mm_weight_grad(x, dy, offsets, like, impl=impl)[0]
+            for impl, fn in fns.items():
                 config_sweep(tab, "dw", f"{op} {impl}", shape, kernels[impl], fn, flops, check=lambda fn=fn, th=th: _check(fn, th))
 
 

@@ -234,6 +234,36 @@ def expert_rows(offsets_ptr, e):
     return start, end
 
 
+@triton.jit
+def dw_program_tile(offsets_ptr, K, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's weight-gradient tile: (expert, K-tile index, first K row, first N column, the
+    expert's first and end rows). Programs are laid out expert-major, then K-tile, then N-tile."""
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    num_n = tl.cdiv(N, BLOCK_N)
+    e = pid // (num_k * num_n)
+    rest = pid % (num_k * num_n)
+    pid_k = rest // num_n
+    start, end = expert_rows(offsets_ptr, e)
+    return e, pid_k, pid_k * BLOCK_K, (rest % num_n) * BLOCK_N, start, end
+
+
+@triton.jit
+def store_dw_tile(dw_ptr, db_ptr, e, pid_k, k0, n0, K, N, acc, dbias,
+                  stride_we, stride_wk, stride_wn, stride_be, stride_bn,
+                  HAS_DBIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store the fp32 tile ``acc`` [BLOCK_K, BLOCK_N] of dw[e] at (k0, n0) and, from the first K-tile,
+    dbias[e] [BLOCK_N], in their tensors' dtype."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    nn = n0 + tl.arange(0, BLOCK_N)
+    e64 = e.to(tl.int64)
+    dw_ptrs = dw_ptr + e64 * stride_we + kk[:, None] * stride_wk + nn[None, :] * stride_wn
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(kk < K)[:, None] & (nn < N)[None, :])
+    if HAS_DBIAS:
+        if pid_k == 0:
+            tl.store(db_ptr + e64 * stride_be + nn * stride_bn, dbias.to(db_ptr.dtype.element_ty), mask=nn < N)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -306,17 +336,9 @@ def _grouped_mm_dw_kernel(
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """dw[e] = x[rows of e]^T @ dy[rows of e]; with GATHER, row r reads x[src[r]]."""
-    pid = tl.program_id(0)
-    num_k = tl.cdiv(K, BLOCK_K)
-    num_n = tl.cdiv(N, BLOCK_N)
-    e = pid // (num_k * num_n)
-    rest = pid % (num_k * num_n)
-    pid_k = rest // num_n
-    pid_n = rest % num_n
-    start, end = expert_rows(offsets_ptr, e)
-
-    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    e, pid_k, k0, n0, start, end = dw_program_tile(offsets_ptr, K, N, BLOCK_K, BLOCK_N)
+    kk = k0 + tl.arange(0, BLOCK_K)
+    nn = n0 + tl.arange(0, BLOCK_N)
     kmask = kk < K
     nmask = nn < N
     ss = tl.arange(0, BLOCK_S)
@@ -336,12 +358,8 @@ def _grouped_mm_dw_kernel(
         acc = mma(xt, g, acc, IEEE, UPCAST)
         if HAS_DBIAS:
             dbias += tl.sum(g.to(tl.float32), axis=0)
-    e64 = e.to(tl.int64)
-    dw_ptrs = dw_ptr + e64 * stride_we + kk[:, None] * stride_wk + nn[None, :] * stride_wn
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=kmask[:, None] & nmask[None, :])
-    if HAS_DBIAS:
-        if pid_k == 0:
-            tl.store(db_ptr + e64 * stride_be + nn * stride_bn, dbias.to(db_ptr.dtype.element_ty), mask=nmask)
+    store_dw_tile(dw_ptr, db_ptr, e, pid_k, k0, n0, K, N, acc, dbias, stride_we, stride_wk, stride_wn,
+                  stride_be, stride_bn, HAS_DBIAS, BLOCK_K, BLOCK_N)
 
 
 @triton.autotune(configs=_dw_tma_configs(), key=["K", "N", "S_BUCKET"])
@@ -358,21 +376,12 @@ def _grouped_mm_dw_tma_kernel(
     """``_grouped_mm_dw_kernel`` (without the gather) with row tiles moved by tensor descriptors:
     each program describes its expert's rows of x [count, K] and dy [count, N] (unit column
     strides), so the last row tile reads zeros past the expert's end instead of masking."""
-    pid = tl.program_id(0)
-    num_k = tl.cdiv(K, BLOCK_K)
-    num_n = tl.cdiv(N, BLOCK_N)
-    e = pid // (num_k * num_n)
-    rest = pid % (num_k * num_n)
-    pid_k = rest // num_n
-    pid_n = rest % num_n
-    start, end = expert_rows(offsets_ptr, e)
+    e, pid_k, k0, n0, start, end = dw_program_tile(offsets_ptr, K, N, BLOCK_K, BLOCK_N)
     count = end - start
     start64 = start.to(tl.int64)
     rows_desc = tl.maximum(count, 1)  # an empty expert's descriptor is never read
     x_desc = tma_rows_desc(x_ptr, start64, rows_desc, stride_xs, K, BLOCK_S, BLOCK_K)
     dy_desc = tma_rows_desc(dy_ptr, start64, rows_desc, stride_ds, N, BLOCK_S, BLOCK_N)
-    k0 = pid_k * BLOCK_K
-    n0 = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for s0 in range(0, count, BLOCK_S):
@@ -381,14 +390,8 @@ def _grouped_mm_dw_tma_kernel(
         acc = mma(xt, g, acc, False, UPCAST)
         if HAS_DBIAS:
             dbias += tl.sum(g.to(tl.float32), axis=0)
-    kk = k0 + tl.arange(0, BLOCK_K)
-    nn = n0 + tl.arange(0, BLOCK_N)
-    e64 = e.to(tl.int64)
-    dw_ptrs = dw_ptr + e64 * stride_we + kk[:, None] * stride_wk + nn[None, :] * stride_wn
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(kk < K)[:, None] & (nn < N)[None, :])
-    if HAS_DBIAS:
-        if pid_k == 0:
-            tl.store(db_ptr + e64 * stride_be + nn * stride_bn, dbias.to(db_ptr.dtype.element_ty), mask=nn < N)
+    store_dw_tile(dw_ptr, db_ptr, e, pid_k, k0, n0, K, N, acc, dbias, stride_we, stride_wk, stride_wn,
+                  stride_be, stride_bn, HAS_DBIAS, BLOCK_K, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------
