@@ -91,6 +91,21 @@ def _opted_in_forward(self, *args, **kwargs):
         _state.depth -= 1
 
 
+def _forward_calls(cls, name: str) -> bool:
+    """Whether ``cls.forward``'s own code names the global ``name``. v5 wraps forwards in decorators
+    (``deprecate_kwarg``; from 5.2x the hub-kernels ``use_kernelized_func``, which also turns
+    ``apply_rotary_pos_emb`` into a module-level ``nn.Module``); ``functools.wraps`` leaves the
+    chain in ``__wrapped__``, so every layer of it is read."""
+    fn = cls.forward
+    for _ in range(16):  # a decorator chain, never a cycle in practice
+        if name in getattr(getattr(fn, "__code__", None), "co_names", ()):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+    return False
+
+
 def enable_fused_rope(model) -> int:
     """Route the rotary embedding of every attention module of ``model`` through the Triton kernel;
     returns how many modules. ValueError (nothing changed) if a module's file rotates differently."""
@@ -105,7 +120,7 @@ def enable_fused_rope(model) -> int:
                          f"{partial}); the kernel rotates whole heads; leave fused_rope off")
     modules = [m for m in model.modules() if type(m).__name__.endswith("Attention")
                and hasattr(sys.modules[type(m).__module__], "apply_rotary_pos_emb")
-               and "apply_rotary_pos_emb" in getattr(type(m).forward, "__code__", types.SimpleNamespace(co_names=())).co_names]
+               and _forward_calls(type(m), "apply_rotary_pos_emb")]
     if not modules:
         raise ValueError(f"fused_rope: no attention module of {type(model).__name__} calls apply_rotary_pos_emb")
     files = {sys.modules[type(m).__module__] for m in modules}
