@@ -52,11 +52,95 @@ DEFAULTS = {
     "trace_steps": 3,
     "device": "auto",  # auto | cuda | cpu
     "transformers_version": None,  # a pin: the cell fails if another version is imported
-    "fail_at": None,  # test hook: "build"/"step" raise an injected error there, "crash" exits without a record
+    "fail_at": None,  # test hook: "build"/"step" raise an injected error there, "crash" exits without a record, "hang" sleeps
 }
 OPTIMIZERS = ("adamw_fused", "adamw", "adamw_triton", "sgd")
-STATUSES = ("ok", "failed", "oom", "not_implemented", "unavailable", "timeout")
+DEVICES = ("auto", "cuda", "cpu")
+FAIL_AT = ("build", "step", "crash", "hang")
+# "interrupted": the sweep was stopped (Ctrl-C, SIGTERM) while the cell ran; written by the sweep
+STATUSES = ("ok", "failed", "oom", "not_implemented", "unavailable", "timeout", "interrupted")
 _DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_at_least(lo: int):
+    def check(v):
+        if not _is_int(v) or v < lo:
+            raise ValueError(f"must be an integer >= {lo}, got {v!r}")
+    return check
+
+
+def _one_of(choices, optional=False):
+    def check(v):
+        if not (optional and v is None) and v not in choices:
+            raise ValueError(f"must be one of {', '.join(map(str, choices))}{' (or null)' if optional else ''}, got {v!r}")
+    return check
+
+
+def _text(optional=True, hint=""):
+    def check(v):
+        if optional and v is None:
+            return
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"must be a non-empty string{' or null' if optional else ''}, got {v!r}{hint}")
+    return check
+
+
+def _model(v):
+    _text(optional=False)(v)
+    if v not in models.available():
+        raise ValueError(f"unknown model {v!r}; known: {', '.join(models.available())}")
+
+
+def _layers(v):
+    if v is not None:
+        _int_at_least(1)(v)
+
+
+def _system(v):
+    _text(optional=False)(v)
+    systems.parse(v)
+
+
+def _routing(v):
+    _text(optional=False)(v)
+    regimes.parse(v)
+
+
+def _lr(v):
+    if isinstance(v, str):
+        raise ValueError(f"must be a number, got the string {v!r} (YAML reads 1e-4 as a string: write 1.0e-4)")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"must be a positive number, got {v!r}")
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, got {v!r}")
+
+
+# one check per cell key: raises ValueError("must be ...") for a value the key cannot take
+CHECKS = {
+    "model": _model, "layers": _layers, "system": _system, "nproc": _int_at_least(1), "batch": _int_at_least(1),
+    "seq": _int_at_least(1), "routing": _routing, "dtype": _one_of(tuple(_DTYPES)), "optimizer": _one_of(OPTIMIZERS),
+    "lr": _lr, "ckpt": _bool, "attn": _text(), "warmup": _int_at_least(0), "steps": _int_at_least(1),
+    "seed": _int_at_least(0), "trace": _text(), "trace_steps": _int_at_least(1), "device": _one_of(DEVICES),
+    "transformers_version": _text(hint=" (quote it: \"5.17.0\")"), "fail_at": _one_of(FAIL_AT, optional=True),
+}
+assert set(CHECKS) == set(DEFAULTS)
+
+
+def check_value(key: str, value) -> None:
+    """Raise ValueError naming ``key`` when it is not a cell key or ``value`` is not a value it takes."""
+    if key not in DEFAULTS:
+        raise ValueError(f"unknown cell key {key!r}; known: {', '.join(sorted(DEFAULTS))}")
+    try:
+        CHECKS[key](value)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
 
 
 def normalise(spec: dict) -> dict:
@@ -65,18 +149,13 @@ def normalise(spec: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown cell keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     out = {**DEFAULTS, **spec}
-    models.load_geometry(out["model"])
+    for key, value in out.items():
+        check_value(key, value)
+    full = int(models.load_geometry(out["model"])["full_layers"])
     if out["layers"] is None:
-        out["layers"] = int(models.load_geometry(out["model"])["full_layers"])
-    systems.parse(out["system"])
-    regimes.parse(out["routing"])
-    if out["dtype"] not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {out['dtype']!r}")
-    if out["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {out['optimizer']!r}")
-    for k in ("nproc", "batch", "seq", "steps", "layers"):
-        if int(out[k]) < 1:
-            raise ValueError(f"{k} must be >= 1, got {out[k]}")
+        out["layers"] = full
+    elif out["layers"] > full:
+        raise ValueError(f"layers: {out['model']} has {full} layers, got {out['layers']}")
     return out
 
 
@@ -222,6 +301,10 @@ def run(spec: dict) -> dict:
         raise RuntimeError("injected failure at build (fail_at='build')")
     if spec["fail_at"] == "crash":
         os._exit(17)  # simulates a process killed before it could write its record
+    if spec["fail_at"] == "hang":  # a cell that never ends (the sweep's interrupt and timeout tests)
+        log.info("fail_at=hang: pid %d sleeping", os.getpid())
+        while True:
+            time.sleep(60)
 
     if system.cuda_graphs and (spec["routing"] != "real" or spec["trace"] or spec["ckpt"]):
         raise ValueError(f"{system.name}: CUDA graphs replay the layers without their Python hooks; the routing "

@@ -96,9 +96,32 @@ def _cell_env(conf: dict) -> dict:
     return env
 
 
+class SweepError(RuntimeError):
+    """A sweep that cannot run here (refused before any cell runs)."""
+
+
+def check_devices(specs: list[dict], conf: dict) -> None:
+    """Refuse cells that ask for CUDA on a machine without it (or for more GPUs than it has),
+    instead of recording every cell as unavailable."""
+    cuda = [s for s in specs if s["device"] == "cuda"]
+    if not cuda:
+        return
+    import torch
+
+    where = f"sweep {conf['name']} ({conf.get('_path') or 'no file'})"
+    if not torch.cuda.is_available():
+        raise SweepError(f"{where}: {len(cuda)} of its {len(specs)} cells ask for device: cuda (e.g. "
+                         f"{cell.cell_id(cuda[0])}), but torch.cuda.is_available() is False on this machine "
+                         f"(torch {torch.__version__}); run it where a GPU is visible, or set device: cpu (or auto)")
+    need, have = max(s["nproc"] for s in cuda), torch.cuda.device_count()
+    if need > have:
+        raise SweepError(f"{where}: cells ask for {need} GPUs (nproc: {need}), this machine has {have}")
+
+
 def run_sweep(conf: dict, run_dir: Path, *, retry_failed: bool = False, only: str | None = None,
               progress: bool = True) -> list[dict]:
-    """Run (or resume) every cell of ``conf`` under ``run_dir``; returns the records in grid order."""
+    """Run (or resume) every cell of ``conf`` under ``run_dir``; returns the records in grid order.
+    Raises ``SweepError`` (nothing run) when the machine lacks the devices the cells ask for."""
     try:
         from tqdm import tqdm
     except ImportError:  # progress is a nicety: run without a bar where tqdm is missing
@@ -108,6 +131,7 @@ def run_sweep(conf: dict, run_dir: Path, *, retry_failed: bool = False, only: st
     specs = grid.expand(conf)
     if only:
         specs = [s for s in specs if only in cell.cell_id(s)]
+    check_devices(specs, conf)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "manifest.json"
     prov = provenance.collect()
@@ -162,13 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-level", default=os.environ.get("MOE_LAB_LOG", "WARNING"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    conf = grid.load(preset=None if args.config else (args.preset or DEFAULT_PRESET), path=args.config)
+    try:
+        conf = grid.load(preset=None if args.config else (args.preset or DEFAULT_PRESET), path=args.config)
+        specs = grid.expand(conf)
+    except ValueError as e:  # grid.SweepFileError: every problem with its file and line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.list:
-        for s in grid.expand(conf):
+        for s in specs:
             print(cell.cell_id(s))
         return 0
     run_dir = Path(args.out) if args.out else REPO_ROOT / "results" / "runs" / conf["name"]
-    records = run_sweep(conf, run_dir, retry_failed=args.retry_failed, only=args.only, progress=not args.no_progress)
+    try:
+        records = run_sweep(conf, run_dir, retry_failed=args.retry_failed, only=args.only, progress=not args.no_progress)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(report.run_table(records, title=f"{conf['name']} ({run_dir})", run=run_dir.name))
     return 0
 

@@ -28,6 +28,7 @@ Names (the ``system`` field of a cell and the last part of a summary key):
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -123,6 +124,8 @@ def parse(name: str) -> System:
         return _parse_v5(name)
     m = _EP_RE.match(name)
     if m:
+        if int(m.group(1)) < 1:
+            raise ValueError(f"system {name!r}: the expert-parallel size (ep<N>) must be >= 1")
         backend, *words = m.group(3).split("-")
         v = _variant_options(name, backend, words, prefix=f"ep{m.group(1)}-{m.group(2)}-")
         if v.in_backward:
@@ -135,6 +138,66 @@ def parse(name: str) -> System:
     v = _variant_options(name, backend, words)
     return System(name, "moe_lab", moe_backend=backend + v.suffix, options=v.options, optimizer_in_backward=v.in_backward,
                   optimizer_side_stream=v.side_stream)
+
+
+# v5's experts implementations when transformers cannot say (its ExpertsInterface keys, plus eager)
+_V5_IMPLS_FALLBACK = ("batched_mm", "eager", "grouped_mm")
+
+
+@functools.lru_cache(maxsize=None)
+def v5_experts_implementations() -> tuple[str, ...]:
+    """The ``experts_implementation`` names the installed transformers accepts (``eager`` and its
+    ExpertsInterface's keys)."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+
+        return tuple(sorted({"eager", *ExpertsInterface().valid_keys()}))
+    except Exception:  # noqa: BLE001 - an older or broken transformers: the names v5 has had
+        return _V5_IMPLS_FALLBACK
+
+
+@functools.lru_cache(maxsize=None)
+def moe_lab_names() -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(backend words, dispatchers) the installed moe_lab registers, or None where it cannot be
+    imported (its cells are then recorded as not implemented at run time)."""
+    try:
+        import moe_lab
+        from moe_lab.registry import stage_implementations
+    except Exception:  # noqa: BLE001
+        return None
+    return tuple(moe_lab.available_backends()), tuple(d for d in stage_implementations("dispatch") if d != "local")
+
+
+def check_known(name: str) -> System:
+    """``parse`` plus the names the installed libraries know: v5's experts implementation, moe_lab's
+    backend word and dispatcher. A sweep file is checked with this before anything runs (a cell run
+    directly records an unknown backend as not implemented instead)."""
+    system = parse(name)
+    if system.kind in ("v5", "v5-fsdp2", "v5-ep"):
+        impls = v5_experts_implementations()
+        if system.experts_impl not in impls:
+            raise ValueError(f"system {name!r}: v5 has no experts implementation {system.experts_impl!r}; "
+                             f"known: {', '.join(impls)}")
+        return system
+    known = moe_lab_names()
+    if known is None:
+        return system
+    backends, dispatchers = known
+    if system.moe_backend not in backends:
+        raise ValueError(f"system {name!r}: moe_lab has no backend {system.moe_backend!r}; known: {', '.join(backends)} "
+                         "(v5 systems are v5-<impl>, v5-fsdp2-<impl>, v5-ep)")
+    if system.kind == "moe_lab-ep" and system.dispatcher not in dispatchers:
+        raise ValueError(f"system {name!r}: moe_lab has no dispatcher {system.dispatcher!r}; known: {', '.join(dispatchers)}")
+    return system
+
+
+def check_world(system: System, nproc: int) -> None:
+    """Refuse a process count the system cannot run with (what build_model would refuse later)."""
+    if system.kind in ("v5", "moe_lab") and nproc != 1:
+        other = "v5-fsdp2-<impl> or v5-ep" if system.kind == "v5" else f"ep{nproc}-<dispatcher>-<backend>"
+        raise ValueError(f"system {system.name!r} runs one process, the cell has nproc={nproc}; use {other}")
+    if system.kind == "moe_lab-ep" and nproc % system.ep:
+        raise ValueError(f"system {system.name!r} needs a multiple of {system.ep} processes, the cell has nproc={nproc}")
 
 
 def _parse_v5(name: str) -> System:
