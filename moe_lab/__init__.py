@@ -8,6 +8,7 @@ from .experts import ExpertsSpec
 from .families import FAMILIES, UnsupportedModelError
 from .hf import AutoModelForCausalLM, experts_implementation_name, patch_model, register_v5_experts_functions
 from .layer import MoELayer
+from .options import Options
 from .registry import STAGES, available_backends, register_backend, register_stage, resolve_backend
 from .routing import RoutingSpec, route_reference
 from . import stats  # noqa: F401  (NumPy only)
@@ -22,6 +23,7 @@ __all__ = [
     "ExpertsSpec",
     "FAMILIES",
     "MoELayer",
+    "Options",
     "RoutingSpec",
     "RoutingTrace",
     "STAGES",

@@ -1,7 +1,6 @@
 """Where input checks run: on the host (a clear ValueError) or on the device (no waiting)."""
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -9,10 +8,12 @@ import torch
 
 def check_on_host(t: torch.Tensor) -> bool:
     """Whether a check may read ``t`` on the host. Always on the CPU; on a GPU only with
-    ``MOE_LAB_HOST_CHECKS=1``, since each read makes the host wait for the device (one wait per MoE
+    ``Options(host_checks=True)``, since each read makes the host wait for the device (one wait per MoE
     layer, in a forward the host already paces). Without it, GPU checks are device-side
     assertions: a bad value stops the process at the next synchronisation, before any kernel uses it."""
-    return t.device.type == "cpu" or os.environ.get("MOE_LAB_HOST_CHECKS", "0") not in ("", "0")
+    from .options import current_host_checks
+
+    return t.device.type == "cpu" or current_host_checks()
 
 
 def require_all(ok: torch.Tensor, message: str, found: Callable[[], str]) -> None:

@@ -44,6 +44,14 @@ def _chunk_len(other_dim: int, chunk_bytes: int, element_size: int = 4) -> int:
     return length - length % 8 if length >= 8 else length
 
 
+def log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``max + log(sum(exp(x - max)))`` of logits [N, V] (float32), as v5's loss computes it
+    (``log_softmax``): NaN for a row with a NaN or +inf logit or with only -inf logits, where
+    ``torch.logsumexp`` gives +inf / -inf (and the loss would be inf instead of v5's NaN)."""
+    row_max = logits.amax(dim=-1, keepdim=True)  # NaN if any logit is NaN
+    return (row_max + torch.log(torch.exp(logits - row_max).sum(dim=-1, keepdim=True))).squeeze(-1)
+
+
 def _use_triton(impl: str, hidden: torch.Tensor) -> bool:
     if impl not in IMPLS:
         raise ValueError(f"linear_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
@@ -74,7 +82,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 lse[start:stop] = chunk_lse
             else:
                 logits = F.linear(hidden[start:stop], weight).float()  # [c, V]
-                lse[start:stop] = torch.logsumexp(logits, dim=-1)
+                lse[start:stop] = log_sum_exp(logits)
                 target = logits.gather(1, chunk_labels.clamp(min=0)[:, None]).squeeze(1)
             # where, not a product: an ignored row's non-finite lse must not reach the loss
             total += torch.where(chunk_labels != ignore_index, lse[start:stop] - target, 0.0).sum()
@@ -119,7 +127,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     ``impl``: "triton" (row kernels), "torch" (float32 copies) or "auto" (Triton on CUDA)."""
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows but {labels.shape[0]} labels")
-    # On a GPU nothing here waits for the device (unless MOE_LAB_HOST_CHECKS=1): labels are checked
+    # On a GPU nothing here waits for the device (unless Options(host_checks=True)): labels are checked
     # by a device-side assertion before any kernel reads them, and the token count stays a tensor.
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
     require_all(~bad, f"linear_cross_entropy: labels must be in [0, {weight.shape[0]}) or ignore_index={ignore_index}",

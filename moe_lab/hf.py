@@ -7,6 +7,7 @@ own loading (per-expert or fused keys, weight conversion) and saving apply uncha
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Mapping
 
@@ -17,6 +18,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from .dispatch import LocalDispatcher
 from .families import FAMILIES, UnsupportedModelError, experts_spec_of, is_v5_experts_module
 from .layer import MoELayer, adapt_experts, run_routed_experts
+from .options import Options, apply_process_settings
 from .registry import StageChoice, available_backends, resolve_backend
 
 logger = logging.getLogger(__name__)
@@ -102,71 +104,74 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
     return model
 
 
+def _split_options(options, kwargs: dict) -> tuple[Options, dict]:
+    """(Options from ``options`` and any of its field names in ``kwargs``, the remaining kwargs for v5)."""
+    fields = {f.name for f in dataclasses.fields(Options)}
+    switches = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+    return Options.build(options, **switches), kwargs
+
+
 class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
     """Transformers v5's `AutoModelForCausalLM` with moe_lab's MoE layers: change one import.
 
-    `from_pretrained(path_or_id, moe_backend="torch", **hf_kwargs)` and
-    `from_config(config, moe_backend="torch", **hf_kwargs)`; `moe_backend` is a backend word
-    (see `moe_lab.available_backends()`) or a mapping stage -> backend. `ep_size=N` shards the experts
-    over N ranks (see `moe_lab.expert_parallel`), and `fsdp=True` shards everything else with FSDP2;
-    `fused_cross_entropy=True` computes the training loss with the chunked LM-head loss of
-    `moe_lab.fused_ce` (no full logits); `fused_norm=True` runs every RMSNorm as one Triton kernel
-    (`moe_lab.fused_norm`); `fused_rope=True` the rotary embedding of q and k as one Triton kernel
-    (`moe_lab.fused_rope`); `cuda_graphs=True` replays every decoder layer as CUDA graphs
-    (`moe_lab.cuda_graphs`; Triton backends, one process).
+    `from_pretrained(path_or_id, moe_backend="torch", options=None, **hf_kwargs)` and
+    `from_config(config, moe_backend="torch", options=None, **hf_kwargs)`; `moe_backend` is a backend
+    word (see `moe_lab.available_backends()`) or a mapping stage -> backend. `ep_size=N` shards the
+    experts over N ranks (see `moe_lab.expert_parallel`), and `fsdp=True` shards everything else with
+    FSDP2. `options` is a `moe_lab.Options` (fused loss, norms, rotary, CUDA graphs, kernel switches);
+    its fields may also be given as keyword arguments (`fused_norm=True`).
     """
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, moe_backend: MoeBackend = None,
-                        ep_size: int = 1, fsdp: bool = False, fused_cross_entropy: bool = False,
-                        fused_norm: bool = False, fused_rope: bool = False, cuda_graphs: bool = False, **kwargs):
-        choice = resolve_backend(moe_backend)  # fail on a bad backend before loading any weights
-        options = dict(fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm, fused_rope=fused_rope,
-                       cuda_graphs=cuda_graphs)
+                        ep_size: int = 1, fsdp: bool = False, options: Options | None = None, **kwargs):
+        options, kwargs = _split_options(options, kwargs)  # a bad option or backend fails before loading weights
+        choice = resolve_backend(moe_backend)
         if ep_size > 1 and not model_args:
             from .ep_loading import load_local_experts
 
             model = load_local_experts(pretrained_model_name_or_path, choice, ep_size, fsdp, **kwargs)
             if model is not None:  # only this rank's experts were read
-                return _finish(model, choice, ep_size, fsdp, **options, patched=True)
+                return _finish(model, choice, ep_size, fsdp, options, patched=True)
             logger.info("moe_lab: loading %s in full, then keeping this rank's experts", pretrained_model_name_or_path)
         model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return _finish(model, choice, ep_size, fsdp, **options)
+        return _finish(model, choice, ep_size, fsdp, options)
 
     @classmethod
     def from_config(cls, config, moe_backend: MoeBackend = None, ep_size: int = 1, fsdp: bool = False,
-                    fused_cross_entropy: bool = False, fused_norm: bool = False, fused_rope: bool = False,
-                    cuda_graphs: bool = False, **kwargs):
+                    options: Options | None = None, **kwargs):
+        options, kwargs = _split_options(options, kwargs)
         choice = resolve_backend(moe_backend)
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
-        return _finish(model, choice, ep_size, fsdp, fused_cross_entropy=fused_cross_entropy, fused_norm=fused_norm,
-                       fused_rope=fused_rope, cuda_graphs=cuda_graphs)
+        return _finish(model, choice, ep_size, fsdp, options)
 
 
-def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, *, fused_cross_entropy: bool = False,
-            fused_norm: bool = False, fused_rope: bool = False, cuda_graphs: bool = False, patched: bool = False):
-    if cuda_graphs:  # checked before anything changes
+def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, options: Options, patched: bool = False):
+    """Apply the whole-step options around `patch_model` (checks first, then changes)."""
+    if options.cuda_graphs:  # checked before anything changes
         from .cuda_graphs import check_graphable
 
         check_graphable(model, dict(choice.names), ep_size)
-    if fused_rope:
+    apply_process_settings(options)
+    if options.fused_rope:
         from .fused_rope import enable_fused_rope
 
         enable_fused_rope(model)
-    if fused_norm:
+    if options.fused_norm:
         from .fused_norm import enable_fused_norm
 
         enable_fused_norm(model)
     if not patched:
         patch_model(model, choice, ep_size=ep_size, fsdp=fsdp)
-    if fused_cross_entropy:
+    if options.fused_cross_entropy:
         from .fused_ce import enable_fused_cross_entropy
 
         enable_fused_cross_entropy(model)
-    if cuda_graphs:
+    if options.cuda_graphs:
         from .cuda_graphs import enable_cuda_graphs
 
         enable_cuda_graphs(model)
+    model.moe_lab_options = options
     return model
 
 

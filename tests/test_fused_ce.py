@@ -97,7 +97,9 @@ def test_host_checks_can_be_asked_for(monkeypatch):
     assert check_on_host(torch.zeros(1))  # the CPU always checks on the host
     meta = torch.zeros(1, device="meta")
     assert not check_on_host(meta)
-    monkeypatch.setenv("MOE_LAB_HOST_CHECKS", "1")
+    from moe_lab import options
+
+    monkeypatch.setattr(options, "_applied", {**options.Options(host_checks=True).process_settings()})
     assert check_on_host(meta)
 
 

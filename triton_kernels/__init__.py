@@ -14,16 +14,15 @@ are int32 cumulative END offsets per expert ``[E]`` over rows sorted by expert.
   the same MLP gathering token rows in the GEMM prologue (no permuted copy)
 - ``combine(y [S, H], weights [T, k], sorted_slots) -> [T, H]``
 
-Set ``MOE_LAB_TRITON_PIN=<json>`` to re-use the tiles a recorded run's autotuner chose
-(``triton_kernels.autotune_choices``).
+``triton_kernels.settings`` holds the process-wide switches (TF32, TMA, autotuning);
+``triton_kernels.autotune_choices.pin_autotune_choices(path)`` re-uses the tiles a recorded run's
+autotuner chose.
 """
 from .expert_mlp import expert_mlp, expert_mlp_gathered
 from .grouped_gemm import grouped_mm
 from .permute import combine, expert_counts, inverse_permutation, permute, sort_by_expert
 from .router import route
-from .autotune_choices import pin_from_environment
-
-pin_from_environment()  # MOE_LAB_TRITON_PIN=<json>: the autotuner's recorded choices, re-applied
+from . import settings
 
 __all__ = [
     "route",

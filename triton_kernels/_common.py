@@ -32,10 +32,12 @@ def runs_on(device: torch.device) -> bool:
 def allow_tf32() -> bool:
     """Whether fp32 GEMM inputs may use TF32 tensor cores on the GPU.
 
-    Off by default (exact "ieee" fp32 products); set ``MOE_LAB_TRITON_TF32=1`` to trade exactness
-    for speed. bf16/fp16 inputs always use tensor cores with fp32 accumulation.
+    Off by default (exact "ieee" fp32 products); ``triton_kernels.settings.configure(tf32=True)``
+    trades exactness for speed. bf16/fp16 inputs always use tensor cores with fp32 accumulation.
     """
-    return env_switch("MOE_LAB_TRITON_TF32")
+    from .settings import current
+
+    return current().tf32
 
 
 def next_pow2(n: int) -> int:

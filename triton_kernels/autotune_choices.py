@@ -8,8 +8,8 @@ entry). Benchmarks and harness cells record it, so a table says which tiles prod
 uses the same tiles without timing candidates again (a rerun of a table on another machine, or an
 A/B that should differ in one thing only). ``source``: the mapping, or a JSON file holding it or
 holding it under ``"autotune"`` (``block.json``, ``triton_kernels_bench.json``, a cell record).
-Importing the package pins the file named by ``MOE_LAB_TRITON_PIN``. Pinned keys are never timed; a
-kernel run with a single candidate (the interpreter, ``MOE_LAB_TRITON_AUTOTUNE=0``) ignores them.
+``moe_lab.Options(autotune_pin=path)`` pins a file when a model is built. Pinned keys are never
+timed; a kernel run with a single candidate (the interpreter, ``autotune=False``) ignores them.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import ast
 import importlib
 import inspect
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from triton.runtime.autotuner import Autotuner
 _MODULES = ("grouped_gemm", "expert_mlp", "permute", "router", "rmsnorm", "rope", "cross_entropy", "adamw")
 
 
-def _autotuners() -> dict:
+def all_autotuners() -> dict:
+    """``{"module.kernel": Autotuner}`` for every autotuned kernel of this package."""
     tuners = {}
     for name in _MODULES:
         module = importlib.import_module(f"{__package__}.{name}")
@@ -39,7 +39,7 @@ def _autotuners() -> dict:
 
 def autotune_choices() -> dict:
     return {name: {str(key): str(cfg) for key, cfg in tuner.cache.items()}
-            for name, tuner in _autotuners().items() if tuner.cache}
+            for name, tuner in all_autotuners().items() if tuner.cache}
 
 
 def autotune_lines(choices: dict) -> list[str]:
@@ -78,7 +78,7 @@ def pin_autotune_choices(source) -> int:
     if not isinstance(source, dict):
         source = json.loads(Path(source).read_text())
     choices = source.get("autotune", source)
-    tuners = _autotuners()
+    tuners = all_autotuners()
     pinned = 0
     for kernel, by_key in choices.items():
         if kernel not in tuners:
@@ -95,12 +95,3 @@ def pin_autotune_choices(source) -> int:
             pinned += 1
     return pinned
 
-
-def pin_from_environment() -> int:
-    path = os.environ.get("MOE_LAB_TRITON_PIN")
-    if not path:
-        return 0
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"MOE_LAB_TRITON_PIN={path}: no such file (a JSON of recorded autotune choices, "
-                                "e.g. a block.json or a cell record)")
-    return pin_autotune_choices(path)

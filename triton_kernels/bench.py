@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -31,6 +30,9 @@ def _parse(argv=None):
     p.add_argument("--only", default="", help="comma list of groups: router,permute,gemm,mlp,dw,down_bwd (default all)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tf32", action="store_true", help="fp32 GEMM inputs may use TF32 (settings.tf32)")
+    p.add_argument("--tma", action="store_true", help="the experimental TMA GEMM tiles (settings.tma)")
+    p.add_argument("--pin", default=None, help="a JSON of recorded autotune choices to re-use (no tuning of those keys)")
     return p.parse_args(argv)
 
 
@@ -47,7 +49,9 @@ import triton  # noqa: E402
 
 from triton_kernels import combine, expert_mlp, grouped_mm, permute, route, sort_by_expert  # noqa: E402
 from triton_kernels import reference as ref  # noqa: E402
-from triton_kernels._common import interpreting, switch_on  # noqa: E402
+from triton_kernels import settings as kernel_settings  # noqa: E402
+from triton_kernels._common import interpreting  # noqa: E402
+from triton_kernels.autotune_choices import pin_autotune_choices  # noqa: E402
 from triton_kernels.autotune_choices import autotune_choices, autotune_lines  # noqa: E402
 
 FULL = dict(H=2048, E=128, k=8, I=768, T_gemm=4096, T_route=(4096, 65536))
@@ -360,23 +364,17 @@ GROUPS = {"router": bench_router, "permute": bench_permute, "gemm": bench_gemm, 
 
 
 def _manifest(args, device):
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,
-                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        except Exception:
-            return ""
+    from experiments.provenance import git_state  # the harness's provenance (commit as the launcher names it)
+
+    state = git_state()
     return dict(
         command=" ".join([sys.executable, "-m", "triton_kernels.bench"] + sys.argv[1:]),
-        # MOE_LAB_GIT_COMMIT / _DIRTY name the code when this copy's .git is not its own (a device copy)
-        commit=os.environ.get("MOE_LAB_GIT_COMMIT") or git("rev-parse", "HEAD"),
-        dirty=(switch_on(os.environ["MOE_LAB_GIT_DIRTY"]) if "MOE_LAB_GIT_DIRTY" in os.environ
-               else bool(git("status", "--porcelain", "--", "."))),
+        commit=state["commit"], dirty=state["dirty"],
         time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda, gpu=torch.cuda.get_device_name() if device == "cuda" else None,
         interpreter=interpreting(), tiny=args.tiny, dtype=args.dtype, seed=args.seed,
-        tf32=os.environ.get("MOE_LAB_TRITON_TF32", "0"), tma=os.environ.get("MOE_LAB_TRITON_TMA", "0"),
+        tf32="1" if kernel_settings.current().tf32 else "0", tma="1" if kernel_settings.current().tma else "0",
         timer=("triton.testing.do_bench, every repetition in ms_samples, median in ms (warmup 25 ms, rep 200 ms)"
                if device == "cuda" else "wall clock, 3 runs in ms_samples, median in ms"),
     )
@@ -387,6 +385,9 @@ def main(args=None):
     if not args.tiny and (not torch.cuda.is_available() or interpreting()):
         raise SystemExit("triton_kernels.bench: needs a CUDA GPU with compiled Triton (use --tiny for a CPU smoke check)")
     device = "cuda" if (torch.cuda.is_available() and not interpreting()) else "cpu"
+    kernel_settings.configure(tf32=args.tf32, tma=args.tma)
+    if args.pin:
+        pin_autotune_choices(args.pin)
     dtype = getattr(torch, args.dtype)
     geo = TINY if args.tiny else FULL
     groups = [g for g in (args.only.split(",") if args.only else GROUPS) if g]

@@ -14,7 +14,7 @@ Kernels
   (expert, K-tile, N-tile) loops over that expert's rows; no atomics, deterministic.
 
 Accumulation is fp32; outputs are in the input dtype. fp32 inputs use exact ("ieee") products
-unless ``MOE_LAB_TRITON_TF32=1``.
+unless ``settings.configure(tf32=True)``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import allow_tf32, bucket, env_switch, check_offsets, interpreting, mma, next_pow2
+from ._common import allow_tf32, bucket, check_offsets, interpreting, mma, next_pow2
 
 # ----------------------------------------------------------------------------------------------
 # Autotune configurations. Chosen for an H200 (sm_90, 228 KiB shared memory per SM, bf16): large
@@ -36,19 +36,13 @@ _INTERPRET_FWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, nu
 _INTERPRET_DW = triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_S": 64}, num_warps=4)
 
 
-def _autotune_enabled() -> bool:
-    """``MOE_LAB_TRITON_AUTOTUNE=0`` pins one config per kernel (the first of each list): for
-    tests on the GPU that try many shapes, where autotuning each would compile dozens of kernels."""
-    return env_switch("MOE_LAB_TRITON_AUTOTUNE", default=True)
-
-
 def _configs(names: tuple, rows: list, interpreted: triton.Config) -> list:
     """``triton.Config``s of tile sizes ``names`` from rows ``(*sizes, num_warps, num_stages)``; the
-    interpreter gets ``interpreted`` alone, ``MOE_LAB_TRITON_AUTOTUNE=0`` the first row alone."""
+    interpreter gets ``interpreted`` alone. ``settings.configure(autotune=False)`` later keeps the
+    first row alone."""
     if interpreting():
         return [interpreted]
-    cfgs = [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
-    return cfgs if _autotune_enabled() else cfgs[:1]
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in rows]
 
 
 _MNK = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
@@ -84,12 +78,14 @@ def _dw_configs():
 
 
 def tma_enabled() -> bool:
-    """``MOE_LAB_TRITON_TMA=1``: the GEMM tiles move by tensor descriptors (Hopper's tensor-memory
+    """``settings.configure(tma=True)``: the GEMM tiles move by tensor descriptors (Hopper's tensor-memory
     accelerator) where the tensors allow it: the plain grouped GEMM (``_grouped_mm_tma_kernel``) and
     the fused expert-MLP kernels (``expert_mlp``, without the gather). The weight gradient stays on
     the pointer kernel (its descriptor version, ``grouped_mm_weight_grad(impl="tma")``, was 5-6%
     slower on the H200 in session 6). Experimental, off by default."""
-    return env_switch("MOE_LAB_TRITON_TMA")
+    from .settings import current
+
+    return current().tma
 
 
 def _tma_configs():

@@ -1,0 +1,154 @@
+"""Every behaviour switch of moe_lab in one typed object.
+
+    opts = moe_lab.Options(fused_cross_entropy=True, fused_norm=True)
+    model = moe_lab.AutoModelForCausalLM.from_pretrained(path, moe_backend="triton", options=opts)
+
+The same fields may be given as keyword arguments of ``from_pretrained`` / ``from_config`` /
+``patch_model`` (``fused_norm=True``); an unknown name is a TypeError there. Two kinds of switches:
+
+- model options change what this model runs (fused loss, norms, rotary, CUDA graphs, substitution);
+- process settings steer code shared by every model of the process (input checks on the host, the
+  Triton kernels' TF32 / TMA / autotuning and pinned tiles). Building a model applies them; a later
+  model with other settings replaces them, with a warning.
+
+The library reads no environment variable. ``Options.from_environment()`` is the one place the
+documented ``MOE_LAB_*`` overrides are read (benchmarks use it: ``experiments.cell``):
+``MOE_LAB_HOST_CHECKS``, ``MOE_LAB_TRITON_TF32``, ``MOE_LAB_TRITON_TMA``, ``MOE_LAB_TRITON_AUTOTUNE``
+(on/off: unset keeps the default, "", "0", "false" are off, anything else on) and
+``MOE_LAB_TRITON_PIN`` (a path).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+logger = logging.getLogger(__name__)
+
+# field -> environment override (benchmarks only; see the module docstring)
+ENVIRONMENT_OVERRIDES = {
+    "host_checks": "MOE_LAB_HOST_CHECKS",
+    "tf32": "MOE_LAB_TRITON_TF32",
+    "tma": "MOE_LAB_TRITON_TMA",
+    "autotune": "MOE_LAB_TRITON_AUTOTUNE",
+    "autotune_pin": "MOE_LAB_TRITON_PIN",
+}
+PROCESS_SETTINGS = ("host_checks", "tf32", "tma", "autotune", "autotune_pin")
+
+
+def switch_on(value: str | None, default: bool = False) -> bool:
+    """How an on/off override reads: unset -> ``default``; "", "0", "false" -> off; anything else on."""
+    return default if value is None else value.strip().lower() not in ("", "0", "false")
+
+
+@dataclass(frozen=True)
+class Options:
+    """moe_lab's switches; the defaults are exact (every fast path held to its reference).
+
+    fused_cross_entropy: the training loss as a chunked LM-head + cross-entropy (no full logits).
+    fused_norm: every RMSNorm as one Triton kernel each way.
+    fused_rope: the rotary embedding of q and k as one Triton kernel each way.
+    cuda_graphs: replay every decoder layer as CUDA graphs (Triton backends, one process).
+    substitute: where a chosen stage cannot run a layer as asked, run the reference instead and
+        record it in ``model.moe_lab_plan`` (off: such a model is refused with the reason).
+    host_checks: validate expert ids and labels on the host also on a GPU (one wait for the device
+        per MoE layer); off: device-side assertions there. The CPU always checks on the host.
+    tf32: fp32 inputs of the Triton GEMMs may use TF32 tensor cores (not exact).
+    tma: the experimental tensor-descriptor (TMA) GEMM tiles where the tensors allow them.
+    autotune: time every candidate tile per shape; off: the first candidate of each kernel.
+    autotune_pin: a JSON of recorded autotune choices (a block.json or a cell record) to re-use.
+    """
+
+    fused_cross_entropy: bool = False
+    fused_norm: bool = False
+    fused_rope: bool = False
+    cuda_graphs: bool = False
+    substitute: bool = False
+    host_checks: bool = False
+    tf32: bool = False
+    tma: bool = False
+    autotune: bool = True
+    autotune_pin: str | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "autotune_pin":
+                if value is not None and not Path(value).is_file():
+                    raise FileNotFoundError(f"Options(autotune_pin={value!r}): no such file (a JSON of recorded "
+                                            "autotune choices, e.g. a block.json or a cell record)")
+            elif not isinstance(value, bool):
+                raise TypeError(f"Options.{field.name} must be True or False, got {value!r}")
+
+    @classmethod
+    def build(cls, options: "Options | Mapping | None" = None, **switches) -> "Options":
+        """``options`` (an Options or a mapping of its fields) with ``switches`` on top."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        base = dict(dataclasses.asdict(options)) if isinstance(options, Options) else dict(options or {})
+        for source in (base, switches):
+            unknown = set(source) - known
+            if unknown:
+                raise TypeError(f"unknown moe_lab option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**{**base, **switches})
+
+    @classmethod
+    def from_environment(cls, options: "Options | Mapping | None" = None, environ: Mapping | None = None) -> "Options":
+        """``options`` with the documented ``MOE_LAB_*`` overrides of ``environ`` (default os.environ)."""
+        environ = os.environ if environ is None else environ
+        base = cls.build(options)
+        changes = {}
+        for name, variable in ENVIRONMENT_OVERRIDES.items():
+            if variable in environ:
+                value = environ[variable]
+                changes[name] = (value or None) if name == "autotune_pin" else switch_on(value, getattr(base, name))
+        return dataclasses.replace(base, **changes)
+
+    def changed(self) -> dict:
+        """The fields that differ from the defaults, in field order."""
+        default = Options()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
+    def key(self) -> str:
+        """A result-key suffix naming the non-default switches ("" for the defaults), e.g. "+tf32"."""
+        parts = []
+        for name, value in self.changed().items():
+            parts.append(f"+{name}" if value is True else f"+no_{name}" if value is False else f"+{name}={value}")
+        return "".join(parts)
+
+    def process_settings(self) -> dict:
+        return {name: getattr(self, name) for name in PROCESS_SETTINGS}
+
+
+_applied: dict | None = None  # the process settings in force, once a model applied them
+
+
+def current_host_checks() -> bool:
+    return bool(_applied and _applied["host_checks"])
+
+
+def apply_process_settings(options: Options) -> None:
+    """Put ``options``' process settings in force (see the module docstring)."""
+    global _applied
+    wanted = options.process_settings()
+    if _applied is not None and _applied != wanted:
+        changed = {k: (_applied[k], v) for k, v in wanted.items() if _applied[k] != v}
+        logger.warning("moe_lab: process settings change for every model of this process: %s", changed)
+    _applied = wanted
+    kernel_defaults = Options()
+    if ("triton_kernels" not in sys.modules and not options.autotune_pin
+            and all(getattr(options, k) == getattr(kernel_defaults, k) for k in ("tf32", "tma", "autotune"))):
+        return  # the kernels start with these settings: no need to import them for a model that may not use them
+    try:
+        from triton_kernels import settings as kernel_settings
+    except ImportError:  # Triton is optional; its settings matter only to its stages
+        return
+    kernel_settings.configure(tf32=options.tf32, tma=options.tma, autotune=options.autotune)
+    if options.autotune_pin:
+        from triton_kernels.autotune_choices import pin_autotune_choices
+
+        pin_autotune_choices(options.autotune_pin)

@@ -1,0 +1,50 @@
+"""moe_lab.Options: one typed object for every switch; the MOE_LAB_* overrides read in one place."""
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import moe_lab
+from moe_lab.options import ENVIRONMENT_OVERRIDES, Options
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_options_refuse_unknown_names_and_bad_values(tmp_path):
+    with pytest.raises(TypeError, match="fused_nrom"):
+        Options.build(fused_nrom=True)
+    with pytest.raises(TypeError, match="must be True or False"):
+        Options(tf32="yes")
+    with pytest.raises(FileNotFoundError, match="autotune_pin"):
+        Options(autotune_pin=str(tmp_path / "missing.json"))
+
+
+def test_environment_overrides_read_as_documented(tmp_path):
+    pin = tmp_path / "block.json"
+    pin.write_text("{}")
+    opts = Options.from_environment(environ={"MOE_LAB_TRITON_TF32": "1", "MOE_LAB_TRITON_AUTOTUNE": "0",
+                                             "MOE_LAB_HOST_CHECKS": "", "MOE_LAB_TRITON_PIN": str(pin)})
+    assert opts.tf32 and not opts.autotune and not opts.host_checks and opts.autotune_pin == str(pin)
+    assert Options.from_environment(Options(tma=True), environ={}).tma  # unset keeps what was asked
+    assert opts.changed() == {"tf32": True, "autotune": False, "autotune_pin": str(pin)}
+    assert opts.key() == f"+tf32+no_autotune+autotune_pin={pin}"
+    assert Options().key() == ""
+
+
+def test_no_moe_lab_variable_is_read_outside_options():
+    """The library and the kernels read no MOE_LAB_* variable except in moe_lab/options.py."""
+    out = subprocess.run(["git", "grep", "-n", "-E", r"environ.*MOE_LAB_|MOE_LAB_[A-Z_]+\"?\)", "--",
+                          "moe_lab", "triton_kernels"], cwd=ROOT, capture_output=True, text=True).stdout
+    offenders = [line for line in out.splitlines() if not line.startswith("moe_lab/options.py")]
+    assert offenders == [], offenders
+    assert set(ENVIRONMENT_OVERRIDES.values()) <= set((ROOT / "moe_lab" / "options.py").read_text().split("``"))
+
+
+def test_from_config_takes_options_and_keyword_switches(tiny_qwen3_config=None):
+    from tiny_models import tiny_config
+
+    config = tiny_config("qwen3_moe")
+    model = moe_lab.AutoModelForCausalLM.from_config(config, moe_backend="torch", options=Options(fused_norm=False))
+    assert model.moe_lab_options == Options()
+    with pytest.raises(TypeError, match="unknown moe_lab option"):
+        moe_lab.AutoModelForCausalLM.from_config(config, options={"fused_loss": True})
