@@ -287,6 +287,10 @@ def run(spec: dict) -> dict:
     import torch
 
     t_start = time.perf_counter()
+    if spec["fail_at"] == "hang":  # a cell that never ends (the sweep's interrupt test)
+        log.info("fail_at=hang: rank %d pid %d sleeping", _dist_env()[0], os.getpid())
+        while True:
+            time.sleep(60)
     device, rank, world = _setup_device(spec)
     system = systems.parse(spec["system"])
     import transformers
@@ -301,10 +305,6 @@ def run(spec: dict) -> dict:
         raise RuntimeError("injected failure at build (fail_at='build')")
     if spec["fail_at"] == "crash":
         os._exit(17)  # simulates a process killed before it could write its record
-    if spec["fail_at"] == "hang":  # a cell that never ends (the sweep's interrupt and timeout tests)
-        log.info("fail_at=hang: pid %d sleeping", os.getpid())
-        while True:
-            time.sleep(60)
 
     if system.cuda_graphs and (spec["routing"] != "real" or spec["trace"] or spec["ckpt"]):
         raise ValueError(f"{system.name}: CUDA graphs replay the layers without their Python hooks; the routing "

@@ -6,6 +6,7 @@ record, then two good cells on two systems) serves every test here.
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -280,3 +281,91 @@ def test_kernel_bench_files_become_a_table_with_their_samples(tmp_path):
     assert "| gemm | grouped_mm fwd | S=8 | torch | 0.5000 | 2 | 400.0 | - | - |" in text
     assert "| gemm | grouped_mm fwd | S=8 | config BLOCK_M: 256 | - | - | - | - | - |" in text
     assert report.kernel_bench_markdown(tmp_path / "run-c") is None
+
+
+# ---- where a user's runs and report go; resumes announced; --fresh ----------------------------------
+USER_CONF = """\
+name: u
+defaults: {model: tiny-qwen3-moe, layers: 1, seq: 32, dtype: fp32, optimizer: adamw, device: cpu}
+grid:
+  system: [v5-grouped_mm, torch]
+"""
+
+
+@pytest.fixture
+def fake_cells(monkeypatch):
+    """run_one writing an ok record without starting a process; returns the specs it ran."""
+    calls = []
+
+    def run_one(spec, run_dir, *_, **__):
+        rec = {"status": "ok", "cell_id": cell.cell_id(spec), "spec": spec}
+        store.write_json(run_dir / "cells" / f"{rec['cell_id']}.json", rec)
+        calls.append(spec)
+        return rec
+
+    monkeypatch.setattr(sweep, "run_one", run_one)
+    return calls
+
+
+def test_the_main_job_writes_under_runs_in_the_current_directory(tmp_path, monkeypatch, fake_cells, capsys):
+    config = tmp_path / "u.yaml"
+    config.write_text(USER_CONF)
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main(["--config", str(config), "--no-progress"]) == 0
+    manifest = store.read_json(tmp_path / "runs" / "u" / "manifest.json")
+    assert manifest["state"] == "finished" and len(manifest["cells"]) == 2 and len(fake_cells) == 2
+    assert not (sweep.REPO_ROOT / "results" / "runs" / "u").exists()
+    assert "python -m experiments.report" in capsys.readouterr().err
+    # a relative --out is the current directory's, not the repository's (where cells run)
+    assert sweep.main(["--config", str(config), "--no-progress", "--out", "elsewhere/u2"]) == 0
+    assert (tmp_path / "elsewhere" / "u2" / "manifest.json").exists()
+
+
+def test_resumed_cells_are_announced_and_fresh_reruns_them(tmp_path, fake_cells, caplog):
+    config = tmp_path / "u.yaml"
+    config.write_text(USER_CONF)
+    run_dir = tmp_path / "runs" / "u"
+    argv = ["--config", str(config), "--no-progress", "--out", str(run_dir)]
+    assert sweep.main(argv) == 0 and len(fake_cells) == 2
+    caplog.clear()
+    assert sweep.main(argv) == 0 and len(fake_cells) == 2  # nothing reran ...
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [r.getMessage() for r in warned] == [f"2 of 2 cells already done in {run_dir}; --fresh to rerun them"]
+    caplog.clear()
+    assert sweep.main(argv + ["--fresh"]) == 0 and len(fake_cells) == 4  # ... until --fresh
+    assert f"--fresh: rerunning 2 cells that already had a record in {run_dir}" in caplog.text
+    # an interrupted cell is not done: the next invocation reruns it without being asked
+    first = run_dir / "cells" / f"{cell.cell_id(fake_cells[0])}.json"
+    store.write_json(first, dict(store.read_json(first), status="interrupted"))
+    caplog.clear()
+    assert sweep.main(argv) == 0 and len(fake_cells) == 5 and fake_cells[-1] == fake_cells[0]
+    assert "1 of 2 cells already done" in caplog.text and "rerunning 1 cell interrupted earlier" in caplog.text
+
+
+def test_report_defaults_to_the_user_folder(swept, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    _, run_dir, _ = swept
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["--no-plots"]) == 2  # no runs/ here yet
+    assert "no runs under runs" in capsys.readouterr().err
+    shutil.copytree(run_dir, tmp_path / "runs" / "t")
+    assert report.main(["--no-plots"]) == 0
+    md = (tmp_path / "runs" / "report" / "results.md").read_text()
+    assert "from raw runs under `runs` (do not edit)" in md and "| torch | skewed | ok |" in md
+    assert "cpux1/tiny-qwen3-moe-L1/torch@skewed" in store.read_json(tmp_path / "runs" / "summary.json")
+
+
+def test_report_writes_the_committed_results_only_when_asked(capsys):
+    committed = report.COMMITTED
+
+    def paths(*argv):
+        return report.resolve_paths(report.parse_args(list(argv)))
+
+    assert paths() == (report.USER_RUNS, report.USER_RUNS / "report", report.USER_RUNS / "summary.json")
+    assert paths("--results") == (committed / "runs", committed / "report", committed / "summary.json")
+    assert paths("--write-committed", "--no-summary")[2] is None
+    assert paths("--runs", "r", "--out", "o") == (Path("r"), Path("o"), report.USER_RUNS / "summary.json")
+    for flag, target in (("--out", committed / "report"), ("--summary", committed / "summary.json")):
+        assert report.main([flag, str(target), "--runs", str(committed / "runs")]) == 2
+        assert "in the committed results/ folder: pass --results" in capsys.readouterr().err
