@@ -10,16 +10,21 @@ Stage call signatures (every implementation of a stage takes and returns the sam
 """
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+
+import torch
+
 from .deepep_dispatch import DeepEPDispatcher, why_deepep_unavailable
 from .dispatch import LocalDispatcher
 from .expert_parallel import AllToAllDispatcher
 from .experts import experts_grouped_mm, experts_loop
 from .permutation import combine_eager, combine_sorted, gather_rows, plan_eager, plan_sorted
-from .registry import register_backend, register_fused_pair, register_stage
+from .registry import Capabilities, register_backend, register_stage
 from .routing import route_reference
 from .te_backend import combine_te, experts_te, experts_te_cutlass, permute_te, route_te, why_te_unavailable
 from .triton_backend import (
-    combine_triton, experts_triton, gathered_experts_triton, permute_triton, route_triton, why_triton_unavailable,
+    TRITON_ACTIVATIONS, combine_triton, experts_triton, gathered_experts_triton, permute_triton, route_triton, why_triton_unavailable,
 )
 
 
@@ -43,36 +48,56 @@ def _no_grouped_mm():
     return None
 
 
+FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16})
+GRAPH_SAFE = Capabilities(graph_safe=True)
+# Triton runs on CUDA tensors, and on CPU tensors only under its interpreter (tests)
+TRITON = Capabilities(devices=frozenset({"cuda", "cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else {"cuda"}),
+                      graph_safe=True)
+TE = Capabilities(devices=frozenset({"cuda"}))
+# torch.nn.functional.grouped_mm: bf16/fp16 on CUDA (sm80+), any float on the CPU
+GROUPED_MM = Capabilities(dtypes={"cuda": frozenset({torch.bfloat16, torch.float16}), "cpu": FLOATS})
+
 register_stage("router", "eager", route_reference, description="reference router (v5 semantics)")
 register_stage("router", "torch", route_reference, description="same as eager: the router is already vectorised")
 register_stage("permutation", "eager", permute_eager, description="one nonzero() per expert")
 register_stage("permutation", "torch", permute_sorted, description="stable argsort + bincount")
-register_stage("dispatch", "local", LocalDispatcher, description="all experts in this process")
+register_stage("dispatch", "local", LocalDispatcher, description="all experts in this process", caps=GRAPH_SAFE)
 register_stage("dispatch", "all2all", AllToAllDispatcher, description="torch.distributed all_to_all_single, uneven splits")
 register_stage("dispatch", "deepep", DeepEPDispatcher, why_deepep_unavailable,
-               description="DeepEP fused NVLink all-to-all (token-level: moves tokens, the other stages run on what arrives)")
+               description="DeepEP fused NVLink all-to-all (token-level: moves tokens, the other stages run on what arrives)",
+               caps=Capabilities(devices=frozenset({"cuda"}), dtypes={"cuda": frozenset({torch.bfloat16})},
+                                 token_level=True))
 register_stage("experts", "eager", experts_loop, description="per-expert loop of F.linear")
-register_stage("experts", "torch", experts_grouped_mm, _no_grouped_mm, description="torch.nn.functional.grouped_mm")
+register_stage("experts", "torch", experts_grouped_mm, _no_grouped_mm, description="torch.nn.functional.grouped_mm",
+               caps=GROUPED_MM)
 register_stage("combine", "eager", combine_eager, description="index_add_ in float32")
 register_stage("combine", "torch", combine_sorted, description="inverse permutation + fixed-order sum over k")
 
-register_stage("router", "triton", route_triton, why_triton_unavailable, description="fused scores + top-k + weights kernel")
-register_stage("permutation", "triton", permute_triton, why_triton_unavailable, description="counting sort + row gather kernels")
-register_stage("experts", "triton", experts_triton, why_triton_unavailable, description="fused grouped GEMM MLP (activation in epilogue)")
-register_stage("combine", "triton", combine_triton, why_triton_unavailable, description="fixed-order weighted un-permute kernel")
-
+register_stage("router", "triton", route_triton, why_triton_unavailable, description="fused scores + top-k + weights kernel",
+               caps=TRITON)
+register_stage("permutation", "triton", permute_triton, why_triton_unavailable, description="counting sort + row gather kernels",
+               caps=TRITON)
+TRITON_EXPERTS = replace(TRITON, activations=frozenset(TRITON_ACTIVATIONS))
+register_stage("experts", "triton", experts_triton, why_triton_unavailable,
+               description="fused grouped GEMM MLP (activation in epilogue)", caps=TRITON_EXPERTS)
+register_stage("combine", "triton", combine_triton, why_triton_unavailable, description="fixed-order weighted un-permute kernel",
+               caps=TRITON)
 register_stage("experts", "triton_gather", experts_triton, why_triton_unavailable,
-               description="fused expert MLP; with the triton permutation, the gather runs in the GEMM prologue")
-register_fused_pair("triton", "triton_gather", gathered_experts_triton)
+               description="fused expert MLP; with the triton permutation, the gather runs in the GEMM prologue",
+               caps=replace(TRITON_EXPERTS, fuses_with="triton"), fused=gathered_experts_triton)
 
 register_stage("router", "te", route_te, why_te_unavailable,
-               description="TransformerEngine fused top-k with score function (softmax families; else the reference)")
-register_stage("permutation", "te", permute_te, why_te_unavailable, description="TransformerEngine moe_permute (index map)")
+               description="TransformerEngine fused top-k with score function (softmax families)",
+               caps=replace(TE, routing=frozenset({"softmax", "topk_before_softmax", "renormalize", "scaling",
+                                                   "logits_fp32"})))
+register_stage("permutation", "te", permute_te, why_te_unavailable, description="TransformerEngine moe_permute (index map)",
+               caps=TE)
 register_stage("experts", "te", experts_te, why_te_unavailable,
-               description="TransformerEngine GroupedLinear over views of v5's 3D weights")
+               description="TransformerEngine GroupedLinear over views of v5's 3D weights", caps=TE)
 register_stage("experts", "te_cutlass", experts_te_cutlass, why_te_unavailable,
-               description="as te, with NVTE_USE_CUTLASS_GROUPED_GEMM=1 (process-wide)")
-register_stage("combine", "te", combine_te, why_te_unavailable, description="TransformerEngine moe_unpermute with merging probs")
+               description="as te, with NVTE_USE_CUTLASS_GROUPED_GEMM=1 (process-wide)", caps=TE)
+register_stage("combine", "te", combine_te, why_te_unavailable, description="TransformerEngine moe_unpermute with merging probs",
+               caps=TE)
 
 register_backend("eager", {"router": "eager", "permutation": "eager", "dispatch": "local", "experts": "eager", "combine": "eager"})
 register_backend("torch", {"router": "torch", "permutation": "torch", "dispatch": "local", "experts": "torch", "combine": "torch"})

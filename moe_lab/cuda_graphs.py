@@ -42,9 +42,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-GRAPHABLE_BACKENDS = ("triton", "triton_gather")
-
-
 # keyword arguments that reach the layers but not their computation (the loss's token count, output flags)
 _IGNORED_KWARGS = ("num_items_in_batch", "output_attentions", "output_hidden_states", "return_dict")
 
@@ -187,13 +184,14 @@ def _graphed_forward(self, hidden_states, attention_mask=None, position_ids=None
 
 def check_graphable(model, backend_names: dict, ep_size: int = 1) -> None:
     """ValueError, in the user's terms, for a model whose layers a CUDA graph cannot replay."""
-    stages = {s: backend_names.get(s) for s in ("router", "permutation", "experts", "combine")}
+    from .registry import capabilities
+
     if ep_size > 1 or backend_names.get("dispatch", "local") != "local":
         raise ValueError("cuda_graphs: expert parallelism sends row counts through the host; one process only")
-    if any(name not in GRAPHABLE_BACKENDS for name in stages.values()):
-        raise ValueError(f"cuda_graphs: stages {stages}: only moe_lab's Triton stages keep routing on the device "
-                         f"(the others wait for per-expert row counts on the host); use moe_backend in "
-                         f"{GRAPHABLE_BACKENDS}")
+    unsafe = {s: n for s, n in backend_names.items() if not capabilities(s, n).graph_safe}
+    if unsafe:
+        raise ValueError(f"cuda_graphs: stages {unsafe} are not CUDA-graph safe (they wait for per-expert row counts "
+                         "on the host); choose stages whose capabilities say graph_safe, e.g. moe_backend='triton'")
     config = model.config.get_text_config()
     if getattr(config, "output_router_logits", False):
         raise ValueError("cuda_graphs: config.output_router_logits=True collects router logits with hooks that a "

@@ -100,7 +100,6 @@ class DeepEPDispatcher:
     dispatch and combine; `local_fn(x [R, H], local_ids [R, k], local_weights [R, k]) -> [R, H]`."""
 
     name = "deepep"
-    token_level = True
 
     def __init__(self, ep=None, num_experts: int | None = None, **_):
         if ep is None:

@@ -42,6 +42,12 @@ class ExpertsSpec:
     alpha: float = 1.702
     limit: float = 7.0
 
+    @property
+    def activation_key(self) -> str:
+        """What the expert MLP computes, as experts implementations declare it: "glu:<act>",
+        "plain:<act>" (non-gated) or "gpt_oss" (clamped interleaved SwiGLU)."""
+        return "gpt_oss" if self.activation == "gpt_oss" else f"{self.activation}:{self.act_name}"
+
 
 def activation_fn(module: nn.Module, spec: ExpertsSpec) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activation of the expert MLP: gate_up [S, 2I] -> [S, I] (or up [S, I] -> [S, I] if not gated)."""
@@ -143,8 +149,9 @@ def experts_grouped_mm(x: torch.Tensor, counts: torch.Tensor, offsets: torch.Ten
     w1, b1 = first_weight(module, spec), first_bias(module, spec)
     w2, b2 = module.down_proj, (module.down_proj_bias if spec.has_bias else None)
     x = x.to(w1.dtype)
-    if not grouped_mm_supported(x):
-        return experts_loop(x, counts, offsets, module, spec)
+    if not grouped_mm_supported(x):  # the registry's plan sends such layers to the eager experts
+        raise TypeError(f"torch experts: torch.nn.functional.grouped_mm has no {x.dtype} kernel on {x.device}; "
+                        "use the eager experts (moe_backend={'experts': 'eager'}) or another dtype")
     # grouped_mm takes [E, in, out]; v5's standard layout is [E, out, in].
     w1_io = w1 if spec.transposed else w1.transpose(1, 2)
     w2_io = w2 if spec.transposed else w2.transpose(1, 2)

@@ -17,7 +17,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .dispatch import LocalDispatcher
 from .families import FAMILIES, UnsupportedModelError, experts_spec_of, is_v5_experts_module
-from .layer import MoELayer, adapt_experts, run_routed_experts
+from .experts import first_weight
+from .layer import LayerPlanner, MoELayer, adapt_experts, run_routed_experts
 from .options import Options, apply_process_settings
 from .registry import StageChoice, available_backends, resolve_backend
 
@@ -42,8 +43,14 @@ def _with_expert_parallel_dispatch(choice: StageChoice, ep_size: int) -> StageCh
     return choice
 
 
-def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int = 1, fsdp: bool = False) -> nn.Module:
+def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int = 1, fsdp: bool = False,
+                substitute: bool | None = None) -> nn.Module:
     """Route every sparse MoE block of a v5 model through moe_lab, in place; returns the model.
+
+    A chosen stage that cannot compute a layer (its activation, routing, dtype or device) is refused
+    with the reason; with `substitute=True` (the default when no backend is named) that stage runs
+    its reference instead, logged as a warning and recorded in `model.moe_lab_plan`
+    ({layer: {stage: "runs (asked X: why)"}}).
 
     Known families (Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3) get `MoELayer`s. Other models whose
     experts use v5's experts interface keep v5's block and router, and compute their experts
@@ -54,6 +61,8 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
     """
     if fsdp and ep_size <= 1:
         raise ValueError("fsdp=True shards the non-expert parameters of an expert-parallel run: it needs ep_size > 1")
+    if substitute is None:
+        substitute = moe_backend is None
     choice = _with_expert_parallel_dispatch(resolve_backend(moe_backend), ep_size)
     config = model.config
     model_type = getattr(config, "model_type", "?")
@@ -72,11 +81,19 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
         for count in counts[1:]:
             check_divisible(count, ep_size, model_type)
         ep = make_context(ep_size, counts[0], model_type)
+    routing_features = family.routing(config).features() if family is not None else frozenset()
+    for _, module, spec in targets:  # a stage that cannot compute a layer is refused before anything changes
+        experts = module.experts if family is not None else module
+        LayerPlanner(choice, model_type, routing_features, spec, substitute, ep is not None).plan_for(first_weight(experts, spec))
+    plan = {}
     for name, module, spec in targets:
         if family is not None:
-            _replace_child(model, name, MoELayer(module, family, config, choice, spec, ep=ep))
+            layer = MoELayer(module, family, config, choice, spec, ep=ep, substitute=substitute)
+            _replace_child(model, name, layer)
+            plan[name] = layer.plan
         else:
-            adapt_experts(module, spec, choice, ep=ep)
+            adapt_experts(module, spec, choice, ep=ep, substitute=substitute)
+            plan[name] = module.moe_lab_planner.describe(first_weight(module, spec))
     replaced = len(targets)
     if replaced == 0:
         other = [n for n, m in model.named_modules() if n.endswith("experts") and isinstance(m, nn.ModuleList)]
@@ -87,19 +104,13 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
         )
         raise UnsupportedModelError(f"moe_lab cannot run model type {model_type!r}: {detail}")
     model.moe_lab_backend = choice.label
-    model.moe_lab_stage_notes = sorted({note for m in model.modules() if isinstance(m, MoELayer) for note in m.stage_notes})
-    for note in model.moe_lab_stage_notes:
-        logger.info("moe_lab: %s", note)
-    if ep is not None:
-        from .expert_parallel import enable_expert_parallel_save, shard_experts
+    model.moe_lab_plan = plan
+    for note in sorted({f"{stage}: {desc}" for stages in plan.values() for stage, desc in stages.items() if "(asked" in desc}):
+        logger.warning("moe_lab: %s layers of %s: %s", len(plan), model_type, note)
+    if ep is not None:  # shards the experts, reduces gradients inside backward (see moe_lab.expert_parallel)
+        from .expert_parallel import apply_expert_parallel
 
-        shard_experts(model, ep)
-        if fsdp:
-            from .expert_parallel import shard_non_experts_fsdp2
-
-            shard_non_experts_fsdp2(model, ep)
-        enable_expert_parallel_save(model, ep)
-        model.moe_lab_ep = ep
+        apply_expert_parallel(model, ep.mesh, fsdp=fsdp)
     logger.info("moe_lab: %d MoE blocks of %s run with backend %s", replaced, model_type, choice.label)
     return model
 
@@ -130,7 +141,8 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
         if ep_size > 1 and not model_args:
             from .ep_loading import load_local_experts
 
-            model = load_local_experts(pretrained_model_name_or_path, choice, ep_size, fsdp, **kwargs)
+            model = load_local_experts(pretrained_model_name_or_path, lambda meta: patch_model(
+                meta, choice, ep_size=ep_size, substitute=options.substitute or choice.requested is None), **kwargs)
             if model is not None:  # only this rank's experts were read
                 return _finish(model, choice, ep_size, fsdp, options, patched=True)
             logger.info("moe_lab: loading %s in full, then keeping this rank's experts", pretrained_model_name_or_path)
@@ -162,7 +174,11 @@ def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, options: Optio
 
         enable_fused_norm(model)
     if not patched:
-        patch_model(model, choice, ep_size=ep_size, fsdp=fsdp)
+        patch_model(model, choice, ep_size=ep_size, fsdp=fsdp, substitute=options.substitute or choice.requested is None)
+    elif fsdp:  # loaded expert-parallel by ep_loading: FSDP2 after the norms above, as patch_model does
+        from .expert_parallel import shard_non_experts_fsdp2
+
+        shard_non_experts_fsdp2(model, model.moe_lab_ep)
     if options.fused_cross_entropy:
         from .fused_ce import enable_fused_cross_entropy
 
@@ -180,9 +196,14 @@ def _experts_forward_for(backend: str):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         state = self.__dict__.get("_moe_lab_registry_state")
         if state is None or state[0] != backend:
-            state = (backend, experts_spec_of(self, getattr(self.config, "model_type", "?")), resolve_backend(backend))
+            model_type = getattr(self.config, "model_type", "?")
+            spec = experts_spec_of(self, model_type)
+            planner = LayerPlanner(resolve_backend(backend), model_type, frozenset(), spec, substitute=False,
+                                   expert_parallel=False)  # v5's router runs: no routing features to check
+            state = (backend, spec, planner)
             self.__dict__["_moe_lab_registry_state"] = state
-        _, spec, choice = state
+        _, spec, planner = state
+        choice = planner.choice_for(first_weight(self, spec))
         return run_routed_experts(hidden_states, top_k_index, top_k_weights, self, spec, choice, LocalDispatcher())
 
     forward.__name__ = f"moe_lab_{backend}_experts_forward"

@@ -11,10 +11,40 @@ import sys
 import torch
 import torch.nn as nn
 
-from .experts import ExpertsSpec
+from .experts import ExpertsSpec, first_weight
 from .families import Family
-from .registry import StageChoice, fused_pair
-from .routing import RoutingSpec, route_reference
+from .registry import LayerNeeds, StageChoice, fused_pair, plan_layer
+from .routing import RoutingSpec
+
+
+class LayerPlanner:
+    """The stages one layer runs for the device and dtype of its expert weights, planned once per
+    (device type, dtype) by `registry.plan_layer`: what was asked, what runs, and why they differ.
+    A model moved to another device or dtype is planned again at its next forward (refused there,
+    at the first step, if a stage cannot compute it and substitution is off)."""
+
+    def __init__(self, choice: StageChoice, model_type: str, routing_features: frozenset, spec: ExpertsSpec,
+                 substitute: bool, expert_parallel: bool):
+        self.asked = choice
+        self.model_type, self.routing_features, self.spec = model_type, routing_features, spec
+        self.substitute, self.expert_parallel = substitute, expert_parallel
+        self._plans: dict = {}
+
+    def choice_for(self, weight: torch.Tensor) -> StageChoice:
+        return self.plan_for(weight)[1]
+
+    def plan_for(self, weight: torch.Tensor) -> tuple[dict, StageChoice]:
+        key = (weight.device.type, weight.dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            needs = LayerNeeds(self.model_type, self.routing_features, self.spec.activation_key, key[0], key[1],
+                               self.expert_parallel)
+            plan = self._plans[key] = plan_layer(self.asked, needs, self.substitute)
+        return plan
+
+    def describe(self, weight: torch.Tensor) -> dict:
+        """{stage: "runs" or "runs (asked X: why)"} for the weights' current device and dtype."""
+        return {stage: str(planned) for stage, planned in self.plan_for(weight)[0].items()}
 
 
 def run_routed_experts(
@@ -28,7 +58,7 @@ def run_routed_experts(
 ) -> torch.Tensor:
     """hidden [T, H], ids [T, k], weights [T, k] -> out [T, H]: permute, dispatch, experts, combine.
     A token-level dispatcher (DeepEP) moves tokens first and runs the other stages on what it received."""
-    if getattr(dispatcher, "token_level", False):
+    if choice.caps("dispatch").token_level:
         return dispatcher.run(hidden, ids, weights, lambda x, local_ids, local_weights: run_local_experts(
             x, local_ids, local_weights, experts, spec, choice, dispatcher.num_local))
     fused = fused_pair(choice)
@@ -105,7 +135,8 @@ class MoELayer(nn.Module):
     forward(hidden [B, L, H]) -> out [B, L, H] (GPT-OSS: (out, router_scores [T, k]), as v5 returns).
     """
 
-    def __init__(self, block: nn.Module, family: Family, config, choice: StageChoice, experts_spec: ExpertsSpec, ep=None):
+    def __init__(self, block: nn.Module, family: Family, config, choice: StageChoice, experts_spec: ExpertsSpec, ep=None,
+                 substitute: bool = False):
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
@@ -115,16 +146,17 @@ class MoELayer(nn.Module):
         self.family = family
         self.routing = family.routing(config)
         self.experts_spec = experts_spec
-        self.choice = choice
-        self.dispatcher = choice.dispatch(ep=ep, num_experts=experts_spec.num_experts)
+        self.planner = LayerPlanner(choice, family.model_type, self.routing.features(), experts_spec, substitute,
+                                    expert_parallel=ep is not None)
+        self.choice = self.planner.choice_for(first_weight(self.experts, experts_spec))  # refuses here, before training
+        self.dispatcher = self.choice.dispatch(ep=ep, num_experts=experts_spec.num_experts)
         self.jitter_noise = float(getattr(config, family.jitter_attr, 0.0) or 0.0) if family.jitter_attr else 0.0
-        self.stage_notes: list[str] = []  # stages that run something other than what `choice` names, and why
-        route_fn = choice.router
-        unsupported = getattr(route_fn, "unsupported_reason", lambda spec: None)(self.routing)
-        if unsupported:
-            route_fn = route_reference
-            self.stage_notes.append(f"router {choice.names['router']!r} -> reference for {family.model_type}: {unsupported}")
-        adapt_router(self.router_module, self.routing, route_fn)
+        adapt_router(self.router_module, self.routing, self.choice.router)
+
+    @property
+    def plan(self) -> dict:
+        """{stage: what runs (and, where it is not what was asked, why)} for the current weights."""
+        return self.planner.describe(first_weight(self.experts, self.experts_spec))
 
     @property
     def router_module(self) -> nn.Module:
@@ -138,6 +170,10 @@ class MoELayer(nn.Module):
         hidden = hidden_states.reshape(-1, shape[-1])
         if self.training and self.jitter_noise > 0:
             hidden = hidden * torch.empty_like(hidden).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        choice = self.planner.choice_for(first_weight(self.experts, self.experts_spec))
+        if choice is not self.choice:  # moved to another device or dtype since the last forward
+            self.choice = choice
+            self.router_module.moe_lab_route = choice.router
         _, weights, ids = self.router_module(hidden)
         out = run_routed_experts(hidden, ids, weights, self.experts, self.experts_spec, self.choice, self.dispatcher)
         out = out.view(shape)
@@ -151,15 +187,15 @@ class MoELayer(nn.Module):
 # ---- the generic path: v5's block and router untouched, the experts run through moe_lab ----------
 def _generic_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """v5's experts signature: hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
-    return run_routed_experts(
-        hidden_states, top_k_index, top_k_weights, self, self.moe_lab_spec, self.moe_lab_choice, self.moe_lab_dispatcher
-    )
+    choice = self.moe_lab_planner.choice_for(first_weight(self, self.moe_lab_spec))
+    return run_routed_experts(hidden_states, top_k_index, top_k_weights, self, self.moe_lab_spec, choice,
+                              self.moe_lab_dispatcher)
 
 
 _ADAPTED_EXPERTS: dict[type, type] = {}
 
 
-def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep=None) -> None:
+def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep=None, substitute: bool = False) -> None:
     """Make a v5 experts module compute through moe_lab's stages (its weights and names unchanged)."""
     base = type(experts)
     if base not in _ADAPTED_EXPERTS.values():
@@ -169,6 +205,9 @@ def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep
             setattr(sys.modules[__name__], name, adapted)
             _ADAPTED_EXPERTS[base] = adapted
         experts.__class__ = _ADAPTED_EXPERTS[base]
+    model_type = str(getattr(getattr(experts, "config", None), "model_type", "?"))
+    # v5's own router runs: the router stage is not used here (no routing features to check)
+    experts.moe_lab_planner = LayerPlanner(choice, model_type, frozenset(), spec, substitute, expert_parallel=ep is not None)
+    experts.moe_lab_choice = experts.moe_lab_planner.choice_for(first_weight(experts, spec))  # refuses here
     experts.moe_lab_spec = spec
-    experts.moe_lab_choice = choice
-    experts.moe_lab_dispatcher = choice.dispatch(ep=ep, num_experts=spec.num_experts)
+    experts.moe_lab_dispatcher = experts.moe_lab_choice.dispatch(ep=ep, num_experts=spec.num_experts)

@@ -4,13 +4,19 @@ Stages: router -> permutation -> dispatch -> experts -> combine (see DESIGN.md).
 ("eager", "torch", "triton", ...) names one implementation per stage; a mapping such as
 {"experts": "triton", "router": "torch"} overrides single stages (the rest come from "torch").
 
-An implementation registers with an availability check; choosing one that cannot run here fails
-at construction with a message naming the stage, the backend, why, and what to install.
+An implementation registers with an availability check (can it run on this machine at all?) and
+its `Capabilities` (which devices, dtypes, activations, routing features, whether it is exact,
+token-level, CUDA-graph safe, usable under expert parallelism). Choosing one that cannot run here
+fails at construction with a message naming the stage, the backend, why, and what to install; a
+layer it cannot compute is planned by `plan_layer`: refused with the reason, or, where the user
+allowed substitution, run by the stage's reference and recorded in the layer's plan.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
+
+import torch
 
 STAGES = ("router", "permutation", "dispatch", "experts", "combine")
 DEFAULT_BACKEND = "torch"
@@ -20,6 +26,65 @@ class BackendUnavailableError(RuntimeError):
     """A chosen stage implementation cannot run on this machine (missing package or device)."""
 
 
+# the reference implementation of each stage: what a substitution runs
+REFERENCE = {"router": "eager", "permutation": "eager", "dispatch": "local", "experts": "eager", "combine": "eager"}
+
+
+@dataclass(frozen=True)
+class LayerNeeds:
+    """What one MoE layer asks of its stages. routing_features: `RoutingSpec.features()`;
+    activation: `ExpertsSpec.activation_key`; device_type / dtype: the expert weights'."""
+
+    model_type: str
+    routing_features: frozenset
+    activation: str
+    device_type: str
+    dtype: torch.dtype
+    expert_parallel: bool = False
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an implementation computes. None means "any".
+
+    devices: device types it runs on; dtypes: {device type: dtypes} of the expert weights;
+    activations: `ExpertsSpec.activation_key`s it computes (experts stage); routing: the
+    `RoutingSpec.features()` it implements (router stage); exact: equal to the reference up to
+    float rounding (the tests hold it there); token_level: a dispatcher that moves tokens and runs
+    permutation/combine itself (DeepEP); graph_safe: no host synchronisation and static shapes, so
+    a CUDA graph can replay it; expert_parallel: runs on expert shards under `ep_size > 1`;
+    fuses_with: an experts implementation that also does this permutation's gather (and is then
+    called once for permutation + experts + combine through `fused`).
+    """
+
+    devices: frozenset | None = None
+    dtypes: Mapping | None = None
+    activations: frozenset | None = None
+    routing: frozenset | None = None
+    exact: bool = True
+    token_level: bool = False
+    graph_safe: bool = False
+    expert_parallel: bool = True
+    fuses_with: str | None = None
+
+    def why_not(self, needs: LayerNeeds, stage: str) -> str | None:
+        """None if this implementation computes the layer `needs` describes, else why not."""
+        if self.devices is not None and needs.device_type not in self.devices:
+            return f"runs on {'/'.join(sorted(self.devices))}, not {needs.device_type}"
+        allowed = None if self.dtypes is None else self.dtypes.get(needs.device_type)
+        if allowed is not None and needs.dtype not in allowed:
+            names = ", ".join(sorted(str(d).replace("torch.", "") for d in allowed))
+            return f"takes {names} weights on {needs.device_type}, not {str(needs.dtype).replace('torch.', '')}"
+        if stage == "experts" and self.activations is not None and needs.activation not in self.activations:
+            return f"computes activations {', '.join(sorted(self.activations))}, not {needs.activation!r}"
+        if stage == "router" and self.routing is not None and not needs.routing_features <= self.routing:
+            missing = ", ".join(sorted(needs.routing_features - self.routing))
+            return f"does not implement {needs.model_type}'s routing ({missing})"
+        if needs.expert_parallel and not self.expert_parallel:
+            return "does not run under expert parallelism"
+        return None
+
+
 @dataclass
 class StageImpl:
     stage: str
@@ -27,6 +92,8 @@ class StageImpl:
     fn: object
     why_unavailable: Callable[[], str | None] = lambda: None
     description: str = ""
+    caps: Capabilities = field(default_factory=Capabilities)
+    fused: object = None  # with caps.fuses_with: fn(hidden, ids, weights, experts_module, spec, choice) -> out
 
 
 _IMPLS: dict[str, dict[str, StageImpl]] = {stage: {} for stage in STAGES}
@@ -34,12 +101,17 @@ _IMPLS: dict[str, dict[str, StageImpl]] = {stage: {} for stage in STAGES}
 _BACKENDS: dict[str, dict[str, str]] = {}
 
 
-def register_stage(stage: str, name: str, fn, why_unavailable=None, description: str = "") -> None:
+def register_stage(stage: str, name: str, fn, why_unavailable=None, description: str = "",
+                   caps: Capabilities | None = None, fused=None) -> None:
     """Register `fn` as implementation `name` of `stage`. `why_unavailable()` returns None when it can
-    run here, else a sentence saying why not and what to install."""
+    run on this machine, else a sentence saying why not and what to install; `caps` says what it
+    computes (default: everything, exactly); `fused` is the combined function of a `caps.fuses_with` pair."""
     if stage not in STAGES:
         raise ValueError(f"unknown MoE stage {stage!r}; stages are {', '.join(STAGES)}")
-    _IMPLS[stage][name] = StageImpl(stage, name, fn, why_unavailable or (lambda: None), description)
+    caps = caps or Capabilities()
+    if (caps.fuses_with is None) != (fused is None):
+        raise ValueError(f"{stage} {name!r}: caps.fuses_with and fused= go together")
+    _IMPLS[stage][name] = StageImpl(stage, name, fn, why_unavailable or (lambda: None), description, caps, fused)
 
 
 def register_backend(word: str, per_stage: Mapping[str, str]) -> None:
@@ -49,19 +121,18 @@ def register_backend(word: str, per_stage: Mapping[str, str]) -> None:
     _BACKENDS[word] = dict(per_stage)
 
 
-# (permutation impl, experts impl) -> a function that runs both (and the combine) as one, for
-# kernels that fuse across the stage boundary (e.g. the gather into the GEMM prologue). Used only
-# when rows stay local; under expert parallelism the stages run one by one.
-_FUSED_PAIRS: dict[tuple[str, str], object] = {}
-
-
-def register_fused_pair(permutation: str, experts: str, fn) -> None:
-    """fn(hidden [T, H], ids [T, k], weights [T, k], experts_module, spec, choice) -> out [T, H]."""
-    _FUSED_PAIRS[(permutation, experts)] = fn
-
-
 def fused_pair(choice: "StageChoice"):
-    return _FUSED_PAIRS.get((choice.names["permutation"], choice.names["experts"]))
+    """The function that runs permutation + experts + combine as one for this choice, or None: an
+    experts implementation declaring `fuses_with` the chosen permutation. Used only when rows stay
+    local; under expert parallelism the stages run one by one."""
+    experts = choice.impls["experts"]
+    if experts.caps.fuses_with is not None and experts.caps.fuses_with == choice.names["permutation"]:
+        return experts.fused
+    return None
+
+
+def capabilities(stage: str, name: str) -> Capabilities:
+    return _IMPLS[stage][name].caps
 
 
 def available_backends() -> list[str]:
@@ -78,12 +149,21 @@ class StageChoice:
 
     names: dict = field(default_factory=dict)
     impls: dict = field(default_factory=dict)
+    requested: str | None = None  # what the user wrote (a backend word or stage=name pairs), for messages
 
     def __getattr__(self, stage):  # choice.router, choice.experts, ...
         impls = object.__getattribute__(self, "impls")
         if stage in impls:
             return impls[stage].fn
         raise AttributeError(stage)
+
+    def caps(self, stage: str) -> Capabilities:
+        return self.impls[stage].caps
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a CUDA graph can replay every local stage of this choice."""
+        return all(self.impls[s].caps.graph_safe for s in STAGES)
 
     @property
     def label(self) -> str:
@@ -117,6 +197,7 @@ def resolve_backend(moe_backend: str | Mapping[str, str] | StageChoice | None = 
     """
     if isinstance(moe_backend, StageChoice):
         return moe_backend
+    requested = None if moe_backend is None else _requested_label(moe_backend)  # None: the user named nothing
     if moe_backend is None:
         moe_backend = DEFAULT_BACKEND
     if isinstance(moe_backend, str):
@@ -138,4 +219,63 @@ def resolve_backend(moe_backend: str | Mapping[str, str] | StageChoice | None = 
     else:
         raise TypeError(f"moe_backend must be a backend name or a mapping of stage -> name, got {type(moe_backend).__name__}")
     impls = {stage: _lookup_impl(stage, name, moe_backend) for stage, name in per_stage.items()}
-    return StageChoice(per_stage, impls)
+    return StageChoice(per_stage, impls, requested=requested)
+
+
+def _requested_label(moe_backend) -> str:
+    if isinstance(moe_backend, str):
+        return moe_backend
+    if isinstance(moe_backend, Mapping):
+        return ",".join(f"{stage}={moe_backend[stage]}" for stage in STAGES if stage in moe_backend)
+    return str(moe_backend)
+
+
+# ---- per-layer plans: what each stage runs for one layer, and why ------------------------------------
+@dataclass(frozen=True)
+class PlannedStage:
+    """asked: the implementation the choice names; runs: what will run; why: the reason they differ."""
+
+    asked: str
+    runs: str
+    why: str | None = None
+
+    def __str__(self) -> str:
+        return self.runs if self.why is None else f"{self.runs} (asked {self.asked}: {self.why})"
+
+
+class StageRefusedError(ValueError):
+    """A chosen stage cannot compute a layer and substitution was not allowed."""
+
+
+def plan_layer(choice: "StageChoice", needs: LayerNeeds, substitute: bool) -> tuple[dict, "StageChoice"]:
+    """({stage: PlannedStage}, the StageChoice to run) for one layer. A stage whose capabilities do not
+    cover `needs` is refused (StageRefusedError naming every such stage and why), or with
+    `substitute` replaced by the stage's reference implementation. The experts stage of a fused pair
+    is planned together with its permutation."""
+    planned, refused, names = {}, [], dict(choice.names)
+    for stage in STAGES:
+        impl = choice.impls[stage]
+        why = impl.caps.why_not(needs, stage)
+        if why is None:
+            planned[stage] = PlannedStage(impl.name, impl.name)
+            continue
+        if not substitute:
+            refused.append(f"{stage} {impl.name!r} {why}")
+            continue
+        fallback = REFERENCE[stage]
+        reference_why = _IMPLS[stage][fallback].caps.why_not(needs, stage)
+        if reference_why is not None:
+            refused.append(f"{stage} {impl.name!r} {why}; its reference {fallback!r} {reference_why}")
+            continue
+        planned[stage] = PlannedStage(impl.name, fallback, why)
+        names[stage] = fallback
+    if refused:
+        raise StageRefusedError(
+            f"moe_backend={choice.requested or choice.label!r} cannot run {needs.model_type}'s MoE layer "
+            f"({needs.activation}, {str(needs.dtype).replace('torch.', '')} on {needs.device_type}): "
+            + "; ".join(refused)
+            + ". Choose other stages (moe_lab.available_backends()), or pass substitute=True to run each "
+              "stage's reference instead (recorded in model.moe_lab_plan)")
+    if names == choice.names:
+        return planned, choice
+    return planned, StageChoice(names, {s: _IMPLS[s][n] for s, n in names.items()}, requested=choice.requested)

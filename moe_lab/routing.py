@@ -54,6 +54,18 @@ class RoutingSpec:
         if not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}")
 
+    def features(self) -> frozenset:
+        """The routing features this spec uses, as routers declare them in their capabilities:
+        the score ("softmax" | "sigmoid"), "topk_before_softmax", "renormalize", "group_limited",
+        "correction_bias", "scaling", "logits_fp32"."""
+        used = {self.score}
+        for name, on in (("topk_before_softmax", self.topk_before_softmax), ("renormalize", self.renormalize),
+                         ("group_limited", self.n_group > 1), ("correction_bias", self.has_correction_bias),
+                         ("scaling", self.scaling != 1.0), ("logits_fp32", self.logits_fp32)):
+            if on:
+                used.add(name)
+        return frozenset(used)
+
 
 class RouterOutput(NamedTuple):
     """logits [T, E] (as v5 returns them), weights [T, k], ids [T, k] int64."""

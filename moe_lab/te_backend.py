@@ -5,8 +5,8 @@ runs or checks it can run.
 router: `transformer_engine.pytorch.router.fused_topk_with_score_function` where its semantics
     equal the family's (softmax families: GPT-OSS's top-k-then-softmax; Qwen3-MoE/Mixtral's
     softmax-top-k-renormalise, which is the same function; softmax-top-k without renormalising).
-    Other routings (DeepSeek-V3's group-limited sigmoid) run the reference router, and the layer
-    says so in `MoELayer.stage_notes`.
+    Other routings (DeepSeek-V3's group-limited sigmoid) are outside its declared capabilities: the
+    registry refuses them, or substitutes the reference router where the user allowed it.
 permutation / combine: TE's `moe_permute` / `moe_unpermute` with the index routing map.
 experts: two `transformer_engine.pytorch.GroupedLinear` (gate_up, down) whose per-expert weights
     are, at each call, views of v5's 3D parameters (`unbind(0)`): the model keeps v5's names and
@@ -30,7 +30,7 @@ import torch
 
 from .experts import ExpertsSpec, activation_fn, experts_grouped_mm, first_bias, first_weight
 from .permutation import Permutation, _check_ids
-from .routing import RouterOutput, RoutingSpec, route_reference, router_logits
+from .routing import RouterOutput, RoutingSpec, router_logits
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def te_router_unsupported(spec: RoutingSpec) -> str | None:
     """None if TE's fused router computes this family's routing; else why not."""
     if spec.score != "softmax":
         return (f"score {spec.score!r} with group-limited choice and correction bias is not held to TE's "
-                "fused router; the reference router runs instead")
+                "fused router")
     return None
 
 
@@ -68,8 +68,8 @@ def route_te(hidden, weight, bias, correction_bias, spec: RoutingSpec) -> Router
     top-k. softmax -> top-k -> renormalise equals top-k on logits -> softmax over the k, which is
     TE's `use_pre_softmax=False`; without renormalisation TE softmaxes first (`use_pre_softmax=True`)."""
     reason = te_router_unsupported(spec)
-    if reason:
-        return route_reference(hidden, weight, bias, correction_bias, spec)
+    if reason:  # the registry's plan never sends such a layer here
+        raise ValueError(f"te router: {reason}")
     from transformer_engine.pytorch.router import fused_topk_with_score_function
 
     logits = router_logits(hidden, weight, bias, spec)
@@ -82,8 +82,6 @@ def route_te(hidden, weight, bias, correction_bias, spec: RoutingSpec) -> Router
     weights = weights.to(logits.dtype) if spec.weights_in_logits_dtype else weights
     return RouterOutput(logits, weights, ids)
 
-
-route_te.unsupported_reason = te_router_unsupported
 
 
 # ---- permutation and combine ---------------------------------------------------------------------

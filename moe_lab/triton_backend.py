@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .experts import ExpertsSpec, experts_grouped_mm, first_bias, first_weight
+from .experts import ExpertsSpec, first_bias, first_weight
 from .permutation import Permutation, _check_ids
 from .routing import RouterOutput, RoutingSpec, router_logits
 
@@ -79,18 +79,18 @@ def combine_triton(rows, perm: Permutation, weights, out_dtype):
     return _kernels().combine(rows, weights, perm.slot_of_row, perm.inverse).to(out_dtype)
 
 
-def _fused_activation(spec: ExpertsSpec) -> str | None:
-    if spec.activation == "gpt_oss":
-        return "gpt_oss"
-    if spec.activation == "glu" and spec.act_name in ("silu", "swish"):
-        return "swiglu"
-    return None
+# ExpertsSpec.activation_key -> the fused kernels' activation; the registry declares these keys
+_KERNEL_ACTIVATION = {"glu:silu": "swiglu", "glu:swish": "swiglu", "gpt_oss": "gpt_oss"}
+TRITON_ACTIVATIONS = tuple(_KERNEL_ACTIVATION)
 
 
-@functools.cache
-def _warn_unfused(spec: ExpertsSpec) -> None:
-    logger.warning("triton experts: no fused kernel for activation %r (%s); these experts use grouped_mm",
-                   spec.act_name, spec.activation)
+def _fused_activation(spec: ExpertsSpec) -> str:
+    """The kernels' activation for this layer; the registry's plan never sends another one here."""
+    try:
+        return _KERNEL_ACTIVATION[spec.activation_key]
+    except KeyError:
+        raise ValueError(f"triton experts: no fused kernel for activation {spec.activation_key!r}; "
+                         f"they compute {', '.join(TRITON_ACTIVATIONS)}") from None
 
 
 def _mlp_weights(module, spec: ExpertsSpec, activation: str) -> dict:
@@ -109,9 +109,6 @@ def _mlp_weights(module, spec: ExpertsSpec, activation: str) -> dict:
 def experts_triton(x, counts, offsets, module, spec: ExpertsSpec):
     """x [S, H] rows in expert order -> y [S, H] through the fused Triton expert MLP."""
     activation = _fused_activation(spec)
-    if activation is None:
-        _warn_unfused(spec)
-        return experts_grouped_mm(x, counts, offsets, module, spec)
     w1 = first_weight(module, spec)
     return _kernels().expert_mlp(x.to(w1.dtype), w1, module.down_proj, offsets, **_mlp_weights(module, spec, activation))
 
@@ -120,9 +117,6 @@ def gathered_experts_triton(hidden, ids, weights, module, spec: ExpertsSpec, cho
     """Permutation, experts and combine with the gather in the gate_up GEMM's prologue: the permuted
     copy of the rows [S, H] is neither written nor kept for backward. hidden [T, H] -> out [T, H]."""
     activation = _fused_activation(spec)
-    if activation is None:
-        rows, perm = permute_triton(hidden, ids, spec.num_experts)
-        return choice.combine(experts_triton(rows, perm.counts, perm.offsets, module, spec), perm, weights, hidden.dtype)
     perm = plan_triton(ids, spec.num_experts)
     w1 = first_weight(module, spec)
     out_rows = _kernels().expert_mlp_gathered(

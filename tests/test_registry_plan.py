@@ -1,0 +1,79 @@
+"""Capabilities in the registry: a stage that cannot compute a layer is refused with the reason, or,
+only where the user allowed it, substituted by the reference and recorded in model.moe_lab_plan."""
+import logging
+
+import pytest
+import torch
+
+import moe_lab
+from moe_lab.registry import (
+    Capabilities, LayerNeeds, StageRefusedError, _IMPLS, plan_layer, register_stage, resolve_backend,
+)
+from moe_lab.routing import route_reference
+from tiny_models import tiny_config, v5_and_moe_lab
+
+
+def _needs(**kw):
+    base = dict(model_type="qwen3_moe", routing_features=frozenset({"softmax", "renormalize"}), activation="glu:silu",
+                device_type="cpu", dtype=torch.float32)
+    return LayerNeeds(**{**base, **kw})
+
+
+def test_grouped_mm_refuses_float32_weights_on_cuda_and_substitutes_only_when_allowed():
+    choice = resolve_backend("torch")
+    planned, same = plan_layer(choice, _needs(), substitute=False)
+    assert same is choice and str(planned["experts"]) == "torch"
+    with pytest.raises(StageRefusedError, match=r"experts 'torch' takes bfloat16, float16 weights on cuda, not float32"):
+        plan_layer(choice, _needs(device_type="cuda"), substitute=False)
+    planned, substituted = plan_layer(choice, _needs(device_type="cuda"), substitute=True)
+    assert substituted.names["experts"] == "eager" and substituted.names["router"] == "torch"
+    assert str(planned["experts"]).startswith("eager (asked torch: takes bfloat16")
+
+
+def test_a_router_without_the_familys_routing_features_is_refused():
+    register_stage("router", "test_softmax_only", route_reference,
+                   caps=Capabilities(routing=frozenset({"softmax", "renormalize", "topk_before_softmax"})))
+    try:
+        choice = resolve_backend({"router": "test_softmax_only"})
+        deepseek = _needs(model_type="deepseek_v3",
+                          routing_features=frozenset({"sigmoid", "group_limited", "correction_bias", "scaling"}))
+        with pytest.raises(StageRefusedError, match="deepseek_v3's routing .*correction_bias, group_limited, scaling, sigmoid"):
+            plan_layer(choice, deepseek, substitute=False)
+        plan_layer(choice, _needs(), substitute=False)  # a softmax family is computed
+    finally:
+        del _IMPLS["router"]["test_softmax_only"]
+
+
+def test_triton_experts_refuse_an_activation_they_do_not_fuse_and_substitute_when_allowed(caplog):
+    """No silent grouped_mm: a GELU-gated layer asked of the triton experts is refused at construction;
+    with substitute=True the eager experts run it, the plan says so, a warning is logged, and the
+    output equals vanilla v5's."""
+    config = tiny_config("qwen3_moe", hidden_act="gelu")
+    with pytest.raises(StageRefusedError, match=r"experts 'triton' computes activations .* not 'glu:gelu'"):
+        moe_lab.AutoModelForCausalLM.from_config(config, moe_backend="triton")
+    with caplog.at_level(logging.WARNING, logger="moe_lab.hf"):
+        v5, ours = v5_and_moe_lab(config, moe_backend="triton", substitute=True)
+    assert "experts: eager (asked triton" in caplog.text
+    for stages in ours.moe_lab_plan.values():
+        assert stages["router"] == "triton" and stages["experts"].startswith("eager (asked triton: computes activations")
+    ids = torch.randint(0, config.vocab_size, (2, 5))
+    torch.testing.assert_close(ours(ids).logits, v5(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_moved_to_another_dtype_is_planned_again_at_its_next_forward():
+    config = tiny_config("qwen3_moe")
+    model = moe_lab.AutoModelForCausalLM.from_config(config, moe_backend="torch")
+    layer = next(m for m in model.modules() if isinstance(m, moe_lab.MoELayer))
+    assert layer.plan["experts"] == "torch"
+    model.to(torch.bfloat16)
+    model(torch.randint(0, config.vocab_size, (1, 4)))
+    assert layer.plan["experts"] == "torch" and len(layer.planner._plans) == 2
+
+
+def test_capabilities_are_declared_for_every_registered_implementation():
+    for stage, impls in _IMPLS.items():
+        for name, impl in impls.items():
+            assert isinstance(impl.caps, Capabilities), (stage, name)
+    assert _IMPLS["experts"]["triton_gather"].caps.fuses_with == "triton"
+    assert _IMPLS["dispatch"]["deepep"].caps.token_level
+    assert {n for n, i in _IMPLS["experts"].items() if i.caps.graph_safe} == {"triton", "triton_gather"}
