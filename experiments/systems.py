@@ -262,12 +262,16 @@ def build_model(system: System, config, *, dtype, attn: str, device, world: int)
         _resolve(moe_lab, names, system.name)
         with torch.device(device):
             return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=names, ep_size=system.ep,
+                                                            options=moe_lab.Options.from_environment(),
                                                             **dict(system.options), **kw)
     if world > 1:
         raise ValueError(f"{system.name} is a one-GPU system; moe_lab on {world} GPUs needs ep{world}-<dispatcher>-<backend>")
     _resolve(moe_lab, system.moe_backend, system.name)
     with torch.device(device):
-        return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=system.moe_backend, **dict(system.options), **kw)
+        # the documented MOE_LAB_* benchmark overrides (moe_lab.Options.from_environment), the system's options on top
+        return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=system.moe_backend,
+                                                        options=moe_lab.Options.from_environment(),
+                                                        **dict(system.options), **kw)
 
 
 def _resolve(moe_lab, backend, system_name: str):
