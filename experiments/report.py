@@ -9,7 +9,8 @@ By default the report reads the runs ``python -m experiments.sweep`` wrote under
 current directory and writes there (``runs/report/``, ``runs/summary.json``); nothing the repository
 commits is touched, and writing into ``results/`` without ``--results`` is refused. ``--runs``,
 ``--out`` and ``--summary`` override each path. Writes ``<out>/results.md`` and ``<out>/results.csv``,
-figures when matplotlib is installed (``plots``), and merges keys into the summary (keys it does not
+figures when matplotlib is installed (``experiments/figures.py``: per GPU and model, the headline
+step, the MoE block, EP scaling), and merges keys into the summary (keys it does not
 produce are kept untouched).
 
 Summary keys: ``<gpu>x<count>/<model>-L<layers>/<system><suffix>`` with ``count`` the GPUs the cell
@@ -339,46 +340,24 @@ def merge_summary(path: Path, entries: dict) -> dict:
 
 
 # ---- plots -------------------------------------------------------------------------------------
-def plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """Bar charts of throughput, memory and speed-up; [] when matplotlib is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        log.info("matplotlib not installed: no plots (pip install matplotlib)")
-        return []
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+LEGACY_PLOTS = ("throughput.png", "memory.png", *(f"speedup_vs_{b}.png" for b in BASELINES))  # before figures.py
 
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
+
+def plots(rows: list[dict], out_dir: Path, blocks: list[dict] | None = None) -> list[Path]:
+    """The figures of ``experiments/figures.py`` (per GPU and model: headline step, MoE block, EP
+    scaling); earlier figures of ours in ``out_dir`` that these rows no longer give are removed.
+    [] when matplotlib is missing."""
+    from . import figures
+
+    out_dir = Path(out_dir)
+    written = figures.figures(rows, blocks or [], out_dir, latest_first_order)
+    if written is None:  # no matplotlib: leave any figures as they are
         return []
-    labels = [f"{r['model']} {r['gpu']}x{r['gpu_count']}\n{r['system']} {r['routing']}" for r in ok]
-    charts = [("throughput.png", "tokens/s per GPU", [r["tokens_per_s_per_gpu"] for r in ok]),
-              ("memory.png", "peak GiB allocated (activation part hatched)", [r["peak_gib"] for r in ok])]
-    charts += [(f"speedup_vs_{b}.png", f"speed-up vs {b} (tokens/s/GPU)", [r[f"speedup_vs_{b}"] for r in ok])
-               for b in BASELINES]
-    written = []
-    for name, ylabel, values in charts:
-        vals = [v if v is not None else math.nan for v in values]  # no bar where there is no number
-        if not any(v == v and v for v in vals):
-            continue
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(ok) + 2), 4.5), dpi=100)
-        ax.bar(range(len(ok)), vals, color="#4477aa")
-        if name == "memory.png":
-            act = [r["activation_gib"] if r["activation_gib"] is not None else math.nan for r in ok]
-            ax.bar(range(len(ok)), act, color="none", edgecolor="black", hatch="//")
-        if name.startswith("speedup"):
-            ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(ok)))
-        ax.set_xticklabels(labels, rotation=90, fontsize=6)
-        ax.set_ylabel(ylabel)
-        fig.tight_layout()
-        path = out_dir / name
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", metadata={"Software": None})
-        plt.close(fig)
-        store.write_bytes(path, buf.getvalue())
-        written.append(path)
+    if out_dir.is_dir():
+        for old in sorted(out_dir.glob("*.png")):
+            ours = old.name.startswith(figures.PREFIXES) or old.name in LEGACY_PLOTS
+            if ours and old not in written:
+                old.unlink()
     return written
 
 
@@ -402,10 +381,11 @@ def block_rows(runs: Path) -> list[dict]:
         hw, git = prov.get("hardware", {}), prov.get("git", {})
         for r in rec["rows"]:
             suffix = "" if r["routing"] == "real" else f"@{r['routing']}"
-            row = dict(r, run=path.parent.name, gpu=hw.get("gpu", "unknown"), commit=git.get("commit"),
+            row = dict(r, run=path.parent.name, gpu=hw.get("gpu", "unknown"), gpu_name=hw.get("gpu_name"), commit=git.get("commit"),
                        torch=prov.get("versions", {}).get("torch"), triton=prov.get("versions", {}).get("triton"),
                        transformers=prov.get("versions", {}).get("transformers"))
-            suffix += _flag_suffix(env_flags(prov.get("env", {})))
+            row["flags"] = env_flags(prov.get("env", {}))
+            suffix += _flag_suffix(row["flags"])
             row["key"] = f"{row['gpu']}x1/moe-block/{r['model']}/{r['system']}{suffix}"
             rows.append(row)
     return rows
@@ -528,9 +508,9 @@ def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool =
     store.write_text(out_dir / "results.md", markdown(rows, "results/runs/" if committed else f"{runs}"))
     store.write_text(out_dir / "results.csv", to_csv(rows))
     files = [out_dir / "results.md", out_dir / "results.csv"]
-    if make_plots:
-        files += plots(rows, out_dir)
     blocks = block_rows(runs)
+    if make_plots:
+        files += plots(rows, out_dir, blocks)
     if blocks:
         store.write_text(out_dir / "moe_block.md", block_markdown(blocks))
         files.append(out_dir / "moe_block.md")
