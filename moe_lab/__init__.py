@@ -5,6 +5,7 @@
 """
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
 from .experts import ExpertsSpec
+from .expert_parallel import apply_expert_parallel
 from .families import FAMILIES, UnsupportedModelError
 from .hf import AutoModelForCausalLM, experts_implementation_name, patch_model, register_v5_experts_functions
 from .layer import MoELayer
@@ -28,6 +29,7 @@ __all__ = [
     "RoutingTrace",
     "STAGES",
     "UnsupportedModelError",
+    "apply_expert_parallel",
     "available_backends",
     "load_trace",
     "trace_routing",

@@ -3,7 +3,8 @@
 The model is built on the meta device, patched and sharded (each experts tensor becomes
 [E/ep_size, ...]), materialised empty, then filled from the checkpoint's safetensors files: expert
 tensors are read as slices of their first dimension, everything else whole. Non-persistent buffers
-(rotary tables) are rebuilt from the config.
+(rotary tables) are rebuilt from the config. This module knows checkpoints, not moe_lab's layers:
+the caller hands in the function that patches and shards the model on the meta device.
 
 Checkpoint layouts read here (what v5's `save_pretrained` writes, and the hub's originals):
 - the model's own keys (fused 3D experts, e.g. GPT-OSS);
@@ -122,11 +123,14 @@ def _rebuild_non_persistent_buffers(model: nn.Module, device) -> bool:
     return True
 
 
-def load_local_experts(path, choice, ep_size: int, fsdp: bool, device="cpu", **kwargs):
-    """The patched, expert-sharded model with only this rank's experts read, or None (see module doc)."""
-    import transformers
+def load_local_experts(path, shard, device="cpu", **kwargs):
+    """The expert-sharded model with only this rank's experts read, or None (see module doc).
 
-    from .hf import patch_model
+    `shard(model)` makes the v5 model built here on the meta device expert-parallel (moe_lab's
+    layers, each experts tensor cut to this rank's shard) and returns it; `hf.py` passes
+    `patch_model(model, choice, ep_size=N)`. What comes after loading (FSDP2, the whole-step
+    options) is the caller's."""
+    import transformers
 
     path = Path(path)
     if set(kwargs) - _SUPPORTED_KWARGS or not path.is_dir():
@@ -146,7 +150,7 @@ def load_local_experts(path, choice, ep_size: int, fsdp: bool, device="cpu", **k
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=kwargs.get("attn_implementation"))
-    patch_model(model, choice, ep_size=ep_size)  # on meta: shapes only, nothing allocated
+    model = shard(model)  # on meta: shapes only, nothing allocated
     reader = _CheckpointReader(files)
     unreadable = [k for k in model.state_dict() if not reader.can_read(k) and not _is_tied(model, k)]
     if unreadable:
@@ -171,10 +175,6 @@ def load_local_experts(path, choice, ep_size: int, fsdp: bool, device="cpu", **k
                 raise ValueError(f"{path}: {name} has shape {tuple(data.shape)}, the model expects {tuple(tensor.shape)}")
             tensor.copy_(data)
     model.tie_weights()
-    if fsdp:
-        from .expert_parallel import shard_non_experts_fsdp2
-
-        shard_non_experts_fsdp2(model, model.moe_lab_ep)
     model.eval()
     model.moe_lab_loaded_local_experts = True
     return model

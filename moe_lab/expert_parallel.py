@@ -1,27 +1,48 @@
 """Expert parallelism on torch.distributed: experts sharded over ranks, rows sent to their owner.
 
-A DeviceMesh of shape (dp_replicate, ep): each rank of an `ep` group holds E/ep consecutive experts
-(rank r owns experts [r*E/ep, (r+1)*E/ep)); the `dp_replicate` dimension holds copies of the same
-expert shard. Everything that is not an expert is replicated on every rank, and every rank feeds its
-own batch (data parallel over all ranks).
+Two entries, one path:
+- `moe_lab.AutoModelForCausalLM.from_pretrained(path, ep_size=N)` (or `patch_model(model, ep_size=N)`)
+  builds the mesh below over every rank and applies it;
+- `apply_expert_parallel(model, mesh)` applies a mesh the user built (torchtitan's form) to a model
+  that moe_lab has patched: a DeviceMesh over all ranks with an "ep" dimension and optionally a
+  "dp_replicate" one.
+
+The mesh is (dp_replicate, ep): each rank of an `ep` group holds E/ep consecutive experts (rank r owns
+experts [r*E/ep, (r+1)*E/ep)); the `dp_replicate` dimension holds copies of the same expert shard.
+Everything that is not an expert is replicated on every rank, and every rank feeds its own batch
+(data parallel over all ranks).
 
 The `all2all` dispatcher sends each expert-sorted row to the rank owning its expert with
 `all_to_all_single` (uneven splits, autograd: the backward of a send is the reverse send), runs the
 local experts, and sends the results back. Works on NCCL and on gloo.
 
-Gradients: `reduce_gradients(model)` after backward makes every gradient the gradient of the mean
-loss over all ranks: non-expert gradients are averaged over all ranks; an expert's gradient already
-holds the contributions of every rank's tokens (they came through the all-to-all), so it is summed
-over its replicas and divided by the world size.
+Gradients are reduced inside backward, with no call from the user: once `loss.backward()` returns,
+every gradient is that of the mean of the ranks' losses. A hook on each parameter notes what this
+backward adds to its gradient; at the end of the backward (an autograd-engine callback, as DDP's)
+`GradientReducer` reduces those contributions in buckets, in one fixed order on every rank:
+non-expert gradients are averaged over all ranks; an expert shard's gradient already holds the
+contributions of every rank's tokens (they came through the all-to-all), so it is summed over its
+replicas and divided by the world size. Only this backward's contribution is reduced, so gradients
+accumulated over micro-batches stay right.
 
-With `fsdp=True` the non-expert parameters are sharded with FSDP2 (`fully_shard` per decoder layer
-and at the root, over all ranks; the experts are its ignored parameters): FSDP2 then averages their
-gradients itself (reduce-scatter), and `reduce_gradients` only handles the experts.
+Under DistributedDataParallel (the HF Trainer and accelerate wrap the model in it when several
+processes run) the expert shards are on DDP's ignore list (each rank holds different experts), DDP
+averages the rest itself, and the hooks, seeing the forward run inside that DDP, reduce only the
+expert shards. With `fsdp=True` the non-expert parameters are sharded with FSDP2 (`fully_shard` per
+decoder layer and at the root, over all ranks; the experts are its ignored parameters): FSDP2
+averages their gradients itself (reduce-scatter), and the hooks reduce only the experts.
+
+A gradient norm computed on one rank sees only that rank's expert shards: clip with
+`clip_grad_norm_(model, max_norm)` here, which counts every shard once (under the HF Trainer:
+`TrainingArguments(max_grad_norm=0)` and `callbacks=[clip_grad_norm_callback(1.0)]`).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +100,13 @@ def check_divisible(num_experts: int, ep_size: int, model_type: str = "?") -> No
         )
 
 
-def make_context(ep_size: int, num_experts: int, model_type: str = "?") -> ExpertParallelContext:
-    """Build the (dp_replicate, ep) DeviceMesh over all ranks; refuse a mesh the model cannot use."""
-    check_divisible(num_experts, ep_size, model_type)
+def make_mesh(ep_size: int, num_experts=(), model_type: str = "?"):
+    """The (dp_replicate, ep) DeviceMesh over all ranks (initialising torch.distributed from torchrun's
+    environment if needed); refuses an ep_size that does not divide every layer's expert count or the world."""
+    for count in sorted(set([num_experts] if isinstance(num_experts, int) else num_experts)):
+        check_divisible(count, ep_size, model_type)
+    if ep_size < 1:
+        raise ValueError(f"ep_size must be at least 1, got {ep_size}")
     init_distributed_if_needed()
     world = dist.get_world_size()
     if world % ep_size:
@@ -89,15 +114,33 @@ def make_context(ep_size: int, num_experts: int, model_type: str = "?") -> Exper
     from torch.distributed.device_mesh import init_device_mesh
 
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(device_type, (world // ep_size, ep_size), mesh_dim_names=("dp_replicate", "ep"))
+    return init_device_mesh(device_type, (world // ep_size, ep_size), mesh_dim_names=("dp_replicate", "ep"))
+
+
+def context_from_mesh(mesh) -> ExpertParallelContext:
+    """The ExpertParallelContext of a DeviceMesh with an "ep" dimension (and optionally "dp_replicate")
+    that spans every rank of the job."""
+    names = tuple(mesh.mesh_dim_names or ())
+    if "ep" not in names or set(names) - {"ep", "dp_replicate"}:
+        raise ValueError(f"expert parallelism takes a DeviceMesh with dimensions 'ep' and optionally 'dp_replicate', "
+                         f"got {names or 'unnamed dimensions'}")
+    world = dist.get_world_size()
+    if mesh.size() != world:
+        raise ValueError(f"the mesh spans {mesh.size()} ranks, the job {world}: every rank must be in it "
+                         "(non-expert gradients are averaged over all ranks)")
     return ExpertParallelContext(
-        ep_size=ep_size,
+        ep_size=mesh.size(names.index("ep")),
         ep_rank=mesh.get_local_rank("ep"),
         world_size=world,
         ep_group=mesh.get_group("ep"),
-        replica_group=mesh.get_group("dp_replicate"),
+        replica_group=mesh.get_group("dp_replicate") if "dp_replicate" in names else None,
         mesh=mesh,
     )
+
+
+def make_context(ep_size: int, num_experts: int, model_type: str = "?") -> ExpertParallelContext:
+    """Build the (dp_replicate, ep) mesh over all ranks and its context (see `make_mesh`)."""
+    return context_from_mesh(make_mesh(ep_size, num_experts, model_type))
 
 
 class _AllToAll(torch.autograd.Function):
@@ -164,18 +207,100 @@ class AllToAllDispatcher:
         return all_to_all(y[inverse], recv_splits, send_splits, self.ep.ep_group)
 
 
-# ---- sharding, gradients and checkpoints -----------------------------------------------------------
-def expert_modules(model: nn.Module):
-    """(name, module) of every experts module moe_lab runs (inside MoELayers or adapted in place)."""
+# ---- applying a mesh to a patched model ------------------------------------------------------------
+def _moe_sites(model: nn.Module):
+    """(qualified name, module, is_layer) of every place moe_lab runs experts: a `MoELayer` (is_layer)
+    or a v5 experts module adapted in place (the generic path)."""
     from .layer import MoELayer
 
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
-            yield f"{name}.experts", module.experts
+            yield name, module, True
         elif hasattr(module, "moe_lab_spec"):
-            yield name, module
+            yield name, module, False
 
 
+def expert_modules(model: nn.Module):
+    """(name, module) of every experts module moe_lab runs (inside MoELayers or adapted in place)."""
+    for name, module, is_layer in _moe_sites(model):
+        yield (f"{name}.experts", module.experts) if is_layer else (name, module)
+
+
+def _site_parts(module: nn.Module, is_layer: bool):
+    """(dispatcher, the choice the user asked for, experts spec, planner or None) of one site."""
+    if is_layer:
+        dispatcher, choice, spec, planner = module.dispatcher, module.choice, module.experts_spec, getattr(module, "planner", None)
+    else:
+        dispatcher, choice, spec = module.moe_lab_dispatcher, module.moe_lab_choice, module.moe_lab_spec
+        planner = getattr(module, "moe_lab_planner", None)
+    return dispatcher, getattr(planner, "asked", choice), spec, planner
+
+
+def _rebuild_site(model: nn.Module, name: str, module: nn.Module, is_layer: bool, dispatch: str, ep: ExpertParallelContext):
+    """Rebuild one site with an expert-parallel dispatcher through the layer's own constructor (which
+    plans its stages for expert parallelism). A MoELayer is returned unattached (nothing changes
+    until it replaces the old one); a generic experts module is adapted in place."""
+    from .layer import MoELayer, adapt_experts
+    from .registry import resolve_backend
+
+    _, asked, spec, planner = _site_parts(module, is_layer)
+    choice = resolve_backend({**asked.names, "dispatch": dispatch})
+    extra = {} if planner is None else {"substitute": planner.substitute}
+    if is_layer:
+        return MoELayer(module, module.family, model.config, choice, spec, ep=ep, **extra)
+    adapt_experts(module, spec, choice, ep=ep, **extra)
+    return module
+
+
+def apply_expert_parallel(model: nn.Module, mesh, *, dispatch: str = "all2all", fsdp: bool = False) -> nn.Module:
+    """Shard the experts of a moe_lab-patched model over `mesh` and make its gradients right; returns it.
+
+    `mesh`: a DeviceMesh over all ranks with an "ep" dimension (expert shards) and optionally a
+    "dp_replicate" one (copies of each shard), e.g.
+    `init_device_mesh("cuda", (2, 4), mesh_dim_names=("dp_replicate", "ep"))`. `dispatch`: the
+    dispatcher that moves rows between ranks ("all2all", or "deepep" on one node of GPUs); `fsdp`:
+    shard the non-expert parameters with FSDP2 over all ranks. After this, each rank keeps E/ep
+    experts per layer, gradients are reduced inside backward (see the module doc: no
+    `reduce_gradients` call), DDP wrapping the model leaves the expert shards alone, and
+    `save_pretrained` writes one standard checkpoint. `from_pretrained(..., ep_size=N)` calls this
+    with the mesh of `make_mesh(N)`.
+    """
+    if getattr(model, "moe_lab_ep", None) is not None:
+        raise ValueError("this model is already expert-parallel (model.moe_lab_ep is set)")
+    sites = list(_moe_sites(model))
+    if not sites:
+        raise ValueError(f"{type(model).__name__} has no moe_lab MoE layer: patch it first "
+                         "(moe_lab.patch_model or moe_lab.AutoModelForCausalLM)")
+    contexts = {id(c): c for c in (getattr(_site_parts(m, l)[0], "ep", None) for _, m, l in sites) if c is not None}
+    if len(contexts) > 1 or any(c.mesh is not mesh for c in contexts.values()):
+        raise ValueError("some MoE layers already dispatch over another expert-parallel mesh")
+    ep = next(iter(contexts.values())) if contexts else context_from_mesh(mesh)  # patch_model built it
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    for _, module, is_layer in sites:  # every check before anything changes
+        check_divisible(_site_parts(module, is_layer)[2].num_experts, ep.ep_size, model_type)
+    unbound = [(n, m, l) for n, m, l in sites if getattr(_site_parts(m, l)[0], "ep", None) is None]
+    if any(_site_parts(m, l)[0].name != "local" for _, m, l in unbound):
+        raise ValueError("apply_expert_parallel takes a model whose MoE layers dispatch locally")
+    rebuilt = [(n, m, l, _rebuild_site(model, n, m, l, dispatch, ep)) for n, m, l in unbound]
+    for name, old, is_layer, new in rebuilt:
+        if is_layer:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if rebuilt:
+        labels = {_site_parts(m, l)[1].label for _, m, l in _moe_sites(model)}
+        if len(labels) == 1 and hasattr(model, "moe_lab_backend"):
+            model.moe_lab_backend = labels.pop()
+    shard_experts(model, ep)
+    if fsdp:
+        shard_non_experts_fsdp2(model, ep)
+    enable_expert_parallel_save(model, ep)
+    ignore_expert_shards_in_ddp(model)
+    model.moe_lab_ep = ep
+    model.moe_lab_grad_reducer = GradientReducer(model, ep)
+    return model
+
+
+# ---- sharding ----------------------------------------------------------------------------------------
 def shard_experts(model: nn.Module, ep: ExpertParallelContext) -> None:
     """Keep only this rank's experts in every experts module (slices of the full 3D tensors)."""
     for _, experts in expert_modules(model):
@@ -195,10 +320,27 @@ def is_expert_shard(param: torch.Tensor) -> bool:
     return hasattr(param, "moe_lab_expert_shard")
 
 
-def _is_dtensor(tensor) -> bool:
+@functools.cache
+def _dtensor_class():
     from torch.distributed.tensor import DTensor
 
-    return isinstance(tensor, DTensor)
+    return DTensor
+
+
+def _is_dtensor(tensor) -> bool:
+    return isinstance(tensor, _dtensor_class())
+
+
+def ignore_expert_shards_in_ddp(model: nn.Module) -> None:
+    """Put the expert shards on DistributedDataParallel's ignore list for `model`: DDP wrapping it
+    (as the HF Trainer and accelerate do) neither broadcasts them from rank 0 nor averages their
+    gradients. (DDP reads the list from the module it wraps: a wrapper around this model needs
+    the same call on itself.)"""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = {name for name, param in model.named_parameters() if is_expert_shard(param)}
+    names |= set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()) or ())
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(names))
 
 
 def shard_non_experts_fsdp2(model: nn.Module, ep: ExpertParallelContext) -> None:
@@ -220,8 +362,202 @@ def shard_non_experts_fsdp2(model: nn.Module, ep: ExpertParallelContext) -> None
     ep.fsdp_mesh = mesh
 
 
-def reduce_gradients(model: nn.Module, ep: ExpertParallelContext) -> None:
-    """After backward: every gradient becomes that of the mean loss over all ranks (see module doc)."""
+# ---- gradients -------------------------------------------------------------------------------------
+_FRESH = object()  # the parameter had no gradient when this backward reached it: all of p.grad is new
+BUCKET_BYTES = 25 * 2**20  # gradients reduced per collective (as DDP's default bucket)
+_PARAMETERS_REGISTERED = [0]  # bumped whenever any module registers a parameter (PEFT adapters, ...)
+
+
+@functools.cache
+def _count_parameter_registrations() -> None:
+    def bump(module, name, param):
+        _PARAMETERS_REGISTERED[0] += 1
+
+    nn.modules.module.register_module_parameter_registration_hook(bump)
+
+
+class GradientReducer:
+    """Reduces the gradients of an expert-parallel model inside every backward (see the module doc).
+
+    Each trainable parameter that is not a DTensor (FSDP2 reduces those) gets a tensor hook that
+    notes this backward's contribution to its gradient, and the first hook of a backward queues
+    `_reduce` to run when the backward ends. `_reduce` walks all those parameters in one order on
+    every rank; a parameter that got no gradient on this rank contributes zeros, so every rank runs
+    the same collectives. A parameter with no gradient on any rank keeps `grad=None`.
+
+    The parameters are looked up again at the first forward that records gradients (a model
+    materialised from the meta device gets new ones) and whenever a module registered a new
+    parameter since (PEFT adapters). Making a frozen parameter trainable after training started
+    needs `refresh()`. `enabled = False` turns the reduction off (then call `reduce_gradients`).
+    `last_reduced`: how many parameters the last backward reduced (DDP's own are not counted).
+    """
+
+    def __init__(self, model: nn.Module, ep: ExpertParallelContext):
+        _count_parameter_registrations()
+        self.ep = ep
+        self.enabled = True
+        self.last_reduced = 0
+        self._model = weakref.ref(model)
+        self._token = object()
+        self._params: list[torch.Tensor] = []
+        self._seen_registrations = -1  # refresh at the first forward
+        self._pending: dict[int, object] = {}
+        self._queued = False
+        self._ddp_ref = None
+        self._ddp_ids: frozenset = frozenset()  # parameters the DDP around this model reduces
+        self._skip: frozenset = frozenset()  # those of them that the last forward ran under
+        self.refresh()
+        self._seen_registrations = -1
+        model.register_forward_pre_hook(self._before_forward)
+
+    # -- hooks
+    def refresh(self) -> None:
+        """Hook every trainable parameter the model has now (see the class doc)."""
+        model = self._model()
+        self._seen_registrations = _PARAMETERS_REGISTERED[0]
+        params = [p for p in model.parameters() if p.requires_grad and not _is_dtensor(p)]
+        for param in params:
+            if getattr(param, "_moe_lab_reducer", None) is not self._token:
+                param.register_hook(self._grad_hook(weakref.ref(param)))
+                param._moe_lab_reducer = self._token
+        self._params = params
+
+    def _grad_hook(self, param_ref):
+        def hook(grad):
+            param = param_ref()
+            if not self.enabled or param is None or id(param) in self._skip:
+                return None
+            key = id(param)
+            seen = self._pending.get(key)
+            if seen is None:
+                self._pending[key] = _FRESH if param.grad is None else grad
+            elif seen is not _FRESH:
+                self._pending[key] = seen + grad
+            if not self._queued:
+                self._queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._reduce)
+            return None
+
+        return hook
+
+    def _before_forward(self, model, args):
+        if not torch.is_grad_enabled():
+            return
+        if self._seen_registrations != _PARAMETERS_REGISTERED[0]:
+            self.refresh()
+        self._skip = self._ddp_reduced(model)
+
+    def _ddp_reduced(self, model) -> frozenset:
+        """ids of the parameters a DistributedDataParallel running this forward reduces itself."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+        if ddp is None:
+            return frozenset()
+        if self._ddp_ref is None or self._ddp_ref() is not ddp:
+            ignored = getattr(ddp, "parameters_to_ignore", set())
+            ids = frozenset(id(p) for n, p in ddp.module.named_parameters() if n not in ignored)
+            averaged = [n for n, p in model.named_parameters() if is_expert_shard(p) and id(p) in ids]
+            if averaged:
+                raise RuntimeError(
+                    f"DistributedDataParallel would average expert shards ({averaged[0]}, ...) that differ per rank. "
+                    "It reads its ignore list from the module it wraps: call "
+                    "moe_lab.expert_parallel.ignore_expert_shards_in_ddp(wrapper) on that module before wrapping")
+            self._ddp_ref, self._ddp_ids = weakref.ref(ddp), ids
+        return self._ddp_ids
+
+    # -- the end-of-backward reduction
+    def _reduce(self) -> None:
+        self._queued = False
+        pending, self._pending = self._pending, {}
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            params = [p for p in self._params if id(p) not in self._skip]
+            if not params:
+                return
+            contributions = []
+            for param in params:
+                seen = pending.get(id(param))
+                contributions.append(param.grad if seen is _FRESH else seen)  # None: nothing from this rank
+            flags = torch.tensor([c is not None for c in contributions], dtype=torch.float32, device=params[0].device)
+            dist.all_reduce(flags)  # which parameters got a gradient on some rank
+            todo = [(p, pending.get(id(p)), c) for p, c, any_rank in zip(params, contributions, flags.tolist()) if any_rank]
+            self.last_reduced = len(todo)
+            experts = [t for t in todo if is_expert_shard(t[0])]
+            replicated = [t for t in todo if not is_expert_shard(t[0])]
+            works = self._launch(replicated, None)
+            if self.ep.dp_replicate > 1:
+                works += self._launch(experts, self.ep.replica_group)
+            else:  # each expert shard lives on one rank: its gradient is already the sum over all tokens
+                self._scale_in_place(experts)
+            for work, bucket, flat in works:
+                work.wait()
+                flat.div_(self.ep.world_size)
+                reduced = [r.view_as(t[0]) for t, r in zip(bucket, flat.split([t[0].numel() for t in bucket]))]
+                fresh = [(t[0].grad, r) for t, r in zip(bucket, reduced) if t[1] is _FRESH and t[2] is not None]
+                if fresh:  # the whole gradient is this backward's: overwrite it (one fused copy)
+                    torch._foreach_copy_([g for g, _ in fresh], [r for _, r in fresh])
+                for (param, seen, contribution), r in zip(bucket, reduced):
+                    if not (seen is _FRESH and contribution is not None):
+                        self._add_reduced(param, contribution, r)
+
+    def _launch(self, items, group):
+        """Start the all-reduces of `items` in buckets (per dtype and device): [(work, bucket, flat)]."""
+        by_kind: dict = {}
+        for item in items:
+            by_kind.setdefault((item[0].dtype, item[0].device), []).append(item)
+        works = []
+        for same_kind in by_kind.values():
+            buckets, size = [[]], 0
+            for item in same_kind:
+                if size >= BUCKET_BYTES:
+                    buckets.append([])
+                    size = 0
+                buckets[-1].append(item)
+                size += item[0].numel() * item[0].element_size()
+            for bucket in buckets:
+                flat = torch.cat([(c if c is not None else torch.zeros_like(p)).reshape(-1) for p, _, c in bucket])
+                works.append((dist.all_reduce(flat, group=group, async_op=True), bucket, flat))
+        return works
+
+    def _scale_in_place(self, items) -> None:
+        world = self.ep.world_size
+        fresh = [p.grad for p, seen, c in items if seen is _FRESH and c is not None]
+        if fresh:
+            torch._foreach_div_(fresh, world)
+        for param, seen, contribution in items:
+            if seen is _FRESH and contribution is not None:
+                continue
+            if contribution is None:  # no gradient on this rank: its reduced gradient is zero
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            else:  # accumulated onto an earlier gradient: keep that, scale this backward's part
+                param.grad.add_(contribution, alpha=1.0 / world - 1.0)
+
+    @staticmethod
+    def _add_reduced(param, contribution, reduced) -> None:
+        """p.grad held an earlier gradient (or none) plus `contribution` (or nothing) from this
+        backward: replace the contribution by its reduction."""
+        if param.grad is None:
+            param.grad = reduced.clone()
+            return
+        param.grad.add_(reduced)
+        if contribution is not None:
+            param.grad.sub_(contribution)
+
+
+def reduce_gradients(model: nn.Module, ep: ExpertParallelContext | None = None) -> None:
+    """No longer needed: gradients are reduced inside backward (see the module doc), and calling
+    this after such a backward does nothing. It reduces by hand only where the automatic reduction
+    was turned off (`model.moe_lab_grad_reducer.enabled = False`): every gradient becomes that of the
+    mean loss over all ranks."""
+    reducer = getattr(model, "moe_lab_grad_reducer", None)
+    if reducer is not None and reducer.enabled:
+        warnings.warn("moe_lab.expert_parallel.reduce_gradients is no longer needed: expert-parallel gradients are "
+                      "reduced inside backward; this call does nothing", DeprecationWarning, stacklevel=2)
+        return
+    ep = ep if ep is not None else model.moe_lab_ep
     for param in model.parameters():
         if _is_dtensor(param) or not param.requires_grad:  # FSDP2 reduced its own shards already
             continue
@@ -237,6 +573,52 @@ def reduce_gradients(model: nn.Module, ep: ExpertParallelContext) -> None:
             param.grad.div_(ep.world_size)
 
 
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for an expert-parallel model: the norm of the whole model's
+    gradient (each expert shard counted once, over its ep group; replicated and FSDP2 parameters
+    once), the same on every rank, and every gradient scaled by the same factor. Returns the norm."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    groups: dict = {}  # "experts", "replicated", or an FSDP2 mesh -> parameters with a gradient
+    for param in model.parameters():
+        if param.grad is not None:
+            key = "experts" if is_expert_shard(param) else getattr(param.grad, "device_mesh", "replicated")
+            groups.setdefault(key, []).append(param)
+    device = next(model.parameters()).device
+    norms = {}
+    for key, params in groups.items():
+        norm = get_total_norm([p.grad for p in params], norm_type)
+        norms[key] = (norm.full_tensor() if _is_dtensor(norm) else norm).float().to(device)
+    inf = float(norm_type) == float("inf")
+    shards = norms.pop("experts", torch.zeros((), device=device))  # every rank joins, with or without shards
+    shards = shards.clone() if inf else shards.pow(norm_type)
+    dist.all_reduce(shards, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=model.moe_lab_ep.ep_group)
+    total = torch.linalg.vector_norm(torch.stack([shards if inf else shards.pow(1.0 / norm_type), *norms.values()]),
+                                     norm_type)
+    for params in groups.values():
+        clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def clip_grad_norm_callback(max_norm: float, norm_type: float = 2.0):
+    """A `transformers.TrainerCallback` that clips with `clip_grad_norm_` before every optimizer step.
+    The Trainer's own `max_grad_norm` clips by one rank's norm (its expert shards only), which differs
+    per rank: pass this with `TrainingArguments(max_grad_norm=0)` instead."""
+    from transformers import TrainerCallback
+
+    class ClipExpertParallelGradNorm(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if args.max_grad_norm and args.max_grad_norm > 0:
+                raise ValueError("the Trainer's max_grad_norm clips by one rank's gradient norm under expert "
+                                 "parallelism: set max_grad_norm=0 and let this callback clip")
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            clip_grad_norm_(model, max_norm, norm_type)
+
+    return ClipExpertParallelGradNorm()
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
 def full_state_dict(model: nn.Module, ep: ExpertParallelContext) -> dict[str, torch.Tensor]:
     """The single-process state dict: expert shards gathered over the ep group (every rank gets it)."""
     state = {}

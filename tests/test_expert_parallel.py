@@ -1,4 +1,5 @@
-"""Expert parallelism on gloo with several processes: same loss, gradients and checkpoint as one process."""
+"""Expert parallelism on gloo with several processes: same loss, gradients and checkpoint as one process,
+with the gradients reduced inside backward (no reduce_gradients call)."""
 from __future__ import annotations
 
 import copy
@@ -78,7 +79,7 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=Fals
         out = ours(mine, labels=mine)
         out.loss.backward()
         assert bool(kernel_calls) == fused_norm, "the fused norms must run the kernel (and only when asked)"
-        reduce_gradients(ours, ours.moe_lab_ep)
+        reduce_gradients(ours, ours.moe_lab_ep)  # reduced inside backward already: must do nothing
         loss = out.loss.detach().clone()
         dist.all_reduce(loss)
         torch.testing.assert_close(loss / world, ref_out.loss.detach(), rtol=1e-5, atol=1e-6)
@@ -192,8 +193,8 @@ def _replica_worker(rank, world, port, results):
         for layer in model.model.layers:
             layer.mlp.gate.register_forward_hook(force)
         ids = torch.randint(0, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(rank))
-        model(ids, labels=ids).loss.backward()
-        reduce_gradients(model, model.moe_lab_ep)  # must not hang
+        model(ids, labels=ids).loss.backward()  # reduced inside backward: must not hang
+        reduce_gradients(model, model.moe_lab_ep)  # and this does nothing
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         gathered = [torch.empty_like(grads) for _ in range(world)]
         dist.all_gather(gathered, grads)
@@ -232,3 +233,81 @@ def test_mesh_the_model_cannot_use_is_refused():
             make_context(2, 8)
     finally:
         dist.destroy_process_group()
+
+
+def _own_mesh_worker(rank, world, port, results):
+    """torchtitan's form: a moe_lab model patched on one process, then `apply_expert_parallel` with a
+    mesh the user built; two micro-batches accumulated (two backwards, no zero_grad between) give the
+    gradients of one process over both; `clip_grad_norm_` clips by the whole model's norm."""
+    sys.path.insert(0, TESTS_DIR)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import transformers
+        from torch.distributed.device_mesh import init_device_mesh
+
+        import moe_lab
+        from moe_lab.expert_parallel import clip_grad_norm_
+        from tiny_models import tiny_config
+
+        config = tiny_config("qwen3_moe", num_experts=8, top_k=2)
+        torch.manual_seed(0)
+        reference = transformers.AutoModelForCausalLM.from_config(config)
+        ours = moe_lab.patch_model(copy.deepcopy(reference), "torch")
+        assert ours.model.layers[0].mlp.dispatcher.name == "local"
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+        assert moe_lab.apply_expert_parallel(ours, mesh) is ours
+        assert all(layer.mlp.dispatcher.name == "all2all" for layer in ours.model.layers)
+        assert ours.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 8 // world
+
+        batches = torch.randint(0, config.vocab_size, (2, world * 2, 7), generator=torch.Generator().manual_seed(3))
+        for batch in batches:  # two micro-batches, gradients accumulated
+            reference(batch, labels=batch).loss.backward()
+            mine = batch[rank * 2 : (rank + 1) * 2]
+            ours(mine, labels=mine).loss.backward()
+        ref_grads = {name: p.grad for name, p in reference.named_parameters()}
+        for name, param in ours.named_parameters():
+            shard = getattr(param, "moe_lab_expert_shard", None)
+            expected = ref_grads[name] if shard is None else ref_grads[name][shard[0] : shard[1]]
+            torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
+
+        assert ours.moe_lab_grad_reducer.last_reduced == len(list(ours.parameters()))  # no DDP here: all of them
+
+        norm = clip_grad_norm_(ours, 0.05)
+        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=1e-6)
+        for name, param in ours.named_parameters():
+            shard = getattr(param, "moe_lab_expert_shard", None)
+            expected = ref_grads[name] if shard is None else ref_grads[name][shard[0] : shard[1]]
+            torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-7, msg=lambda m: f"clipped {name}: {m}")
+
+        class Wrapper(torch.nn.Module):  # DDP reads its ignore list from the module it wraps, not from ours
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, ids):
+                return self.inner(ids, labels=ids).loss
+
+        wrapped = torch.nn.parallel.DistributedDataParallel(Wrapper(ours))
+        with pytest.raises(RuntimeError, match="DistributedDataParallel would average expert shards"):
+            wrapped(mine)
+        results[rank] = ("ok", None)
+    except Exception:
+        import traceback
+
+        results[rank] = ("error", traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_own_mesh_accumulation_and_clipping():
+    manager = mp.Manager()
+    results = manager.dict()
+    try:
+        mp.spawn(_own_mesh_worker, args=(2, _free_port(), results), nprocs=2)
+    except Exception:
+        errors = [v[1] for v in results.values() if v[0] == "error"]
+        pytest.fail(errors[0] if errors else "a worker died")
+    assert all(status == "ok" for status, _ in results.values())
