@@ -227,28 +227,25 @@ def expert_modules(model: nn.Module):
 
 
 def _site_parts(module: nn.Module, is_layer: bool):
-    """(dispatcher, the choice the user asked for, experts spec, planner or None) of one site."""
+    """(dispatcher, planner, experts module) of one site."""
     if is_layer:
-        dispatcher, choice, spec, planner = module.dispatcher, module.choice, module.experts_spec, getattr(module, "planner", None)
-    else:
-        dispatcher, choice, spec = module.moe_lab_dispatcher, module.moe_lab_choice, module.moe_lab_spec
-        planner = getattr(module, "moe_lab_planner", None)
-    return dispatcher, getattr(planner, "asked", choice), spec, planner
+        return module.dispatcher, module.planner, module.experts
+    return module.moe_lab_dispatcher, module.moe_lab_planner, module
 
 
-def _rebuild_site(model: nn.Module, name: str, module: nn.Module, is_layer: bool, dispatch: str, ep: ExpertParallelContext):
-    """Rebuild one site with an expert-parallel dispatcher through the layer's own constructor (which
-    plans its stages for expert parallelism). A MoELayer is returned unattached (nothing changes
-    until it replaces the old one); a generic experts module is adapted in place."""
+def _rebuild_site(model: nn.Module, module: nn.Module, is_layer: bool, dispatch: str, ep: ExpertParallelContext):
+    """Rebuild one site with an expert-parallel dispatcher through the layer's own constructor, which
+    plans its stages for expert parallelism (refusing, or substituting, as the layer was built to).
+    A MoELayer comes back unattached (nothing changes until it replaces the old one); a generic
+    experts module is adapted in place."""
     from .layer import MoELayer, adapt_experts
     from .registry import resolve_backend
 
-    _, asked, spec, planner = _site_parts(module, is_layer)
-    choice = resolve_backend({**asked.names, "dispatch": dispatch})
-    extra = {} if planner is None else {"substitute": planner.substitute}
+    planner = _site_parts(module, is_layer)[1]
+    choice = resolve_backend({**planner.asked.names, "dispatch": dispatch})
     if is_layer:
-        return MoELayer(module, module.family, model.config, choice, spec, ep=ep, **extra)
-    adapt_experts(module, spec, choice, ep=ep, **extra)
+        return MoELayer(module, module.family, model.config, choice, planner.spec, ep=ep, substitute=planner.substitute)
+    adapt_experts(module, planner.spec, choice, ep=ep, substitute=planner.substitute)
     return module
 
 
@@ -277,18 +274,25 @@ def apply_expert_parallel(model: nn.Module, mesh, *, dispatch: str = "all2all", 
     ep = next(iter(contexts.values())) if contexts else context_from_mesh(mesh)  # patch_model built it
     model_type = getattr(getattr(model, "config", None), "model_type", "?")
     for _, module, is_layer in sites:  # every check before anything changes
-        check_divisible(_site_parts(module, is_layer)[2].num_experts, ep.ep_size, model_type)
+        check_divisible(_site_parts(module, is_layer)[1].spec.num_experts, ep.ep_size, model_type)
     unbound = [(n, m, l) for n, m, l in sites if getattr(_site_parts(m, l)[0], "ep", None) is None]
     if any(_site_parts(m, l)[0].name != "local" for _, m, l in unbound):
         raise ValueError("apply_expert_parallel takes a model whose MoE layers dispatch locally")
-    rebuilt = [(n, m, l, _rebuild_site(model, n, m, l, dispatch, ep)) for n, m, l in unbound]
-    for name, old, is_layer, new in rebuilt:
+    rebuilt = [(name, is_layer, _rebuild_site(model, module, is_layer, dispatch, ep)) for name, module, is_layer in unbound]
+    for name, is_layer, new in rebuilt:
         if is_layer:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    if rebuilt:
-        labels = {_site_parts(m, l)[1].label for _, m, l in _moe_sites(model)}
-        if len(labels) == 1 and hasattr(model, "moe_lab_backend"):
+    if rebuilt:  # what each layer runs now (see patch_model)
+        from .experts import first_weight
+
+        plan = getattr(model, "moe_lab_plan", None)
+        for name, is_layer, new in rebuilt:
+            if isinstance(plan, dict):
+                planner, experts = _site_parts(new, is_layer)[1:]
+                plan[name] = planner.describe(first_weight(experts, planner.spec))
+        labels = {_site_parts(m, l)[1].asked.label for _, m, l in _moe_sites(model)}
+        if len(labels) == 1:
             model.moe_lab_backend = labels.pop()
     shard_experts(model, ep)
     if fsdp:
