@@ -41,7 +41,7 @@ DEFAULTS = {
     "seq": 512,
     "routing": "real",
     "dtype": "bf16",  # bf16 | fp32: parameter dtype (pure bf16 training when bf16)
-    "optimizer": "adamw_fused",  # adamw_fused | adamw | adamw_triton (moe_lab.optim.TritonAdamW) | sgd
+    "optimizer": "adamw_fused",  # adamw_fused | adamw | adamw_triton (moe_lab.training.optim.TritonAdamW) | sgd
     "lr": 1.0e-4,
     "ckpt": False,  # activation checkpointing (non-reentrant)
     "attn": None,  # None = the geometry's choice (sdpa unless the file says otherwise)
@@ -245,7 +245,7 @@ def _optimizer_class(name: str):
     import torch
 
     if name == "adamw_triton":
-        from moe_lab.optim import TritonAdamW
+        from moe_lab.training.optim import TritonAdamW
 
         return TritonAdamW, {}
     return {"sgd": (torch.optim.SGD, {}), "adamw_fused": (torch.optim.AdamW, {"fused": True}),
@@ -258,7 +258,7 @@ def _optimizer(spec, model, device, in_backward: bool = False, side_stream: bool
     optimizer_class, extra = _optimizer_class(spec["optimizer"])
     trainable = [p for p in model.parameters() if p.requires_grad]
     if in_backward:
-        from moe_lab.optim import OptimizerInBackward
+        from moe_lab.training.optim import OptimizerInBackward
 
         if spec["nproc"] != 1:
             raise ValueError("the optimizer-in-backward variant runs one process (gradients are not reduced before the step)")
@@ -355,7 +355,7 @@ def run(spec: dict) -> dict:
     peak = flops.peak_tflops(hw["gpu"]) if device.type == "cuda" else None
     tflops = flops_per_gpu / (med_ms / 1e3) / 1e12
     # gradients persist unless the optimizer frees them in backward; graphed layers keep theirs in
-    # the graph's pool either way (moe_lab.cuda_graphs)
+    # the graph's pool either way (moe_lab.training.cuda_graphs)
     static = static_bytes(model, optimizer, grads_persist=system.cuda_graphs or not system.optimizer_in_backward)
     peak_bytes = activation_bytes = peak_reserved_bytes = None
     if device.type == "cuda":
@@ -428,7 +428,7 @@ def _autotune_choices() -> dict:
 def _save_routing_trace(spec, model, optimizer, vocab, rank, system, device, first_step):
     """Train `trace_steps` more steps (untimed, after the measurement) under moe_lab's routing tracer,
     so the trace shows the routing the experts got (regime hooks included), and save it."""
-    from moe_lab.trace import trace_routing
+    from moe_lab.analysis.trace import trace_routing
 
     with trace_routing(model, auto_step=False, start_step=first_step) as tracer:
         for step in range(first_step, first_step + spec["trace_steps"]):

@@ -17,13 +17,13 @@ Names (the ``system`` field of a cell and the last part of a summary key):
   ``triton-graphs``: decoder layers replayed as CUDA graphs, ``cuda_graphs=True``;
   ``te-cutlass``: the backend word
   ``te_cutlass``, TE's CUTLASS grouped GEMM; ``triton-optbwd``: the optimizer steps each parameter
-  inside backward, ``moe_lab.optim.OptimizerInBackward``, one process only; ``-optstream``: the same on
+  inside backward, ``moe_lab.training.optim.OptimizerInBackward``, one process only; ``-optstream``: the same on
   a second CUDA stream beside backward). Variants combine,
   written in ``VARIANT_ORDER``: ``triton_gather-fusedce-optbwd``; an unknown word or another order is refused.
 * ``ep<N>-<dispatcher>-<backend>[-<variant>]``: moe_lab expert parallelism over N ranks
   (``-fsdp``: the non-expert parameters sharded with FSDP2)
   (``from_config(..., moe_backend=<backend's stages with dispatch=<dispatcher>>, ep_size=N)``); every
-  rank trains on its own batch and gradients are reduced by ``moe_lab.expert_parallel`` after
+  rank trains on its own batch and gradients are reduced by ``moe_lab.parallel.expert_parallel`` after
   backward. Fails as not implemented while the installed moe_lab has no ``ep_size``.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ VARIANTS = {"fusedce": {"fused_cross_entropy": True}, "fusednorm": {"fused_norm"
             "graphs": {"cuda_graphs": True}, "fsdp": {"fsdp": True}}
 # moe_lab system-name suffixes that name another backend word: te-cutlass -> moe_backend "te_cutlass"
 BACKEND_VARIANTS = {"cutlass": "_cutlass"}
-# one-process system-name suffixes: the optimizer steps inside backward (moe_lab.optim.OptimizerInBackward),
+# one-process system-name suffixes: the optimizer steps inside backward (moe_lab.training.optim.OptimizerInBackward),
 # on the backward's own stream (optbwd) or on a second CUDA stream beside it (optstream)
 OPTIMIZER_IN_BACKWARD = "optbwd"
 OPTIMIZER_ON_SIDE_STREAM = "optstream"
@@ -287,6 +287,6 @@ def after_backward(model) -> None:
     moe_lab expert parallelism reduces gradients over ranks."""
     ep = getattr(model, "moe_lab_ep", None)
     if ep is not None:
-        from moe_lab.expert_parallel import reduce_gradients
+        from moe_lab.parallel.expert_parallel import reduce_gradients
 
         reduce_gradients(model, ep)

@@ -5,15 +5,15 @@
 """
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
 from .experts import ExpertsSpec
-from .expert_parallel import apply_expert_parallel
+from .parallel.expert_parallel import apply_expert_parallel
 from .families import FAMILIES, UnsupportedModelError
 from .hf import AutoModelForCausalLM, experts_implementation_name, patch_model, register_v5_experts_functions
 from .layer import MoELayer
 from .options import Options
 from .registry import STAGES, available_backends, register_backend, register_stage, resolve_backend
 from .routing import RoutingSpec, route_reference
-from . import stats  # noqa: F401  (NumPy only)
-from .trace import RoutingTrace, load_trace, trace_routing
+from .analysis import stats  # noqa: F401  (NumPy only)
+from .analysis.trace import RoutingTrace, load_trace, trace_routing
 
 __version__ = "0.1.0"
 

@@ -15,9 +15,9 @@ from dataclasses import replace
 
 import torch
 
-from .deepep_dispatch import DeepEPDispatcher, why_deepep_unavailable
+from .parallel.deepep import DeepEPDispatcher, why_deepep_unavailable
 from .dispatch import LocalDispatcher
-from .expert_parallel import AllToAllDispatcher
+from .parallel.expert_parallel import AllToAllDispatcher
 from .experts import experts_grouped_mm, experts_loop
 from .permutation import combine_eager, combine_sorted, gather_rows, plan_eager, plan_sorted
 from .registry import Capabilities, register_backend, register_stage

@@ -57,7 +57,7 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
     through moe_lab's stages. Anything else raises `UnsupportedModelError`.
     With ep_size > 1 (under torchrun), each rank keeps E/ep_size experts per layer and rows travel
     with the all-to-all dispatcher; with fsdp=True the other parameters are sharded with FSDP2 over
-    all ranks (see `moe_lab.expert_parallel`).
+    all ranks (see `moe_lab.parallel.expert_parallel`).
     """
     if fsdp and ep_size <= 1:
         raise ValueError("fsdp=True shards the non-expert parameters of an expert-parallel run: it needs ep_size > 1")
@@ -75,7 +75,7 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
     # every check is done before anything changes: a refused model is left as it was
     ep = None
     if ep_size > 1 and targets:
-        from .expert_parallel import check_divisible, make_context
+        from .parallel.expert_parallel import check_divisible, make_context
 
         counts = sorted({spec.num_experts for _, _, spec in targets})  # every layer's count must divide
         for count in counts[1:]:
@@ -107,8 +107,8 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
     model.moe_lab_plan = plan
     for note in sorted({f"{stage}: {desc}" for stages in plan.values() for stage, desc in stages.items() if "(asked" in desc}):
         logger.warning("moe_lab: %s layers of %s: %s", len(plan), model_type, note)
-    if ep is not None:  # shards the experts, reduces gradients inside backward (see moe_lab.expert_parallel)
-        from .expert_parallel import apply_expert_parallel
+    if ep is not None:  # shards the experts, reduces gradients inside backward (see moe_lab.parallel.expert_parallel)
+        from .parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, ep.mesh, fsdp=fsdp)
     logger.info("moe_lab: %d MoE blocks of %s run with backend %s", replaced, model_type, choice.label)
@@ -128,7 +128,7 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
     `from_pretrained(path_or_id, moe_backend="torch", options=None, **hf_kwargs)` and
     `from_config(config, moe_backend="torch", options=None, **hf_kwargs)`; `moe_backend` is a backend
     word (see `moe_lab.available_backends()`) or a mapping stage -> backend. `ep_size=N` shards the
-    experts over N ranks (see `moe_lab.expert_parallel`), and `fsdp=True` shards everything else with
+    experts over N ranks (see `moe_lab.parallel.expert_parallel`), and `fsdp=True` shards everything else with
     FSDP2. `options` is a `moe_lab.Options` (fused loss, norms, rotary, CUDA graphs, kernel switches);
     its fields may also be given as keyword arguments (`fused_norm=True`).
     """
@@ -139,7 +139,7 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
         options, kwargs = _split_options(options, kwargs)  # a bad option or backend fails before loading weights
         choice = resolve_backend(moe_backend)
         if ep_size > 1 and not model_args:
-            from .ep_loading import load_local_experts
+            from .parallel.loading import load_local_experts
 
             model = load_local_experts(pretrained_model_name_or_path, lambda meta: patch_model(
                 meta, choice, ep_size=ep_size, substitute=options.substitute or choice.requested is None), **kwargs)
@@ -161,30 +161,30 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
 def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, options: Options, patched: bool = False):
     """Apply the whole-step options around `patch_model` (checks first, then changes)."""
     if options.cuda_graphs:  # checked before anything changes
-        from .cuda_graphs import check_graphable
+        from .training.cuda_graphs import check_graphable
 
         check_graphable(model, dict(choice.names), ep_size)
     apply_process_settings(options)
     if options.fused_rope:
-        from .fused_rope import enable_fused_rope
+        from .training.fused_rope import enable_fused_rope
 
         enable_fused_rope(model)
     if options.fused_norm:
-        from .fused_norm import enable_fused_norm
+        from .training.fused_norm import enable_fused_norm
 
         enable_fused_norm(model)
     if not patched:
         patch_model(model, choice, ep_size=ep_size, fsdp=fsdp, substitute=options.substitute or choice.requested is None)
     elif fsdp:  # loaded expert-parallel by ep_loading: FSDP2 after the norms above, as patch_model does
-        from .expert_parallel import shard_non_experts_fsdp2
+        from .parallel.expert_parallel import shard_non_experts_fsdp2
 
         shard_non_experts_fsdp2(model, model.moe_lab_ep)
     if options.fused_cross_entropy:
-        from .fused_ce import enable_fused_cross_entropy
+        from .training.fused_ce import enable_fused_cross_entropy
 
         enable_fused_cross_entropy(model)
     if options.cuda_graphs:
-        from .cuda_graphs import enable_cuda_graphs
+        from .training.cuda_graphs import enable_cuda_graphs
 
         enable_cuda_graphs(model)
     model.moe_lab_options = options

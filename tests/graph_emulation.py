@@ -1,4 +1,4 @@
-"""CUDA graphs emulated on the CPU, to test ``moe_lab.cuda_graphs`` against PyTorch's real
+"""CUDA graphs emulated on the CPU, to test ``moe_lab.training.cuda_graphs`` against PyTorch's real
 ``make_graphed_callables``: the CUDA calls it makes become no-ops, and a graph "replay" re-runs the
 captured callable on the graph's static inputs and copies the results into its static output and
 gradient buffers in place, without bumping version counters (what a replay does to that memory).
@@ -83,7 +83,7 @@ def _wire_replays(graphed_callable) -> None:
 @pytest.fixture
 def emulated_cuda_graphs(monkeypatch):
     """CPU tensors count as graph-capturable and ``torch.cuda.make_graphed_callables`` emulates graphs."""
-    import moe_lab.cuda_graphs as cuda_graphs
+    import moe_lab.training.cuda_graphs as cuda_graphs
 
     real = torch_graphs.make_graphed_callables
 

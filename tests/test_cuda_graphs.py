@@ -22,7 +22,7 @@ def test_stages_that_wait_on_the_host_are_refused():
 def test_router_logits_for_an_aux_loss_are_refused():
     config = tiny_config("qwen3_moe")
     config.output_router_logits = True
-    from moe_lab.cuda_graphs import check_graphable
+    from moe_lab.training.cuda_graphs import check_graphable
 
     model = torch.nn.Module()
     model.config = config
@@ -97,7 +97,7 @@ def test_graph_replays_train_like_the_eager_layers_on_gpu(backend):
 
 # ---- emulated graphs on the CPU (tests/graph_emulation.py): PyTorch's real graphed autograd -------------
 def _pair(**overrides):
-    from moe_lab.cuda_graphs import enable_cuda_graphs
+    from moe_lab.training.cuda_graphs import enable_cuda_graphs
 
     config = tiny_config("qwen3_moe", **overrides)
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def _assert_same_grads(eager, graphed):
 def test_emulated_graphs_train_like_eager(emulated_cuda_graphs, monkeypatch):
     """Losses bit-equal, gradients equal, one capture, and every layer call after it went to the
     graphs (no eager fallback; the GPU test checks that replays run no Python)."""
-    import moe_lab.cuda_graphs as cuda_graphs
+    import moe_lab.training.cuda_graphs as cuda_graphs
 
     config, eager, graphed = _pair()
     fallbacks = []

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_lab.deepep_dispatch import why_deepep_unavailable
+from moe_lab.parallel.deepep import why_deepep_unavailable
 
 TESTS_DIR = os.path.dirname(__file__)
 pytestmark = [
@@ -36,7 +36,7 @@ def _worker(rank, world, family, backend, skew, port, results):
         from test_expert_parallel import _skew_router
 
         import moe_lab
-        from moe_lab.expert_parallel import reduce_gradients
+        from moe_lab.parallel.expert_parallel import reduce_gradients
         from tiny_models import tiny_config
 
         overrides = {"n_group": 2, "topk_group": 1} if family == "deepseek_v3" else {}

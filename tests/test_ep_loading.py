@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from moe_lab.ep_loading import _CheckpointReader, _checkpoint_files, _is_tied
+from moe_lab.parallel.loading import _CheckpointReader, _checkpoint_files, _is_tied
 from tiny_models import FAMILIES, tiny_config
 
 
@@ -31,7 +31,7 @@ def test_quantised_checkpoints_go_through_v5(tmp_path):
     """A checkpoint with scale tensors (fp8 block quantisation) is not read raw by the EP loader."""
     from safetensors.torch import load_file, save_file
 
-    from moe_lab.ep_loading import load_local_experts
+    from moe_lab.parallel.loading import load_local_experts
 
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", num_experts=4))
     model.save_pretrained(tmp_path)

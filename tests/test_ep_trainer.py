@@ -50,7 +50,7 @@ def _worker(rank, port, tmpdir, results, accumulate, disable_reduction):
         import transformers
 
         import moe_lab
-        from moe_lab.expert_parallel import clip_grad_norm_callback
+        from moe_lab.parallel.expert_parallel import clip_grad_norm_callback
         from tiny_models import tiny_config
 
         config = tiny_config("qwen3_moe", num_experts=8, top_k=2)

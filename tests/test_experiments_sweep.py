@@ -14,7 +14,7 @@ from experiments import cell, report, store, sweep, systems
 
 
 def moe_lab_deepep_usable() -> bool:
-    from moe_lab.deepep_dispatch import why_deepep_unavailable
+    from moe_lab.parallel.deepep import why_deepep_unavailable
 
     return why_deepep_unavailable() is None
 

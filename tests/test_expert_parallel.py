@@ -45,7 +45,7 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=Fals
         import transformers
 
         import moe_lab
-        from moe_lab.expert_parallel import reduce_gradients
+        from moe_lab.parallel.expert_parallel import reduce_gradients
         from tiny_models import tiny_config
 
         overrides = {"n_group": 2, "topk_group": 1} if family == "deepseek_v3" else {}
@@ -56,7 +56,7 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=Fals
         kernel_calls = []
         if fused_norm:  # in from_config/from_pretrained's order: the norms first, then EP and FSDP2
             import triton_kernels.rmsnorm as rmsnorm
-            from moe_lab.fused_norm import enable_fused_norm
+            from moe_lab.training.fused_norm import enable_fused_norm
 
             kernel = rmsnorm.rms_norm
             rmsnorm.rms_norm = lambda *a, **k: kernel_calls.append(1) or kernel(*a, **k)
@@ -177,7 +177,7 @@ def _replica_worker(rank, world, port, results):
         import transformers
 
         import moe_lab
-        from moe_lab.expert_parallel import reduce_gradients
+        from moe_lab.parallel.expert_parallel import reduce_gradients
         from tiny_models import tiny_config
 
         config = tiny_config("qwen3_moe", num_experts=8, top_k=2)
@@ -223,7 +223,7 @@ def test_replicas_agree_when_one_gets_no_rows():
 
 
 def test_mesh_the_model_cannot_use_is_refused():
-    from moe_lab.expert_parallel import make_context
+    from moe_lab.parallel.expert_parallel import make_context
 
     with pytest.raises(ValueError, match="'qwen3_moe' has 6 experts per layer, not divisible by ep_size=4"):
         make_context(4, 6, "qwen3_moe")
@@ -247,7 +247,7 @@ def _own_mesh_worker(rank, world, port, results):
         from torch.distributed.device_mesh import init_device_mesh
 
         import moe_lab
-        from moe_lab.expert_parallel import clip_grad_norm_
+        from moe_lab.parallel.expert_parallel import clip_grad_norm_
         from tiny_models import tiny_config
 
         config = tiny_config("qwen3_moe", num_experts=8, top_k=2)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 
 import moe_lab
-from moe_lab.fused_ce import enable_fused_cross_entropy, linear_cross_entropy
+from moe_lab.training.fused_ce import enable_fused_cross_entropy, linear_cross_entropy
 from markers import needs_interpreter
 from tiny_models import tiny_config, v5_and_moe_lab
 
@@ -147,7 +147,7 @@ def test_log_sum_exp_kernel_with_minus_inf_logits():
 
 def test_chunks_are_multiples_of_128_from_128_up():
     """Vocabulary slices of odd width make cuBLAS take slow paths (misaligned row strides)."""
-    from moe_lab.fused_ce import DEFAULT_CHUNK_BYTES, _chunk_len
+    from moe_lab.training.fused_ce import DEFAULT_CHUNK_BYTES, _chunk_len
 
     for tokens in (4096, 6 * 4096, 12 * 4096, 16 * 4096):
         width = _chunk_len(tokens, DEFAULT_CHUNK_BYTES, element_size=2)

@@ -61,7 +61,7 @@ def test_each_family_norm_formula_is_found_by_probing_it(family):
     and the Llama style for the others, as their v5 sources write them."""
     import importlib
 
-    from moe_lab.fused_norm import formula_of
+    from moe_lab.training.fused_norm import formula_of
 
     module_name, class_name, weight_last = FAMILY_NORMS[family]
     norm_class = getattr(importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}"), class_name)
@@ -69,7 +69,7 @@ def test_each_family_norm_formula_is_found_by_probing_it(family):
 
 
 def test_a_norm_with_another_formula_is_refused():
-    from moe_lab.fused_norm import formula_of
+    from moe_lab.training.fused_norm import formula_of
 
     class GemmaStyleRMSNorm(Qwen3MoeRMSNorm):
         def forward(self, x):
@@ -116,13 +116,13 @@ def test_backward_programs_loop_over_several_row_blocks(monkeypatch):
 
 def test_mixed_dtypes_fall_back_to_v5_with_a_warning(caplog):
     """A float32 weight with bf16 input (autocast-style) runs v5's own forward, said once."""
-    from moe_lab.fused_norm import enable_fused_norm
+    from moe_lab.training.fused_norm import enable_fused_norm
 
     model = torch.nn.Module()
     model.norm = Qwen3MoeRMSNorm(32)
     assert enable_fused_norm(model) == 1
     x = torch.randn(3, 32).to(torch.bfloat16)
-    with caplog.at_level("WARNING", logger="moe_lab.fused_norm"):
+    with caplog.at_level("WARNING", logger="moe_lab.training.fused_norm"):
         out = model.norm(x)
         model.norm(x)
     torch.testing.assert_close(out, model.norm._moe_lab_plain_forward(x))
@@ -151,7 +151,7 @@ def test_formula_probe_ignores_the_callers_default_device():
     for another device here."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
-    from moe_lab.fused_norm import formula_of
+    from moe_lab.training.fused_norm import formula_of
 
     with torch.device("meta"):
         assert formula_of(Qwen3MoeRMSNorm) is False

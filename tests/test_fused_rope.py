@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from markers import needs_interpreter
-from moe_lab.fused_rope import computes_rotate_half_rope, enable_fused_rope, rope_reference
+from moe_lab.training.fused_rope import computes_rotate_half_rope, enable_fused_rope, rope_reference
 from tiny_models import assert_same_grads, tiny_config, v5_and_moe_lab
 from triton_kernels.rope import check_rope_args, rope
 
@@ -137,7 +137,7 @@ def test_deepseek_without_interleave_runs_the_kernel(monkeypatch):
 
 
 def test_an_opted_in_call_the_kernel_cannot_take_runs_v5_with_a_warning(caplog):
-    from moe_lab import fused_rope
+    from moe_lab.training import fused_rope
 
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"))
     enable_fused_rope(model)
@@ -147,7 +147,7 @@ def test_an_opted_in_call_the_kernel_cannot_take_runs_v5_with_a_warning(caplog):
     fused_rope._warned.clear()  # warnings are once per reason and process
     fused_rope._state.depth = 1  # as inside an opted-in attention forward
     try:
-        with caplog.at_level("WARNING", logger="moe_lab.fused_rope"):
+        with caplog.at_level("WARNING", logger="moe_lab.training.fused_rope"):
             got_q, got_k = dispatcher(q, k, cos, sin)
     finally:
         fused_rope._state.depth = 0

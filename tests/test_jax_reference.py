@@ -16,8 +16,8 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
 import moe_lab  # noqa: E402
-from moe_lab import jax_reference as jr  # noqa: E402
-from moe_lab.dlpack import jax_to_torch, shares_memory, torch_to_jax, x64_enabled  # noqa: E402
+from moe_lab.jax import reference as jr  # noqa: E402
+from moe_lab.jax.dlpack import jax_to_torch, shares_memory, torch_to_jax, x64_enabled  # noqa: E402
 from moe_lab.families import FAMILIES as FAMILY_SPECS, experts_spec_of  # noqa: E402
 from moe_lab.layer import run_routed_experts  # noqa: E402
 from moe_lab.routing import RoutingSpec, route_reference  # noqa: E402

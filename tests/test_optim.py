@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import moe_lab
-from moe_lab.optim import OptimizerInBackward, TritonAdamW
+from moe_lab.training.optim import OptimizerInBackward, TritonAdamW
 from markers import needs_interpreter
 from tiny_models import tiny_config
 

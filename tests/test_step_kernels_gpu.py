@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_lab.fused_ce import linear_cross_entropy
-from moe_lab.optim import TritonAdamW
+from moe_lab.training.fused_ce import linear_cross_entropy
+from moe_lab.training.optim import TritonAdamW
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

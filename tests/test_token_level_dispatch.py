@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_lab
-from moe_lab.deepep_dispatch import DeepEPDispatcher, why_deepep_unavailable
+from moe_lab.parallel.deepep import DeepEPDispatcher, why_deepep_unavailable
 from moe_lab.experts import ExpertsSpec
 from moe_lab.layer import run_local_experts
 

@@ -1,4 +1,4 @@
-"""Routing traces (moe_lab.trace) and routing statistics (moe_lab.stats)."""
+"""Routing traces (moe_lab.analysis.trace) and routing statistics (moe_lab.analysis.stats)."""
 from __future__ import annotations
 
 import itertools
@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 import moe_lab
 from moe_lab import stats
 from moe_lab.routing import select_experts
-from moe_lab.trace import RoutingTrace, find_routers, load_trace, merge_rank_traces, rank_path, trace_routing
+from moe_lab.analysis.trace import RoutingTrace, find_routers, load_trace, merge_rank_traces, rank_path, trace_routing
 from tiny_models import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_trace_reads_without_torch(tmp_path):
 import sys, importlib.util
 sys.modules["torch"] = None  # any import of torch now fails
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, {str(ROOT / 'moe_lab')!r} + f"/{{name}}.py")
+    spec = importlib.util.spec_from_file_location(name, {str(ROOT / 'moe_lab' / 'analysis')!r} + f"/{{name}}.py")
     module = importlib.util.module_from_spec(spec); sys.modules[name] = module; spec.loader.exec_module(module); return module
 trace_mod, stats_mod = load("trace"), load("stats")
 t = trace_mod.load_trace({str(path)!r})
@@ -215,7 +215,7 @@ dist.destroy_process_group()
 def test_gather_to_rank0_over_gloo(tmp_path):
     """gather="rank0" under torch.distributed: two gloo processes, rank 0 writes the merged trace."""
     out = tmp_path / "gathered.safetensors"
-    code = _GATHER_WORKER.format(trace_py=str(ROOT / "moe_lab" / "trace.py"), init=f"file://{tmp_path / 'rendezvous'}", out=str(out))
+    code = _GATHER_WORKER.format(trace_py=str(ROOT / "moe_lab" / "analysis" / "trace.py"), init=f"file://{tmp_path / 'rendezvous'}", out=str(out))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stderr=subprocess.PIPE, text=True) for r in range(2)]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()

@@ -184,7 +184,7 @@ def _graphed_forward(self, hidden_states, attention_mask=None, position_ids=None
 
 def check_graphable(model, backend_names: dict, ep_size: int = 1) -> None:
     """ValueError, in the user's terms, for a model whose layers a CUDA graph cannot replay."""
-    from .registry import capabilities
+    from ..registry import capabilities
 
     if ep_size > 1 or backend_names.get("dispatch", "local") != "local":
         raise ValueError("cuda_graphs: expert parallelism sends row counts through the host; one process only")

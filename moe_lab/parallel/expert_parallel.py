@@ -49,8 +49,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .dispatch import Dispatched
-from .permutation import Permutation
+from ..dispatch import Dispatched
+from ..permutation import Permutation
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class AllToAllDispatcher:
 def _moe_sites(model: nn.Module):
     """(qualified name, module, is_layer) of every place moe_lab runs experts: a `MoELayer` (is_layer)
     or a v5 experts module adapted in place (the generic path)."""
-    from .layer import MoELayer
+    from ..layer import MoELayer
 
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
@@ -238,8 +238,8 @@ def _rebuild_site(model: nn.Module, module: nn.Module, is_layer: bool, dispatch:
     plans its stages for expert parallelism (refusing, or substituting, as the layer was built to).
     A MoELayer comes back unattached (nothing changes until it replaces the old one); a generic
     experts module is adapted in place."""
-    from .layer import MoELayer, adapt_experts
-    from .registry import resolve_backend
+    from ..layer import MoELayer, adapt_experts
+    from ..registry import resolve_backend
 
     planner = _site_parts(module, is_layer)[1]
     choice = resolve_backend({**planner.asked.names, "dispatch": dispatch})
@@ -284,7 +284,7 @@ def apply_expert_parallel(model: nn.Module, mesh, *, dispatch: str = "all2all", 
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     if rebuilt:  # what each layer runs now (see patch_model)
-        from .experts import first_weight
+        from ..experts import first_weight
 
         plan = getattr(model, "moe_lab_plan", None)
         for name, is_layer, new in rebuilt:
@@ -466,7 +466,7 @@ class GradientReducer:
                 raise RuntimeError(
                     f"DistributedDataParallel would average expert shards ({averaged[0]}, ...) that differ per rank. "
                     "It reads its ignore list from the module it wraps: call "
-                    "moe_lab.expert_parallel.ignore_expert_shards_in_ddp(wrapper) on that module before wrapping")
+                    "moe_lab.parallel.expert_parallel.ignore_expert_shards_in_ddp(wrapper) on that module before wrapping")
             self._ddp_ref, self._ddp_ids = weakref.ref(ddp), ids
         return self._ddp_ids
 
@@ -558,7 +558,7 @@ def reduce_gradients(model: nn.Module, ep: ExpertParallelContext | None = None) 
     mean loss over all ranks."""
     reducer = getattr(model, "moe_lab_grad_reducer", None)
     if reducer is not None and reducer.enabled:
-        warnings.warn("moe_lab.expert_parallel.reduce_gradients is no longer needed: expert-parallel gradients are "
+        warnings.warn("moe_lab.parallel.expert_parallel.reduce_gradients is no longer needed: expert-parallel gradients are "
                       "reduced inside backward; this call does nothing", DeprecationWarning, stacklevel=2)
         return
     ep = ep if ep is not None else model.moe_lab_ep

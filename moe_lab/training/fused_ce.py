@@ -24,7 +24,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from ._checks import require_all
+from .._checks import require_all
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20  # logits per chunk (float32 on the torch path, the model dtype with Triton)
 IMPLS = ("auto", "torch", "triton")

@@ -36,7 +36,7 @@ try:
     import jax
     import jax.numpy as jnp
 except ImportError as exc:  # pragma: no cover - exercised where jax is absent
-    raise ImportError("moe_lab.jax_reference needs JAX: pip install 'moe_lab[jax]' (or pip install jax)") from exc
+    raise ImportError("moe_lab.jax.reference needs JAX: pip install 'moe_lab[jax]' (or pip install jax)") from exc
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -165,7 +165,7 @@ def activation(spec):
             return (up + 1) * (gate * jax.nn.sigmoid(gate * spec.alpha))
         return gpt_oss_glu
     if spec.act_name not in _ACTIVATIONS:
-        raise NotImplementedError(f"moe_lab.jax_reference has no activation {spec.act_name!r}; known: {sorted(_ACTIVATIONS)}")
+        raise NotImplementedError(f"moe_lab.jax.reference has no activation {spec.act_name!r}; known: {sorted(_ACTIVATIONS)}")
     act = _ACTIVATIONS[spec.act_name]
     if spec.activation == "plain":
         return act
@@ -252,7 +252,7 @@ _ROUTER_PARAMS = ("weight", "bias", "e_score_correction_bias")
 
 def params_from_torch(module, names=None) -> dict:
     """{name: jax array} of a torch module's direct tensors (parameters or buffers) among `names`
-    (default: v5's expert and router names), copied through `moe_lab.dlpack` (detached, read-only)."""
+    (default: v5's expert and router names), copied through `moe_lab.jax.dlpack` (detached, read-only)."""
     from .dlpack import torch_to_jax
 
     out = {}

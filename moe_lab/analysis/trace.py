@@ -1,6 +1,6 @@
 """Routing traces: record what every MoE router chose, per layer and step, and save it for NumPy/JAX.
 
-    from moe_lab.trace import trace_routing, load_trace
+    from moe_lab.analysis.trace import trace_routing, load_trace
 
     with trace_routing(model, logits=True, auto_step=False) as tracer:
         for batch in batches:
@@ -28,7 +28,7 @@ step's tensors stay on their device until the step ends and then move to the CPU
 synchronisation per step). Forward passes recomputed during backward (activation checkpointing)
 are not recorded twice.
 
-File format ("moe_lab.trace/1"): a safetensors file (or .npz) of arrays named
+File format ("moe_lab.analysis.trace/1"): a safetensors file (or .npz) of arrays named
 `l{layer:03d}.s{step:06d}.{ids,weights,counts,logits}` and `s{step:06d}.token_mask`, with JSON
 metadata under the key "moe_lab_trace" (model, model_type, backend, dtype, device, logits_dtype,
 num_experts, top_k, layer_names, layer_numbers, router_score, steps, batch_shapes, rank, world_size,
@@ -57,7 +57,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT = "moe_lab.trace/1"
+FORMAT = "moe_lab.analysis.trace/1"
 META_KEY = "moe_lab_trace"
 _KEY = re.compile(r"^l(\d+)\.s(\d+)\.(ids|weights|counts|logits)$")
 _MASK_KEY = re.compile(r"^s(\d+)\.token_mask$")
@@ -177,7 +177,7 @@ class RoutingTrace:
                     "dtype": str(self.meta.get("dtype"))}
             data = save(arrays, metadata=flat)
         _write_atomic(path, data)
-        log.info("moe_lab.trace: wrote %s (%d layers x %d steps, %.1f MiB)", path, self.num_layers,
+        log.info("moe_lab.analysis.trace: wrote %s (%d layers x %d steps, %.1f MiB)", path, self.num_layers,
                  len(self.steps), len(data) / 2**20)
         return path
 
@@ -228,7 +228,7 @@ def _read_one(path: Path) -> RoutingTrace:
         if META_KEY not in header:
             raise ValueError(f"{path} is a safetensors file but not a moe_lab routing trace (no {META_KEY!r} metadata)")
         meta = json.loads(header[META_KEY])
-    if not str(meta.get("format", FORMAT)).startswith("moe_lab.trace/"):
+    if not str(meta.get("format", FORMAT)).startswith("moe_lab.analysis.trace/"):
         raise ValueError(f"{path}: unknown trace format {meta.get('format')!r}")
     return _from_arrays(arrays, meta)
 
@@ -386,7 +386,7 @@ class RoutingTracer:
         names = [n for n, _ in self.routers]
         param = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
         try:
-            from . import __version__ as version
+            from .. import __version__ as version
         except Exception:  # pragma: no cover
             version = None
         return {
@@ -431,7 +431,7 @@ class RoutingTracer:
             self._handles.append(module.register_forward_hook(self._make_hook(index)))
         if hasattr(self.model, "register_forward_pre_hook"):
             self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
-        log.debug("moe_lab.trace: hooked %d routers", len(self.routers))
+        log.debug("moe_lab.analysis.trace: hooked %d routers", len(self.routers))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -479,7 +479,7 @@ class RoutingTracer:
             if not (isinstance(output, tuple) and len(output) == 3):
                 if index not in self._warned:
                     self._warned.add(index)
-                    log.warning("moe_lab.trace: router %s returned %s, not (logits, weights, ids); not recorded",
+                    log.warning("moe_lab.analysis.trace: router %s returned %s, not (logits, weights, ids); not recorded",
                                 self.routers[index][0], type(output).__name__)
                 return
             logits, weights, ids = output

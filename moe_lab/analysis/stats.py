@@ -345,7 +345,7 @@ def aux_losses(logits, ids, num_experts: int, seq_len: int | None = None, score:
     return out
 
 
-# ---- whole traces (a moe_lab.trace.RoutingTrace, or anything with its methods) ----------------------
+# ---- whole traces (a moe_lab.analysis.trace.RoutingTrace, or anything with its methods) ----------------------
 def load_matrix(trace, step: int | None = None):
     """[L, E] load fractions per layer at `step` (None: summed over all steps)."""
     counts = trace.counts_matrix()  # [S, L, E]

@@ -1,6 +1,6 @@
 """A DLPack bridge between torch tensors and JAX arrays (zero-copy where the platform allows).
 
-    from moe_lab.dlpack import torch_to_jax, jax_to_torch
+    from moe_lab.jax.dlpack import torch_to_jax, jax_to_torch
     a = torch_to_jax(torch_tensor)        # a JAX array on the matching device, sharing memory
     t = jax_to_torch(jax_array)           # a torch tensor sharing the JAX buffer
 
@@ -15,7 +15,7 @@ Aliasing caveats (read before writing to either side):
   expanded/broadcast tensors) go through `.contiguous()`; JAX's CPU client copies buffers not aligned
   to its requirement (e.g. a slice starting at an odd element). `shares_memory(t, a)` tells which.
 - Gradients do not cross the bridge: tensors that require grad are detached (torch refuses to export
-  them otherwise). Differentiate on one side (see `moe_lab.jax_reference`).
+  them otherwise). Differentiate on one side (see `moe_lab.jax.reference`).
 - 64-bit types: with `jax_enable_x64` off (JAX's default), JAX would silently narrow int64/float64 to
   32 bits. `torch_to_jax` refuses instead (x64="error") unless x64 is on (`jax.config.update(
   "jax_enable_x64", True)` or `with jax.enable_x64(True):`), or converts explicitly with x64="narrow"
@@ -39,7 +39,7 @@ def _jax():
     try:
         import jax
     except ImportError as exc:  # pragma: no cover - exercised where jax is absent
-        raise ImportError("moe_lab.dlpack needs JAX: pip install 'moe_lab[jax]' (or pip install jax)") from exc
+        raise ImportError("moe_lab.jax.dlpack needs JAX: pip install 'moe_lab[jax]' (or pip install jax)") from exc
     return jax
 
 
@@ -89,7 +89,7 @@ def torch_to_jax(tensor: torch.Tensor, *, x64: str = "error", copy: bool = False
         if "strid" not in str(exc).lower():
             raise RuntimeError(f"cannot hand a {t.dtype} tensor on {t.device} to JAX ({exc}); "
                                "for a CUDA tensor install a CUDA JAX, or pass copy=True") from exc
-        log.debug("moe_lab.dlpack: non-compact strides %s; copying to contiguous", tuple(t.stride()))
+        log.debug("moe_lab.jax.dlpack: non-compact strides %s; copying to contiguous", tuple(t.stride()))
         return jax.dlpack.from_dlpack(t.contiguous())
 
 

@@ -1,0 +1,2 @@
+"""JAX interop: the readable, differentiable JAX reference of the MoE layer (`reference`) and the
+torch <-> JAX bridge over DLPack (`dlpack`). Needs the `jax` extra."""
