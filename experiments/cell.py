@@ -1,8 +1,9 @@
 """One cell: build a model, run full training steps, measure, and write one JSON record.
 
-A cell is a dict (see ``DEFAULTS``): model geometry + layer count, system (``systems.py``), number
-of processes, batch and sequence length, routing regime (``regimes.py``), recipe (dtype,
-optimizer, activation checkpointing), warm-up and measured step counts, seed.
+A cell is a dict (see ``DEFAULTS``): model geometry + layer count, system (``systems.py``: a short
+name or a mapping, kept as its canonical short name), number of processes, batch and sequence
+length, routing regime (``regimes.py``), recipe (dtype, optimizer, activation checkpointing),
+warm-up and measured step counts, seed.
 
 Per step it runs forward, backward, optimizer step and zero_grad between two device
 synchronisations and records wall time and loss. Metrics (over the measured steps): median step
@@ -12,8 +13,13 @@ memory = peak - (parameters + gradients + optimizer state), the three counted fr
 themselves (local shards under FSDP/EP).
 
 Run as ``python -m experiments.cell --spec '<json>' --out cell.json`` (or under ``torchrun`` for
-several GPUs; rank 0 writes). The record is written even when the cell fails: status ``oom``,
-``not_implemented``, ``unavailable`` or ``failed`` with the error; the exit code is then 3.
+several GPUs; rank 0 writes). The record says what ran: ``system_spec`` (the resolved
+``systems.SystemSpec``), ``options`` (the moe_lab ``Options`` the model was built with: the
+system's, under the documented ``MOE_LAB_*`` overrides of ``Options.from_environment``) and
+``options_changed`` (those away from their defaults; the summary key's suffix). It is written even
+when the cell fails: status ``oom``, ``not_implemented`` (a system the installed library cannot
+build at all), ``unavailable`` (a device, package or dispatcher missing here) or ``failed`` with
+the error (a backend or implementation name moe_lab does not know among them); the exit code is then 3.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 
 from . import flops, models, provenance, regimes, store, systems
 
@@ -101,8 +108,9 @@ def _layers(v):
 
 
 def _system(v):
-    _text(optional=False)(v)
-    systems.parse(v)
+    if not isinstance(v, Mapping) and (not isinstance(v, str) or not v):
+        raise ValueError(f"must be a system name or a mapping of {', '.join(systems.MAPPING_KEYS)}, got {v!r}")
+    systems.parse(v)  # a short name or a mapping (experiments/systems.py); normalise keeps its canonical name
 
 
 def _routing(v):
@@ -151,6 +159,7 @@ def normalise(spec: dict) -> dict:
     out = {**DEFAULTS, **spec}
     for key, value in out.items():
         check_value(key, value)
+    out["system"] = systems.canonical_name(out["system"])  # a mapping or an alias -> the one short name
     full = int(models.load_geometry(out["model"])["full_layers"])
     if out["layers"] is None:
         out["layers"] = full
@@ -312,7 +321,9 @@ def run(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = systems.build_model(system, config, dtype=dtype, attn=attn, device=device, world=world)
+    options = _options_used(system)  # the system's moe_lab Options under the MOE_LAB_* overrides (None for v5)
+    model = systems.build_model(system, config, dtype=dtype, attn=attn, device=device, world=world, options=options)
+    options = getattr(model, "moe_lab_options", options)  # what the model says it was built with
     model.train()
     if spec["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -334,8 +345,7 @@ def run(spec: dict) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        systems.after_backward(model)
+        out.loss.backward()  # (moe_lab expert parallelism reduces its gradients inside backward)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
@@ -396,6 +406,7 @@ def run(spec: dict) -> dict:
         "model_type": config.model_type,
         "attn_implementation": attn,
         "system_kind": system.kind,
+        **_system_fields(system, options),
         "world": world,
         "device": device.type,
         "params_approx": n_params,
@@ -414,6 +425,26 @@ def run(spec: dict) -> dict:
         "env": provenance.env_flags(),  # this cell's own switches (a resumed run may differ)
         "autotune": _autotune_choices(),
     }
+
+
+def _options_used(system):
+    """The moe_lab Options a moe_lab system builds with (None for v5 or without moe_lab, whose build
+    then fails with the reason)."""
+    try:
+        return systems.moe_lab_options(system)
+    except ImportError:
+        return None
+
+
+def _system_fields(system, options) -> dict:
+    """What a record says about its system: ``system_spec`` (the resolved ``SystemSpec``),
+    ``options`` (every field of the moe_lab Options used, MOE_LAB_* overrides included; None for
+    v5) and ``options_changed`` (those away from their defaults: the summary key's suffix)."""
+    import dataclasses
+
+    return {"system_spec": system.to_dict(),
+            "options": dataclasses.asdict(options) if options is not None else None,
+            "options_changed": options.changed() if options is not None else None}
 
 
 def _autotune_choices() -> dict:
@@ -480,6 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         status = classify(e)
         log.error("cell failed (%s): %s", status, e)
         record = failure_record(spec, status, f"{type(e).__name__}: {e}", traceback.format_exc())
+        try:  # what the cell asked for, where that can be said
+            system = systems.parse(spec["system"])
+            record.update(_system_fields(system, _options_used(system)))
+        except Exception:  # noqa: BLE001 - e.g. a bad MOE_LAB_TRITON_PIN: the error above says it
+            pass
         code = 3
     record["cell_id"] = cell_id(spec)
     record["spec"] = spec

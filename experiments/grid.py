@@ -7,7 +7,8 @@ File format (the schema is ``SweepFile``; every key below is checked, nothing el
     defaults: {dtype: fp32, batch: 2, ...}      # cell keys (experiments/cell.py DEFAULTS)
     grid:                                       # cartesian product, in file order
       model: [tiny-qwen3-moe]
-      system: [v5-eager, v5-grouped_mm, eager, torch]
+      system: [v5-eager, v5-grouped_mm, eager, torch,     # short names (systems.py), or mappings:
+               {backend: {experts: triton}, options: {fused_norm: true}, optimizer_placement: stream}]
       routing: [real, skewed]
     cells: [{model: ..., system: ...}]          # optional extra cells (defaults apply)
     overrides:                                  # optional: set keys on cells that match
@@ -19,10 +20,14 @@ File format (the schema is ``SweepFile``; every key below is checked, nothing el
 ``load`` refuses, before anything runs, with the file and line of each problem: YAML errors and
 duplicate keys, unknown keys at any level (top, ``defaults``, ``grid``, ``cells``, ``overrides``
 and their ``match`` / ``set``), values a cell key cannot take (``cell.check_value``: unknown models,
-``device: gpu``, ``steps: -1``, ``nproc: 0`` ...), systems the installed v5 / moe_lab do not know or
-cannot run with the cell's process count (``systems.check_known``, ``check_world``; ``ep0-...``), CUDA
+``device: gpu``, ``steps: -1``, ``nproc: 0`` ...), systems whose name or mapping is malformed, that
+the installed v5 / moe_lab do not know (v5's experts implementations; moe_lab's backend words, stage
+implementations, dispatchers and Options fields, read from its registry) or that cannot run with the
+cell's process count (``systems.check_known``, ``check_world``; ``ep0-...``), CUDA
 graphs with hook-based routing, overrides that match no cell, and a file with no cells. Whether the
 machine has the devices the cells ask for is checked when the sweep runs (``sweep.check_devices``).
+A system is compared (``overrides``' ``match``) and kept in each cell by its canonical short name,
+so ``{backend: triton}`` and ``triton`` are one system.
 """
 from __future__ import annotations
 
@@ -248,7 +253,7 @@ def validate(conf, source: str = "<sweep>", marks: dict | None = None) -> SweepF
             ck.fail(("overrides", i), "an override needs a non-empty `set`")
         match = ck.cell_keys(("overrides", i, "match"), ck.mapping(("overrides", i, "match"), ov.get("match"), "match") or {})
         sets = ck.cell_keys(("overrides", i, "set"), ck.mapping(("overrides", i, "set"), ov.get("set"), "set") or {})
-        overrides.append(Override(match, sets))
+        overrides.append(Override(_named(match), _named(sets)))
 
     if ck.problems:  # the combinations below would only repeat these
         raise SweepFileError(source, ck.problems)
@@ -294,8 +299,13 @@ def _raw_specs(sweep: SweepFile):
         yield ("cells", i), f"cells[{i}]", {**sweep.defaults, **entry}
 
 
+def _named(spec: dict) -> dict:
+    """``spec`` with its system (a short name or a mapping, already checked) as its canonical short name."""
+    return {**spec, "system": systems.canonical_name(spec["system"])} if "system" in spec else dict(spec)
+
+
 def _apply_overrides(sweep: SweepFile, spec: dict) -> tuple[dict, list[int]]:
-    spec, hits = dict(spec), []
+    spec, hits = _named(spec), []
     for i, ov in enumerate(sweep.overrides):
         if all(spec.get(k) == v for k, v in ov.match.items()):
             spec.update(ov.set)

@@ -105,8 +105,10 @@ class _StepMarks:
             h.remove()
 
 
-def breakdown_steps(model, optimizer, batches, device, after_backward) -> list[dict]:
-    """Run one step per batch; returns per step {part: ms} and "step"."""
+def breakdown_steps(model, optimizer, batches, device) -> list[dict]:
+    """Run one step per batch; returns per step {part: ms} and "step". ``grad_reduce`` is the time
+    between backward's end and the optimizer step: nothing on one device (moe_lab's expert
+    parallelism reduces its gradients inside backward); kept so that every breakdown has the part."""
     clock = _Clock(device)
     marks = _StepMarks(model, clock)
     steps = []
@@ -122,7 +124,6 @@ def breakdown_steps(model, optimizer, batches, device, after_backward) -> list[d
             loss.backward()
             t_bwd = clock.mark()
             host_bwd = time.perf_counter()
-            after_backward(model)
             t_reduce = clock.mark()
             optimizer.step()
             t_opt = clock.mark()
@@ -159,14 +160,13 @@ def breakdown_steps(model, optimizer, batches, device, after_backward) -> list[d
     return steps
 
 
-def profile_step(model, optimizer, ids, device, after_backward, top: int = 60) -> dict:
+def profile_step(model, optimizer, ids, device, top: int = 60) -> dict:
     """One training step under torch.profiler (``kernel_profile.profile_kernels``); its wall time
     is ``profiled_step_ms``."""
 
     def step():
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        after_backward(model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         cell._sync(device)
@@ -197,8 +197,8 @@ def breakdown_system(spec: dict, profile: bool = False) -> dict:
     optimizer = cell._optimizer(spec, model, device, in_backward=system.optimizer_in_backward,
                                 side_stream=system.optimizer_side_stream)
     batches = [cell._make_batch(spec, config.vocab_size, s, 0, False, device) for s in range(spec["warmup"] + spec["steps"])]
-    steps = breakdown_steps(model, optimizer, batches, device, systems.after_backward)[spec["warmup"]:]
-    profiled = profile_step(model, optimizer, batches[-1], device, systems.after_backward) if profile else {}
+    steps = breakdown_steps(model, optimizer, batches, device)[spec["warmup"]:]
+    profiled = profile_step(model, optimizer, batches[-1], device) if profile else {}
     for h in hooks:
         h.remove()
     del model, optimizer

@@ -49,6 +49,9 @@ def test_two_cells_end_to_end(swept):
         assert m["loss_finite"] and r["versions"]["transformers"] and r["git"]["commit"]
         assert (run_dir / "cells" / f"{r['cell_id']}.json").exists()
         assert isinstance(r["env"], dict) and isinstance(r["autotune"], dict)  # the cell's switches and tiles
+        assert r["system_spec"]["name"] == r["spec"]["system"]  # the resolved spec and the Options it used
+    assert (ok[0]["options"], ok[0]["options_changed"]) == (None, None)  # v5 builds no moe_lab model
+    assert ok[1]["options_changed"] == {} and ok[1]["options"]["autotune"] is True
     # same seed, same weights and routing: the same first-step loss on v5 and on moe_lab
     assert ok[0]["metrics"]["first_loss"] == pytest.approx(ok[1]["metrics"]["first_loss"], rel=1e-5)
     manifest = store.read_json(run_dir / "manifest.json")
@@ -234,7 +237,8 @@ def test_a_run_with_a_behaviour_flag_keeps_its_own_summary_key(swept, tmp_path):
         store.write_json(runs[name] / "manifest.json", manifest)
         for cell_file in (runs[name] / "cells").glob("*.json"):
             rec = store.read_json(cell_file)
-            rec.pop("env", None)  # as records before cells kept their own
+            for own in ("env", "options", "options_changed", "system_spec"):
+                rec.pop(own, None)  # as records before cells kept their own switches
             store.write_json(cell_file, rec)
     assert report.run_flags(runs["flagged"]) == {"MOE_LAB_HOST_CHECKS": "1"}
     assert report.run_flags(runs["plain"]) == {}

@@ -46,7 +46,8 @@ def test_main_writes_rows_and_records_a_failed_system(tmp_path):
     step_breakdown.main(["--model", "tiny-qwen3-moe", "--layers", "1", "--seq", "16", "--systems", "torch,nope",
                          "--device", "cpu", "--warmup", "1", "--steps", "1", "--dtype", "fp32", "--out", str(out)])
     record = json.loads(out.read_text())
-    assert [r["status"] for r in record["rows"]] == ["ok", "not_implemented"]
+    assert [r["status"] for r in record["rows"]] == ["ok", "failed"]  # a name moe_lab does not know, with the reason
+    assert "moe_lab has no backend 'nope'" in record["rows"][1]["error"]
     assert "provenance" in record and "| torch |" in record["table"]
 
 
