@@ -16,7 +16,12 @@ produce are kept untouched).
 Summary keys: ``<gpu>x<count>/<model>-L<layers>/<system><suffix>`` with ``count`` the GPUs the cell
 used, e.g. ``h200x1/qwen3-30b-a3b-L8/v5-grouped_mm``. Suffix rule: ``@<routing>`` when the routing
 regime is not ``real`` (``@balanced``, ``@skewed``, ``@skewed@1.5``), then ``+ckpt`` when activation
-checkpointing is on. Only cells with status ok enter the summary. When several cells map to one
+checkpointing is on, ``+<optimizer>``, ``+b<batch>``, then the switches the cell ran with away from
+their defaults (``record_flags``): from the moe_lab ``Options`` the record says it used
+(``options_changed``; ``+tma``, ``+no_autotune``; a system name's own ``+<option>`` part is
+re-derived from them, so ``triton+tma`` and ``triton`` run under ``MOE_LAB_TRITON_TMA=1`` share a
+key), or, for records made before cells recorded their Options, from the recorded environment
+(``+MOE_LAB_TRITON_TMA=1``). Only cells with status ok enter the summary. When several cells map to one
 key, the run whose directory name sorts last wins (then the later cell in grid order) and a
 warning names the collision. Nothing here reads a clock: the same raw files give the same bytes.
 """
@@ -73,6 +78,8 @@ def load_records(run_dir: Path) -> list[dict]:
 
 # ---- rows --------------------------------------------------------------------------------------
 def summary_key(row: dict) -> str:
+    """The summary key of a row (see the module docstring); ``key_system``: the system part, when
+    the row's flags re-derive the name's ``+<option>`` part."""
     suffix = "" if row["routing"] == "real" else f"@{row['routing']}"
     if row["ckpt"]:
         suffix += "+ckpt"
@@ -80,16 +87,41 @@ def summary_key(row: dict) -> str:
         suffix += f"+{row['optimizer']}"
     if row.get("batch", 1) not in (1, None):
         suffix += f"+b{row['batch']}"
-    return f"{row['gpu']}x{row['gpu_count']}/{row['model']}/{row['system']}{suffix}{_flag_suffix(row.get('flags'))}"
+    system = row.get("key_system") or row["system"]
+    return f"{row['gpu']}x{row['gpu_count']}/{row['model']}/{system}{suffix}{_flag_suffix(row.get('flags'))}"
 
 
 def _flag_suffix(flags: dict | None) -> str:
-    """``+NAME=value`` for each behaviour flag a measurement ran with (env_flags), in name order."""
-    return "".join(f"+{k}={v}" for k, v in sorted((flags or {}).items()))
+    """The key suffix of a measurement's switches, in name order: ``+<option>`` / ``+no_<option>``
+    for an on/off moe_lab option (``option_flags``), ``+NAME=value`` for a recorded environment
+    variable (``env_flags``)."""
+    return "".join(f"+{k}={v}" if not isinstance(v, bool) else f"+{k}" if v else f"+no_{k}"
+                   for k, v in sorted((flags or {}).items()))
+
+
+def option_flags(rec: dict) -> dict:
+    """The switches of a record that recorded its moe_lab Options (``options_changed``; None for v5)
+    which its system's variant words do not already say: {option: True/False}. Read from the
+    record alone (the name's words, not ``systems.parse``)."""
+    base = ((rec.get("spec") or {}).get("system") or "").split("+")[0]
+    named = {systems.OPTION_WORDS[w] for w in base.split("-") if w in systems.OPTION_WORDS}
+    return {k: v for k, v in (rec.get("options_changed") or {}).items()
+            if isinstance(v, bool) and not (v and k in named)}
+
+
+def record_flags(rec: dict, run_flags: dict | None = None) -> dict:
+    """The switches a cell's key names: from its recorded Options; else (older records) from its
+    own recorded environment; else the run's (``run_flags``, from the manifest)."""
+    if "options_changed" in rec:
+        return option_flags(rec)
+    if "env" in rec:  # a cell's own record of its switches wins (a resumed run may differ)
+        return env_flags(rec["env"])
+    return dict(run_flags or {})
 
 
 def to_row(rec: dict, run: str, flags: dict | None = None) -> dict:
-    """A flat row of one cell record; ``flags``: the run's non-default behaviour flags (run_flags)."""
+    """A flat row of one cell record; ``flags``: its switches away from their defaults
+    (``record_flags``); a record with its Options recorded always uses those."""
     spec = rec.get("spec", {})
     m = rec.get("metrics") or {}
     hw = rec.get("hardware") or {}
@@ -116,6 +148,9 @@ def to_row(rec: dict, run: str, flags: dict | None = None) -> dict:
         # these rows have no allocated peak or activation, only the reserved peak (an upper bound;
         # absent before it was recorded)
         row["peak_gib"], row["activation_gib"] = None, None
+    if "options_changed" in rec:  # the name's +<option> part comes back from the Options it ran with
+        flags = option_flags(rec)
+        row["key_system"] = (row["system"] or "").split("+")[0]
     row["flags"] = dict(flags or {})
     row["key"] = summary_key(row)
     return row
@@ -124,7 +159,7 @@ def to_row(rec: dict, run: str, flags: dict | None = None) -> dict:
 def _has_variant(system_name: str | None, *words: str) -> bool:
     """Whether a system name carries any of these variant words. Read from the name's words, not
     ``systems.parse``: records keep names of variants since removed (``-cudnnattn``)."""
-    return bool(set(words) & set((system_name or "").split("-")))
+    return bool(set(words) & set((system_name or "").split("+")[0].split("-")))
 
 
 def _activation_gib(system_name, metrics: dict):
@@ -158,9 +193,10 @@ def add_speedups(rows: list[dict]) -> None:
             r[f"speedup_vs_{b}"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if ok else None
 
 
-# On/off environment switches that change what a cell measures (on = set to anything but "" or
-# "0", as the code reads them), with their defaults: a cell that ran with one flipped keeps its own
-# summary keys (``...+MOE_LAB_HOST_CHECKS=1``) instead of standing for the system.
+# On/off environment switches that changed what a cell measured before cells recorded their moe_lab
+# Options (on = set to anything but "" or "0", as the code read them), with their defaults: a record
+# of such a cell with one flipped keeps its own summary keys (``...+MOE_LAB_HOST_CHECKS=1``) instead
+# of standing for the system. Block benchmarks (block.json) are still keyed this way.
 # (MOE_LAB_TRITON_DW_PERSISTENT: a switch of commit 78efe7f only, removed since; its one run keeps its key.)
 BEHAVIOUR_FLAGS = {"MOE_LAB_HOST_CHECKS": False, "MOE_LAB_TRITON_AUTOTUNE": True, "MOE_LAB_TRITON_TF32": False,
                    "MOE_LAB_TRITON_TMA": False, "MOE_LAB_TRITON_DW_PERSISTENT": False}
@@ -190,8 +226,8 @@ def collect_rows(run_dirs: list[Path]) -> list[dict]:
     rows = []
     for rd in sorted(run_dirs, key=lambda p: p.name):
         flags = run_flags(rd)
-        for rec in load_records(rd):  # a cell's own record of its switches wins (a resumed run may differ)
-            rows.append(to_row(rec, rd.name, env_flags(rec["env"]) if "env" in rec else flags))
+        for rec in load_records(rd):
+            rows.append(to_row(rec, rd.name, record_flags(rec, flags)))
     add_speedups(rows)
     return rows
 
