@@ -100,7 +100,8 @@ def combine_ref(y: torch.Tensor, weights: torch.Tensor, sorted_slots: torch.Tens
 # ---------------------------------------------------------------------------------------------
 def topk_ids_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores per row; among equal scores the LOWEST index wins
-    (a stable descending sort keeps equal scores in index order)."""
+    (a stable descending sort keeps equal scores in index order). NaN ranks above +inf, as in
+    ``torch.topk``; all NaNs are equal."""
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
@@ -111,7 +112,10 @@ def route_ref(logits: torch.Tensor, top_k: int, mode: str = "softmax", renormali
     z = logits.float()
     if mode == "softmax":
         probs = torch.softmax(z, dim=-1)
-        ids = topk_ids_ref(z, top_k)  # softmax is monotonic: select on the logits
+        # softmax is monotonic: select on the logits, except in rows whose probabilities are all NaN
+        # (a NaN or +inf logit, or only -inf ones), where k equal scores are ranked: experts 0..k-1
+        degenerate = probs.isnan().any(dim=-1, keepdim=True)
+        ids = topk_ids_ref(z.masked_fill(degenerate, 0.0), top_k)
         w = probs.gather(1, ids)
         if renormalize:
             w = w / w.sum(-1, keepdim=True)

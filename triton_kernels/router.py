@@ -17,6 +17,15 @@ All modes multiply the weights by ``routed_scaling_factor``.
 Ties: among equal scores the LOWEST expert index is chosen (likewise for groups). The ids of a
 row come out in selection order (descending score). ``reference.route_ref`` breaks ties the same
 way (a stable descending sort).
+
+NaN and inf order as ``torch.topk`` / ``torch.sort`` order them: -inf < finite < +inf < NaN, all
+NaNs equal (-0.0 equals 0.0). A NaN score is therefore chosen first and its weight is NaN, as in
+v5: a NaN logit in "topk_softmax" makes the row's k weights NaN; in "sigmoid" the NaN expert's
+group ranks first (its top-2 sum is NaN), the expert is chosen, and its weight (all k with
+``renormalize``) is NaN. In "softmax" a NaN or +inf logit, or a row of -inf logits, makes every
+probability NaN: v5's ``topk`` then ranks k equal (NaN) scores, so here the tie rule picks experts
+0..k-1, weights NaN. Comparisons use integer keys (``_order_key``), so the order does not depend
+on how a GPU's or the interpreter's ``max`` treats NaN (Triton's ``tl.max`` ignores NaN).
 """
 from __future__ import annotations
 
@@ -32,33 +41,54 @@ MODES = {"softmax": 0, "topk_softmax": 1, "sigmoid": 2}
 
 
 @triton.jit
-def _pick_max(scores, cand, cols, BLOCK: tl.constexpr):
-    """Per row: the lowest index among candidates holding the maximum score."""
-    m = tl.max(tl.where(cand, scores, float("-inf")), axis=1)
-    hit = cand & (scores == m[:, None])
+def _order_key(x):
+    """int32 keys that order float32 ``x`` as torch.sort does: -inf < ... < -0.0 == 0.0 < ... < +inf
+    < NaN, every NaN equal (and above +inf). Integer comparisons: no NaN rules of ``tl.max`` apply."""
+    bits = x.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    key = tl.where(bits < 0, -mag, mag)  # sign and magnitude -> two's complement; -0.0 -> 0
+    return tl.where(mag > 0x7F800000, 0x7FFFFFFF, key)
+
+
+@triton.jit
+def _pick_max(keys, cand, cols, BLOCK: tl.constexpr):
+    """Per row: the lowest index among candidates holding the largest key (``_order_key``); BLOCK
+    where a row has no candidate."""
+    m = tl.max(tl.where(cand, keys, -0x7FFFFFFF), axis=1)  # below every key (-inf's is -0x7F800000)
+    hit = cand & (keys == m[:, None])
     return tl.min(tl.where(hit, cols[None, :], BLOCK), axis=1)
+
+
+@triton.jit
+def _value_at(vals, idx, cols):
+    """Per row: ``vals[row, idx[row]]`` (NaN and inf included; 0.0 where idx is out of range)."""
+    return tl.sum(tl.where(cols[None, :] == idx[:, None], vals, 0.0), axis=1)
 
 
 @triton.jit
 def _group_mask(choice, cmask, cols, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                 GROUP_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
                 BLOCK_G: tl.constexpr):
-    """Eligibility [BLOCK_T, BLOCK_E] of experts under group-limited routing."""
+    """Eligibility [BLOCK_T, BLOCK_E] of experts under group-limited routing: a group scores the sum
+    of its two largest ``choice`` values (as v5's ``topk(2).values.sum()``: NaN if either is NaN,
+    inf + -inf = NaN), the TOPK_GROUP best groups are kept (NaN first, ties to the lowest group)."""
     grp = cols // GROUP_SIZE
     gcols = tl.arange(0, BLOCK_G)
     gscore = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
+    keys = _order_key(choice)
     for gi in tl.static_range(N_GROUP):
         ing = cmask & (grp == gi)[None, :]
-        i1 = _pick_max(choice, ing, cols, BLOCK_E)
-        m1 = tl.max(tl.where(ing, choice, float("-inf")), axis=1)
+        i1 = _pick_max(keys, ing, cols, BLOCK_E)
+        m1 = _value_at(choice, i1, cols)
         if GROUP_SIZE >= 2:
-            ing2 = ing & (cols[None, :] != i1[:, None])
-            m1 += tl.max(tl.where(ing2, choice, float("-inf")), axis=1)
+            i2 = _pick_max(keys, ing & (cols[None, :] != i1[:, None]), cols, BLOCK_E)
+            m1 += _value_at(choice, i2, cols)
         gscore = tl.where(gcols[None, :] == gi, m1[:, None], gscore)
+    gkeys = _order_key(gscore)
     keep = tl.zeros((BLOCK_T, BLOCK_G), dtype=tl.int1)
     gvalid = (gcols < N_GROUP)[None, :]
     for _ in tl.static_range(TOPK_GROUP):
-        g = _pick_max(gscore, gvalid & (keep == 0), gcols, BLOCK_G)
+        g = _pick_max(gkeys, gvalid & (keep == 0), gcols, BLOCK_G)
         keep = keep | (gcols[None, :] == g[:, None])
     elig = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
     for gi in tl.static_range(N_GROUP):
@@ -90,10 +120,13 @@ def _router_fwd_kernel(
 ):
     toks, tmask, cols, cmask, z = _load_logits_tile(logits_ptr, T, E, stride_l, BLOCK_T, BLOCK_E)
     if MODE == 0:
-        zmax = tl.max(tl.where(cmask, z, float("-inf")), axis=1)
+        zmax = tl.max(tl.where(cmask, z, float("-inf")), axis=1)  # (ignores NaN: exp(NaN) makes the sum NaN)
         ez = tl.where(cmask, tl.exp(z - zmax[:, None]), 0.0)
         vals = ez / tl.sum(ez, axis=1)[:, None]
-        sel = z
+        # select on the logits, which order like the probabilities; where those are all NaN (a NaN or
+        # +inf logit, or only -inf ones) v5's topk ranks k equal NaNs: the tie rule takes 0..k-1
+        degenerate = tl.max(tl.where(cmask & (vals != vals), 1, 0), axis=1) > 0
+        sel = tl.where(degenerate[:, None], 0.0, z)
     elif MODE == 1:
         vals = z
         sel = z
@@ -110,9 +143,9 @@ def _router_fwd_kernel(
     ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     v = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     taken = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
+    keys = _order_key(sel)
     for j in tl.static_range(K):
-        idx = _pick_max(sel, cmask & (taken == 0), cols, BLOCK_E)
-        idx = tl.minimum(idx, E - 1)  # only reachable with NaN scores
+        idx = _pick_max(keys, cmask & (taken == 0), cols, BLOCK_E)  # K <= E: always a candidate
         hot = cols[None, :] == idx[:, None]
         taken = taken | hot
         vj = tl.sum(tl.where(hot, vals, 0.0), axis=1)
@@ -180,7 +213,7 @@ def _router_bwd_kernel(
     elif MODE == 1:
         dz = dv
     else:
-        dz = dv * vals * (1.0 - vals)
+        dz = dv * (1.0 - vals) * vals  # torch's sigmoid backward: grad * (1 - y) * y
     tl.store(dl_ptr + toks.to(tl.int64)[:, None] * stride_dl + cols[None, :],
              dz.to(dl_ptr.dtype.element_ty), mask=tmask[:, None] & cmask)
 
