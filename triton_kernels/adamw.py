@@ -3,7 +3,7 @@
 Each element is read once (parameter, gradient, both moments) and written once (parameter, both
 moments), with the arithmetic in float32 whatever the storage dtype, as PyTorch's fused AdamW does:
 
-    p <- p - lr * weight_decay * p
+    p <- p - lr * weight_decay * p          (only where weight_decay != 0, as PyTorch's fused kernel)
     m <- beta1 * m + (1 - beta1) * g
     v <- beta2 * v + (1 - beta2) * g^2
     p <- p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
@@ -24,14 +24,15 @@ BLOCK = 4096
 
 @triton.jit
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, lr_wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                  step_size, inv_sqrt_bc2, BLOCK: tl.constexpr):
+                  step_size, inv_sqrt_bc2, DECAY: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = p - lr_wd * p  # lr * weight_decay from the host: 1 - lr*wd in fp32 would round the decay
+    if DECAY:  # skipped without weight decay: an inf parameter stays inf (inf - 0 * inf would be NaN)
+        p = p - lr_wd * p  # lr * weight_decay from the host: 1 - lr*wd in fp32 would round the decay
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
     p = p - step_size * m / (tl.sqrt(v) * inv_sqrt_bc2 + eps)
@@ -62,4 +63,4 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
     inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - beta2 ** step)
     _adamw_kernel[(triton.cdiv(n, BLOCK),)](param, grad, exp_avg, exp_avg_sq, n, lr * weight_decay, beta1,
                                            1.0 - beta1, beta2, 1.0 - beta2, eps, step_size, inv_sqrt_bc2,
-                                           BLOCK=BLOCK, num_warps=8)
+                                           DECAY=weight_decay != 0, BLOCK=BLOCK, num_warps=8)

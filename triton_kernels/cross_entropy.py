@@ -2,7 +2,10 @@
 LM head's logits once, in their own dtype (bf16), instead of through several float32 copies.
 
 * ``logsumexp_and_target(logits, labels)``: per row of logits [N, V], the float32 log-sum-exp and the
-  label's logit (0 where the label is outside [0, V)); online max/sum over V in blocks.
+  label's logit (0 where the label is outside [0, V)); online max/sum over V in blocks. The
+  log-sum-exp is ``max + log(sum(exp(x - max)))`` without torch.logsumexp's special case for an
+  infinite max, as v5's loss (``log_softmax``) computes it: NaN for a row with a NaN or a +inf
+  logit, or with only -inf logits (where torch.logsumexp gives +inf / -inf).
 * ``softmax_grad_(logits, lse, labels, row_scale, vocab_start)``: in place over a vocabulary slice
   [N, v] of the logits: (softmax - one_hot(label)) * row_scale, in the logits' dtype.
 """
@@ -26,7 +29,9 @@ def _lse_target_kernel(x_ptr, labels_ptr, lse_ptr, target_ptr, V, stride_x, BLOC
     for v0 in range(0, V, BLOCK_V):
         c = v0 + cols
         x = tl.load(x_ptr + row * stride_x + c, mask=c < V, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(run_max, x)
+        # NaN propagates into the lane's max (the default maximum drops it: a NaN logit first in its
+        # lane would vanish), and from there into its sum
+        new_max = tl.maximum(run_max, x, propagate_nan=tl.PropagateNan.ALL)
         # a lane whose running max is still -inf (padding, or -inf logits so far) adds nothing: this
         # avoids exp(-inf - -inf) = NaN in both terms
         empty = new_max == float("-inf")
@@ -49,7 +54,10 @@ def _softmax_grad_kernel(x_ptr, lse_ptr, labels_ptr, scale_ptr, v, vocab_start, 
     lse = tl.load(lse_ptr + row)
     label = tl.load(labels_ptr + row)
     scale = tl.load(scale_ptr + row)
-    grad = tl.exp(x - lse) - tl.where(c + vocab_start == label, 1.0, 0.0)
+    # x <= lse exactly, but the logits here come from another GEMM than the ones lse was taken
+    # over: rounding could put x above lse, and for huge logits (1e30) exp would overflow. NaN stays.
+    p = tl.exp(tl.minimum(x - lse, 0.0, propagate_nan=tl.PropagateNan.ALL))
+    grad = p - tl.where(c + vocab_start == label, 1.0, 0.0)
     tl.store(x_ptr + row * stride_x + c, (grad * scale).to(x_ptr.dtype.element_ty), mask=mask)
 
 

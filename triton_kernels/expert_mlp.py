@@ -43,21 +43,31 @@ GPT_OSS_LIMIT = 7.0
 
 
 @triton.jit
+def _clamp_nan(x, lo, hi):
+    """``torch.clamp(x, lo, hi)``: NaN stays NaN (Triton's default minimum / maximum return the
+    other operand for NaN). Pass ``lo = -inf`` for no lower bound."""
+    x = tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _act_fwd(g, u, ACT: tl.constexpr, alpha, limit):
-    """Activation on fp32 tiles of gate ``g`` and up ``u``."""
+    """Activation on fp32 tiles of gate ``g`` and up ``u``, in v5's order of operations (so that
+    inf, NaN and overflow land where v5's do)."""
     if ACT == 0:
         a = g * tl.sigmoid(g) * u
     else:
-        gc = tl.minimum(g, limit)
-        uc = tl.minimum(tl.maximum(u, -limit), limit)
-        a = (uc + 1.0) * gc * tl.sigmoid(alpha * gc)
+        gc = _clamp_nan(g, float("-inf"), limit)
+        uc = _clamp_nan(u, -limit, limit)
+        a = (uc + 1.0) * (gc * tl.sigmoid(gc * alpha))
     return a
 
 
 @triton.jit
 def _act_bwd(g, u, da, ACT: tl.constexpr, alpha, limit):
-    """(act, d_gate, d_up) from fp32 tiles of gate, up and d_act. Clamp gradients follow
-    ``torch.clamp``: they pass where the input lies inside the closed interval."""
+    """(act, d_gate, d_up) from fp32 tiles of gate, up and d_act, in the order autograd evaluates
+    v5's expression. Clamp gradients follow ``torch.clamp``: they pass where the input lies inside
+    the closed interval (not for NaN)."""
     if ACT == 0:
         sg = tl.sigmoid(g)
         silu = g * sg
@@ -65,13 +75,16 @@ def _act_bwd(g, u, da, ACT: tl.constexpr, alpha, limit):
         du = da * silu
         dg = da * u * sg * (1.0 + g * (1.0 - sg))
     else:
-        gc = tl.minimum(g, limit)
-        uc = tl.minimum(tl.maximum(u, -limit), limit)
-        sg = tl.sigmoid(alpha * gc)
+        gc = _clamp_nan(g, float("-inf"), limit)
+        uc = _clamp_nan(u, -limit, limit)
+        sg = tl.sigmoid(gc * alpha)
         glu = gc * sg
         a = (uc + 1.0) * glu
         du = tl.where((u >= -limit) & (u <= limit), da * glu, 0.0)
-        dg = tl.where(g <= limit, da * (uc + 1.0) * (sg + alpha * gc * sg * (1.0 - sg)), 0.0)
+        dglu = da * (uc + 1.0)
+        # glu = gc * sigmoid(gc * alpha): the product's two terms, sigmoid's backward grad * (1 - y) * y
+        dgc = dglu * sg + dglu * gc * (1.0 - sg) * sg * alpha
+        dg = tl.where(g <= limit, dgc, 0.0)
     return a, dg, du
 
 

@@ -8,7 +8,8 @@ formulas, as the families write them (n = x * rsqrt(mean(x^2) + eps), computed i
 * ``weight_last=True`` (GPT-OSS): y = (w * n).to(x.dtype), the product in float32.
 
 Backward returns dx in x's dtype and dw summed over rows in float32 (per-program partial sums, then
-one reduction), cast to w's dtype.
+one reduction), cast to w's dtype. dx is evaluated in the order autograd evaluates v5's expression, so
+NaN and inf (from inputs, or from an intermediate that overflows) land where v5's do.
 """
 from __future__ import annotations
 
@@ -74,7 +75,11 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, N, 
         else:  # y = w * n.to(dtype): the product (and so dn) rounds to the input dtype
             dn = (dy * w[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
             dw += tl.sum(dy * n.to(x_ptr.dtype.element_ty).to(tl.float32), 0)
-        dx = rstd[:, None] * (dn - n * (tl.sum(dn * n, 1) / H)[:, None])
+        # autograd's order on v5's expression (n = x * r, r = rsqrt(mean(x^2) + eps)): the path
+        # through r is (-0.5 * sum(dn * x)) * r^3 / H * 2x, so that an overflow lands where v5's does
+        # (x = 1e30 with dn = 1e10: sum(dn * x) = inf, times r^3 = 0 is NaN there too)
+        c = (-0.5 * tl.sum(dn * x, 1)) * (rstd * rstd * rstd) / H
+        dx = dn * rstd[:, None] + c[:, None] * (2.0 * x)
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_part_ptr + pid.to(tl.int64) * H + cols, dw, mask=cmask)
 

@@ -108,7 +108,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
                 grad_logits = softmax_grad_(F.linear(hidden, w), lse, labels, row_scale[:, 0].contiguous(), start)
             else:
-                probs = torch.exp(F.linear(hidden, w).float() - lse[:, None])  # softmax slice [N, v]
+                # softmax slice [N, v]; logits recomputed by another GEMM may exceed the saved lse by
+                # rounding, which for huge logits (1e30) would make exp overflow: p <= 1 exactly
+                probs = torch.exp((F.linear(hidden, w).float() - lse[:, None]).clamp(max=0.0))
                 here = counted & (labels >= start) & (labels < stop)
                 probs[here.nonzero().squeeze(1), labels[here] - start] -= 1.0
                 grad_logits = (probs * row_scale).to(hidden.dtype)
