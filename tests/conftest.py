@@ -23,6 +23,14 @@ else:
     os.environ.setdefault("MOE_LAB_TRITON_AUTOTUNE", "0")
 
 
+try:  # the property tests' settings profiles (hypothesis_profiles.py); HYPOTHESIS_PROFILE picks one
+    from hypothesis_profiles import load_profile
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
+else:
+    load_profile()
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

@@ -2,9 +2,10 @@
 
 Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here and in
 conftest.py before any kernel is imported) on CPU tensors, with small shapes and few hypothesis
-examples; with CUDA the same tests run compiled on the GPU, and the ``gpu``-marked ones add bf16
-checks at larger shapes. Every kernel output is allocated "poisoned" (NaN / sentinel ints), so an
-element a kernel forgets to write fails the comparison.
+examples (new random ones each run: tests/hypothesis_profiles.py); with CUDA the same tests run
+compiled on the GPU, and the ``gpu``-marked ones add bf16 checks at larger shapes. Every kernel
+output is allocated "poisoned" (NaN / sentinel ints), so an element a kernel forgets to write fails
+the comparison.
 """
 import contextlib
 import os
@@ -19,17 +20,19 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from hypothesis_profiles import examples  # noqa: E402
 
 import triton_kernels as tk  # noqa: E402
 from triton_kernels import reference as ref  # noqa: E402
 from triton_kernels._common import interpreting  # noqa: E402
 
 DEVICE = "cpu" if interpreting() else "cuda"
-FAST = settings(max_examples=10, deadline=None, derandomize=True, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-CHEAP = settings(FAST, max_examples=15)  # for the kernels that interpret quickly
+# random cases within a fixed budget on CI, >= 1000 per test under HYPOTHESIS_PROFILE=gpu
+# (tests/hypothesis_profiles.py)
+FAST = examples(ci=10)
+CHEAP = examples(ci=15)  # for the kernels that interpret quickly
 gpu = pytest.mark.gpu
 needs_compiled_cuda = pytest.mark.skipif(interpreting() or not torch.cuda.is_available(),
                                          reason="needs CUDA with compiled (not interpreted) Triton")

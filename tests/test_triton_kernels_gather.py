@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
+from hypothesis_profiles import examples
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -19,7 +20,7 @@ from triton_kernels.reference import expert_mlp_ref  # noqa: E402
 DEVICE = "cpu" if interpreting() else "cuda"
 
 
-@settings(max_examples=12, deadline=None)
+@examples(ci=12)
 @given(
     activation=st.sampled_from(["swiglu", "gpt_oss"]),
     num_experts=st.sampled_from([1, 3, 6]),
