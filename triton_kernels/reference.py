@@ -4,6 +4,7 @@ T tokens, H hidden, E experts, k top-k, S = T*k routed rows, I expert width.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -139,3 +140,47 @@ def route_ref(logits: torch.Tensor, top_k: int, mode: str = "softmax", renormali
     else:
         raise ValueError(f"unknown router mode {mode!r}")
     return w * routed_scaling_factor, ids
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm, rotary embedding, the cross-entropy rows, AdamW
+# ---------------------------------------------------------------------------------------------
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_last: bool = False) -> torch.Tensor:
+    """v5's two RMSNorm formulas (see rmsnorm.rms_norm), n = x.float() * rsqrt(mean(x^2) + eps):
+    weight * n.to(x.dtype), or with ``weight_last`` (GPT-OSS) (weight * n).to(x.dtype)."""
+    xf = x.float()
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * n).to(x.dtype) if weight_last else weight * n.to(x.dtype)
+
+
+def rotate_half_ref(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D], cos/sin [B or 1, S, D] -> x * cos + rotate_half(x) * sin (v5's
+    apply_rotary_pos_emb with cos/sin unsqueezed over the heads)."""
+    return x * cos.unsqueeze(1) + rotate_half_ref(x) * sin.unsqueeze(1)
+
+
+def log_sum_exp_ref(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise max + log(sum(exp(x - max))) in float32, as v5's loss (log_softmax) computes it: NaN
+    for a row with a NaN or +inf logit or only -inf ones (torch.logsumexp would give +-inf)."""
+    z = logits.float()
+    row_max = z.amax(dim=-1, keepdim=True)
+    return (row_max + torch.log(torch.exp(z - row_max).sum(dim=-1, keepdim=True))).squeeze(-1)
+
+
+def adamw_ref(param, grad, exp_avg, exp_avg_sq, *, step: int, lr: float, beta1: float, beta2: float,
+              eps: float, weight_decay: float):
+    """One AdamW step as PyTorch's fused CUDA kernel computes it (float32 arithmetic; the decay only
+    where weight_decay != 0) -> new (param, exp_avg, exp_avg_sq) in float32."""
+    p, g, m, v = (t.float() for t in (param, grad, exp_avg, exp_avg_sq))
+    if weight_decay != 0:
+        p = p - (lr * weight_decay) * p
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    step_size = lr / (1 - beta1 ** step)
+    p = p - step_size * m / (v.sqrt() / math.sqrt(1 - beta2 ** step) + eps)
+    return p, m, v
