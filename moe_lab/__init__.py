@@ -3,15 +3,15 @@
     import moe_lab
     model = moe_lab.AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-30B-A3B", moe_backend="torch")
 """
-from . import backends as _backends  # noqa: F401  (registers the built-in backends)
-from .experts import ExpertsSpec
+from . import stages as _stages  # noqa: F401  (registers every stage implementation and the backend words)
+from .stages.experts import ExpertsSpec
 from .parallel.expert_parallel import apply_expert_parallel
 from .families import FAMILIES, UnsupportedModelError
 from .hf import AutoModelForCausalLM, experts_implementation_name, patch_model, register_v5_experts_functions
 from .layer import MoELayer
 from .options import Options
 from .registry import STAGES, available_backends, register_backend, register_stage, resolve_backend
-from .routing import RoutingSpec, route_reference
+from .stages.router import RoutingSpec, route_reference
 from .analysis import stats  # noqa: F401  (NumPy only)
 from .analysis.trace import RoutingTrace, load_trace, trace_routing
 

@@ -13,8 +13,8 @@ from typing import Callable
 import torch.nn as nn
 from transformers.integrations.moe import _default_apply_gate
 
-from .experts import ExpertsSpec
-from .routing import RoutingSpec
+from .stages.experts import ExpertsSpec
+from .stages.router import RoutingSpec
 
 
 class UnsupportedModelError(NotImplementedError):

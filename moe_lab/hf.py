@@ -15,9 +15,9 @@ import torch.nn as nn
 import transformers
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .dispatch import LocalDispatcher
+from .stages.dispatch import LocalDispatcher
 from .families import FAMILIES, UnsupportedModelError, experts_spec_of, is_v5_experts_module
-from .experts import first_weight
+from .stages.experts import first_weight
 from .layer import LayerPlanner, MoELayer, adapt_experts, run_routed_experts
 from .options import Options, apply_process_settings
 from .registry import StageChoice, available_backends, resolve_backend

@@ -11,10 +11,10 @@ import sys
 import torch
 import torch.nn as nn
 
-from .experts import ExpertsSpec, first_weight
+from .stages.experts import ExpertsSpec, first_weight
 from .families import Family
 from .registry import LayerNeeds, StageChoice, fused_pair, plan_layer
-from .routing import RoutingSpec
+from .stages.router import RoutingSpec
 
 
 class LayerPlanner:

@@ -16,7 +16,7 @@ import transformers
 
 import moe_lab
 from moe_lab.layer import MoELayer
-from moe_lab.routing import route_reference
+from moe_lab.stages.router import route_reference
 from tiny_models import tiny_config
 
 

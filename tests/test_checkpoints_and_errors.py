@@ -125,7 +125,7 @@ def test_experts_with_unknown_gating_are_refused():
 
 
 def test_bad_expert_ids_get_a_clear_error():
-    from moe_lab.permutation import plan_sorted
+    from moe_lab.stages.permute import plan_sorted
 
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
         plan_sorted(torch.tensor([[0, 4]]), 4)
@@ -134,7 +134,7 @@ def test_bad_expert_ids_get_a_clear_error():
 def test_triton_without_gpu_or_interpreter_says_what_to_do(monkeypatch):
     import torch
 
-    from moe_lab.triton_backend import why_triton_unavailable
+    from moe_lab.stages._requires import why_triton_unavailable
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -29,6 +29,6 @@ def test_bf16_backend_against_fp32_v5(family, backend):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_triton_router_matches_reference_up_to_ties(family):
-    from moe_lab.triton_backend import route_triton
+    from moe_lab.stages.router import route_triton
 
     check_router_matches_reference_up_to_ties(family, "triton", route_triton)

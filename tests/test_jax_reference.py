@@ -20,7 +20,7 @@ from moe_lab.jax import reference as jr  # noqa: E402
 from moe_lab.jax.dlpack import jax_to_torch, shares_memory, torch_to_jax, x64_enabled  # noqa: E402
 from moe_lab.families import FAMILIES as FAMILY_SPECS, experts_spec_of  # noqa: E402
 from moe_lab.layer import run_routed_experts  # noqa: E402
-from moe_lab.routing import RoutingSpec, route_reference  # noqa: E402
+from moe_lab.stages.router import RoutingSpec, route_reference  # noqa: E402
 from tiny_models import FAMILIES, tiny_config  # noqa: E402
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -94,7 +94,7 @@ def test_routing_variants_match_torch(kind):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(37, spec.num_experts, generator=g)
     bias = torch.randn(spec.num_experts, generator=g) * 0.2 if spec.has_correction_bias else None
-    from moe_lab.routing import select_experts
+    from moe_lab.stages.router import select_experts
 
     w_ref, i_ref = select_experts(logits, spec, bias)
     w_got, i_got = jr.select_experts(torch_to_jax(logits), spec, None if bias is None else torch_to_jax(bias))

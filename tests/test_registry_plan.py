@@ -9,7 +9,7 @@ import moe_lab
 from moe_lab.registry import (
     Capabilities, LayerNeeds, StageRefusedError, _IMPLS, plan_layer, register_stage, resolve_backend,
 )
-from moe_lab.routing import route_reference
+from moe_lab.stages.router import route_reference
 from tiny_models import tiny_config, v5_and_moe_lab
 
 

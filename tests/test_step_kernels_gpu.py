@@ -176,7 +176,7 @@ def test_fused_rope_model_on_gpu_equals_v5(checkpointing, monkeypatch):
 def test_no_host_sync_in_the_id_check_and_the_fused_loss():
     """The checks that made the host wait for the GPU in every MoE layer are device-side now: CUDA's
     sync debug mode raises on any synchronisation."""
-    from moe_lab.permutation import _check_ids
+    from moe_lab.stages.permute import _check_ids
 
     ids = torch.randint(0, 8, (64, 2), device="cuda")
     hidden = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import moe_lab
-from moe_lab.permutation import plan_sorted
-from moe_lab.routing import RoutingSpec
-from moe_lab.te_backend import (
-    inverse_to_te_row_map, slot_of_row_from_inverse, te_router_unsupported, te_row_map_to_inverse, why_te_unavailable,
-)
+from moe_lab.stages.permute import plan_sorted
+from moe_lab.stages.router import RoutingSpec
+from moe_lab.stages.permute import inverse_to_te_row_map, slot_of_row_from_inverse, te_row_map_to_inverse
+from moe_lab.stages.router import te_router_unsupported
+from moe_lab.stages._requires import why_te_unavailable
 from tiny_models import tiny_config
 
 NO_TE = why_te_unavailable() is not None

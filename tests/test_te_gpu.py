@@ -12,7 +12,7 @@ from gpu_checks import check_bf16_against_fp32_v5, check_router_matches_referenc
 from tiny_models import FAMILIES, tiny_config
 
 import moe_lab
-from moe_lab.te_backend import why_te_unavailable
+from moe_lab.stages._requires import why_te_unavailable
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(why_te_unavailable() is not None, reason=str(why_te_unavailable()))]
 
@@ -27,7 +27,7 @@ def test_te_stages_bf16_against_fp32_v5(family, experts):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_te_router_matches_reference_up_to_ties(family):
-    from moe_lab.te_backend import route_te
+    from moe_lab.stages.router import route_te
 
     check_router_matches_reference_up_to_ties(family, "te", route_te)
 
@@ -41,8 +41,10 @@ def _config(family):
 def test_te_permutation_and_combine_match_reference(family):
     """TE's permute gives the reference's expert-sorted rows (same counts, each row its token's),
     and TE's weighted unpermute equals the reference combine, forward and gradients (fp32 rows)."""
-    from moe_lab.permutation import combine_eager, gather_rows, plan_sorted
-    from moe_lab.te_backend import combine_te, permute_te
+    from moe_lab.stages.combine import combine_eager
+    from moe_lab.stages.permute import gather_rows, plan_sorted
+    from moe_lab.stages.combine import combine_te
+    from moe_lab.stages.permute import permute_te
 
     torch.manual_seed(0)
     T, H, E, k = 1000, 96, 12, 4

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import moe_lab
+from moe_lab.stages._requires import why_triton_unavailable
 from moe_lab.parallel.deepep import DeepEPDispatcher, why_deepep_unavailable
-from moe_lab.experts import ExpertsSpec
+from moe_lab.stages.experts import ExpertsSpec
 from moe_lab.layer import run_local_experts
 
 
@@ -37,7 +38,7 @@ def _loop(x, local_ids, local_weights, experts):
 
 def _backends():
     words = ["eager", "torch"]
-    if moe_lab.backends.why_triton_unavailable() is None:
+    if why_triton_unavailable() is None:
         words.append("triton")
     return words
 

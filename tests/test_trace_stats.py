@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import moe_lab
 from moe_lab import stats
-from moe_lab.routing import select_experts
+from moe_lab.stages.router import select_experts
 from moe_lab.analysis.trace import RoutingTrace, find_routers, load_trace, merge_rank_traces, rank_path, trace_routing
 from tiny_models import tiny_config
 

@@ -49,8 +49,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..dispatch import Dispatched
-from ..permutation import Permutation
+from ..stages.dispatch import Dispatched
+from ..stages.permute import Permutation
 
 logger = logging.getLogger(__name__)
 
@@ -143,70 +143,6 @@ def make_context(ep_size: int, num_experts: int, model_type: str = "?") -> Exper
     return context_from_mesh(make_mesh(ep_size, num_experts, model_type))
 
 
-class _AllToAll(torch.autograd.Function):
-    """rows [sum(send_splits), H] -> [sum(recv_splits), H]; backward sends the gradient back."""
-
-    @staticmethod
-    def forward(ctx, rows, send_splits, recv_splits, group):
-        ctx.splits, ctx.group = (send_splits, recv_splits), group
-        out = rows.new_empty(sum(recv_splits), *rows.shape[1:])
-        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        send_splits, recv_splits = ctx.splits
-        out = grad.new_empty(sum(send_splits), *grad.shape[1:])
-        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
-        return out, None, None, None
-
-
-def all_to_all(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(rows, send_splits, recv_splits, group)
-
-
-class AllToAllDispatcher:
-    """Send expert-sorted rows to the ranks owning their experts, and the results back."""
-
-    name = "all2all"
-
-    def __init__(self, ep: ExpertParallelContext | None = None, num_experts: int | None = None, **_):
-        if ep is None:
-            raise ValueError("the all2all dispatcher needs expert parallelism: pass ep_size=N under torchrun")
-        self.ep = ep
-        self.num_local = num_experts // ep.ep_size
-        self.last_local_rows = 0
-
-    def dispatch(self, x: torch.Tensor, perm: Permutation) -> Dispatched:
-        """x [S, H] sorted by global expert -> local rows [S_local, H] sorted by local expert."""
-        ep, local = self.ep, self.num_local
-        send_counts = perm.counts.view(ep.ep_size, local)  # [dst rank, local expert]
-        recv_counts = torch.empty_like(send_counts)  # [src rank, local expert]
-        dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=ep.ep_group)
-        send_splits = send_counts.sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
-        received = all_to_all(x, send_splits, recv_splits, ep.ep_group)  # grouped by source rank
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(local, device=x.device).repeat(ep.ep_size), recv_counts.flatten(), output_size=received.shape[0]
-        )
-        order = torch.argsort(expert_of_row, stable=True)  # -> by local expert, then source rank
-        counts = recv_counts.sum(0)
-        self.last_local_rows = received.shape[0]  # rows this rank's experts got (for tests and traces)
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        return Dispatched(received[order], counts, offsets, handle=(order, send_splits, recv_splits))
-
-    def combine(self, y: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        """y [S_local, H] in local-expert order -> [S, H] back on the source ranks, in their order."""
-        order, send_splits, recv_splits = dispatched.handle
-        if y.shape[0] == 0 and torch.is_grad_enabled() and dispatched.x.requires_grad:
-            # No row reached this rank's experts, so `y` may not be connected to the received rows;
-            # connect it, or this rank would skip the backward all-to-alls the other ranks wait in.
-            y = y + dispatched.x.sum() * 0
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return all_to_all(y[inverse], recv_splits, send_splits, self.ep.ep_group)
-
-
 # ---- applying a mesh to a patched model ------------------------------------------------------------
 def _moe_sites(model: nn.Module):
     """(qualified name, module, is_layer) of every place moe_lab runs experts: a `MoELayer` (is_layer)
@@ -284,7 +220,7 @@ def apply_expert_parallel(model: nn.Module, mesh, *, dispatch: str = "all2all", 
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     if rebuilt:  # what each layer runs now (see patch_model)
-        from ..experts import first_weight
+        from ..stages.experts import first_weight
 
         plan = getattr(model, "moe_lab_plan", None)
         for name, is_layer, new in rebuilt:

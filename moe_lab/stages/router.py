@@ -1,17 +1,23 @@
-"""Routing: router logits -> scores -> top-k expert ids and their weights.
+"""The router stage: router logits -> scores -> top-k expert ids and their weights.
 
 One `RoutingSpec` names the semantics of a model family exactly as Transformers v5 defines them;
-`route_reference` is the readable definition every faster router is held to.
+`route_reference` is the readable definition every faster router is held to. Below it: the Triton
+router (one kernel for scores, top-k and weights) and TransformerEngine's fused top-k.
 
+Every router: (hidden [T, H], weight [E, H], bias [E] | None, correction_bias [E] | None, spec)
+-> RouterOutput(logits [T, E], weights [T, k], ids [T, k]).
 Shapes: T tokens, H hidden size, E experts, k experts per token.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from ..registry import register_stage
+from ._requires import TE, TRITON, kernels, why_te_unavailable, why_triton_unavailable
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,10 @@ def select_experts(logits: torch.Tensor, spec: RoutingSpec, correction_bias: tor
     """logits [T, E] -> (weights [T, k], ids [T, k]) with the family's exact v5 semantics.
 
     Ties between equal scores are broken by `torch.topk` (v5 does the same; it does not promise
-    which index wins). Faster routers break ties towards the lower expert index.
+    which index wins). Faster routers break ties towards the lower expert index. NaN ranks above
+    every number (as in `torch.topk`), so a NaN score is chosen and its weight is NaN; where a
+    softmax row is all NaN (a NaN or +inf logit), every score ties and the Triton router takes
+    experts 0..k-1.
     """
     k = spec.top_k
     if spec.topk_before_softmax:  # GPT-OSS
@@ -135,3 +144,66 @@ def route_reference(
     logits = router_logits(hidden, weight, bias, spec)
     weights, ids = select_experts(logits, spec, correction_bias)
     return RouterOutput(logits, weights, ids)
+
+
+# ---- Triton: scores, top-k and weights in one kernel -----------------------------------------
+def route_triton(hidden, weight, bias, correction_bias, spec: RoutingSpec) -> RouterOutput:
+    """hidden [T, H] -> RouterOutput(logits [T, E], weights [T, k], ids [T, k]); v5's semantics."""
+    logits = router_logits(hidden, weight, bias, spec)
+    if spec.topk_before_softmax:
+        mode = "topk_softmax"
+    else:
+        mode = spec.score
+    weights, ids = kernels().route(
+        logits,
+        spec.top_k,
+        mode=mode,
+        renormalize=spec.renormalize,
+        correction_bias=correction_bias if spec.has_correction_bias else None,
+        n_group=spec.n_group,
+        topk_group=spec.topk_group,
+        routed_scaling_factor=spec.scaling,
+    )
+    if spec.weights_in_logits_dtype:
+        weights = weights.to(logits.dtype)
+    return RouterOutput(logits, weights, ids)
+
+
+# ---- TransformerEngine: fused top-k with score function (softmax families) -------------------
+def te_router_unsupported(spec: RoutingSpec) -> str | None:
+    """None if TE's fused router computes this family's routing; else why not."""
+    if spec.score != "softmax":
+        return (f"score {spec.score!r} with group-limited choice and correction bias is not held to TE's "
+                "fused router")
+    return None
+
+
+def route_te(hidden, weight, bias, correction_bias, spec: RoutingSpec) -> RouterOutput:
+    """hidden [T, H] -> RouterOutput(logits [T, E], weights [T, k], ids [T, k]) through TE's fused
+    top-k. softmax -> top-k -> renormalise equals top-k on logits -> softmax over the k, which is
+    TE's `use_pre_softmax=False`; without renormalisation TE softmaxes first (`use_pre_softmax=True`)."""
+    reason = te_router_unsupported(spec)
+    if reason:  # the registry's plan never sends such a layer here
+        raise ValueError(f"te router: {reason}")
+    from transformer_engine.pytorch.router import fused_topk_with_score_function
+
+    logits = router_logits(hidden, weight, bias, spec)
+    pre_softmax = not (spec.topk_before_softmax or spec.renormalize)
+    ids = torch.empty(logits.shape[0], spec.top_k, dtype=torch.int64, device=logits.device)
+    probs, ids = fused_topk_with_score_function(
+        logits.float(), spec.top_k, pre_softmax, None, None,
+        spec.scaling if spec.scaling != 1.0 else None, "softmax", None, topk_indices=ids)
+    weights = probs.gather(1, ids)
+    weights = weights.to(logits.dtype) if spec.weights_in_logits_dtype else weights
+    return RouterOutput(logits, weights, ids)
+
+
+# ---- registrations ---------------------------------------------------------------------------
+register_stage("router", "eager", route_reference, description="reference router (v5 semantics)")
+register_stage("router", "torch", route_reference, description="same as eager: the router is already vectorised")
+register_stage("router", "triton", route_triton, why_triton_unavailable, description="fused scores + top-k + weights kernel",
+               caps=TRITON)
+register_stage("router", "te", route_te, why_te_unavailable,
+               description="TransformerEngine fused top-k with score function (softmax families)",
+               caps=replace(TE, routing=frozenset({"softmax", "topk_before_softmax", "renormalize", "scaling",
+                                                   "logits_fp32"})))

@@ -1,0 +1,125 @@
+"""The dispatch stage: where expert-sorted rows go before the expert GEMMs and come back after.
+
+On one process the dispatcher is local (rows stay put). Under expert parallelism `all2all` sends
+each row to the rank owning its expert with `all_to_all_single` (uneven splits; the backward of a
+send is the reverse send) and the results back; `deepep` (moe_lab.parallel.deepep) moves tokens
+with DeepEP's NVLink kernels and runs the other stages on what arrives (token-level).
+
+A dispatcher is a class built once per layer: `.dispatch(x, perm) -> Dispatched`,
+`.combine(y, dispatched) -> y`; or token-level: `.run(hidden, ids, weights, local_fn) -> out [T, H]`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from ..registry import Capabilities, register_stage
+from ..parallel.deepep import DeepEPDispatcher, why_deepep_unavailable
+from .permute import Permutation
+
+if TYPE_CHECKING:
+    from ..parallel.expert_parallel import ExpertParallelContext
+
+
+@dataclass
+class Dispatched:
+    """Rows as the local experts see them: x [S_local, H], counts [E_local], offsets [E_local] int32,
+    and `handle`, whatever the dispatcher needs to bring the results back."""
+
+    x: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    handle: object = None
+
+
+class LocalDispatcher:
+    """Every expert lives in this process: dispatch and combine are the identity."""
+
+    name = "local"
+
+    def __init__(self, **context):
+        pass
+
+    def dispatch(self, x: torch.Tensor, perm: Permutation) -> Dispatched:
+        return Dispatched(x, perm.counts, perm.offsets)
+
+    def combine(self, y: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        return y
+
+
+# ---- all2all: torch.distributed all_to_all_single between the ranks of the ep group ----------
+class _AllToAll(torch.autograd.Function):
+    """rows [sum(send_splits), H] -> [sum(recv_splits), H]; backward sends the gradient back."""
+
+    @staticmethod
+    def forward(ctx, rows, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        out = rows.new_empty(sum(recv_splits), *rows.shape[1:])
+        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        out = grad.new_empty(sum(send_splits), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    return _AllToAll.apply(rows, send_splits, recv_splits, group)
+
+
+class AllToAllDispatcher:
+    """Send expert-sorted rows to the ranks owning their experts, and the results back."""
+
+    name = "all2all"
+
+    def __init__(self, ep: ExpertParallelContext | None = None, num_experts: int | None = None, **_):
+        if ep is None:
+            raise ValueError("the all2all dispatcher needs expert parallelism: pass ep_size=N under torchrun")
+        self.ep = ep
+        self.num_local = num_experts // ep.ep_size
+        self.last_local_rows = 0
+
+    def dispatch(self, x: torch.Tensor, perm: Permutation) -> Dispatched:
+        """x [S, H] sorted by global expert -> local rows [S_local, H] sorted by local expert."""
+        ep, local = self.ep, self.num_local
+        send_counts = perm.counts.view(ep.ep_size, local)  # [dst rank, local expert]
+        recv_counts = torch.empty_like(send_counts)  # [src rank, local expert]
+        dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=ep.ep_group)
+        send_splits = send_counts.sum(1).tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+        received = all_to_all(x, send_splits, recv_splits, ep.ep_group)  # grouped by source rank
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(local, device=x.device).repeat(ep.ep_size), recv_counts.flatten(), output_size=received.shape[0]
+        )
+        order = torch.argsort(expert_of_row, stable=True)  # -> by local expert, then source rank
+        counts = recv_counts.sum(0)
+        self.last_local_rows = received.shape[0]  # rows this rank's experts got (for tests and traces)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        return Dispatched(received[order], counts, offsets, handle=(order, send_splits, recv_splits))
+
+    def combine(self, y: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        """y [S_local, H] in local-expert order -> [S, H] back on the source ranks, in their order."""
+        order, send_splits, recv_splits = dispatched.handle
+        if y.shape[0] == 0 and torch.is_grad_enabled() and dispatched.x.requires_grad:
+            # No row reached this rank's experts, so `y` may not be connected to the received rows;
+            # connect it, or this rank would skip the backward all-to-alls the other ranks wait in.
+            y = y + dispatched.x.sum() * 0
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return all_to_all(y[inverse], recv_splits, send_splits, self.ep.ep_group)
+
+
+# ---- registrations ---------------------------------------------------------------------------
+register_stage("dispatch", "local", LocalDispatcher, description="all experts in this process",
+               caps=Capabilities(graph_safe=True))
+register_stage("dispatch", "all2all", AllToAllDispatcher, description="torch.distributed all_to_all_single, uneven splits")
+register_stage("dispatch", "deepep", DeepEPDispatcher, why_deepep_unavailable,
+               description="DeepEP fused NVLink all-to-all (token-level: moves tokens, the other stages run on what arrives)",
+               caps=Capabilities(devices=frozenset({"cuda"}), dtypes={"cuda": frozenset({torch.bfloat16})},
+                                 token_level=True))
