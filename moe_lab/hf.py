@@ -44,8 +44,17 @@ def _with_expert_parallel_dispatch(choice: StageChoice, ep_size: int) -> StageCh
 
 
 def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int = 1, fsdp: bool = False,
-                substitute: bool | None = None) -> nn.Module:
-    """Route every sparse MoE block of a v5 model through moe_lab, in place; returns the model.
+                options: Options | None = None, **switches) -> nn.Module:
+    """Route every sparse MoE block of a v5 model through moe_lab, in place, with `options` (a
+    `moe_lab.Options`, or its fields as keyword arguments) applied as `from_pretrained` applies them;
+    returns the model. See `_patch_moe_blocks` for what happens to each block."""
+    options = Options.build(options, **switches)
+    return _finish(model, resolve_backend(moe_backend), ep_size, fsdp, options)
+
+
+def _patch_moe_blocks(model: nn.Module, moe_backend: MoeBackend, ep_size: int = 1, fsdp: bool = False,
+                      substitute: bool | None = None) -> nn.Module:
+    """Replace every sparse MoE block of a v5 model, in place.
 
     A chosen stage that cannot compute a layer (its activation, routing, dtype or device) is refused
     with the reason; with `substitute=True` (the default when no backend is named) that stage runs
@@ -141,7 +150,7 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
         if ep_size > 1 and not model_args:
             from .parallel.loading import load_local_experts
 
-            model = load_local_experts(pretrained_model_name_or_path, lambda meta: patch_model(
+            model = load_local_experts(pretrained_model_name_or_path, lambda meta: _patch_moe_blocks(
                 meta, choice, ep_size=ep_size, substitute=options.substitute or choice.requested is None), **kwargs)
             if model is not None:  # only this rank's experts were read
                 return _finish(model, choice, ep_size, fsdp, options, patched=True)
@@ -159,7 +168,7 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
 
 
 def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, options: Options, patched: bool = False):
-    """Apply the whole-step options around `patch_model` (checks first, then changes)."""
+    """Apply the whole-step options around `_patch_moe_blocks` (checks first, then changes)."""
     if options.cuda_graphs:  # checked before anything changes
         from .training.cuda_graphs import check_graphable
 
@@ -174,7 +183,8 @@ def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, options: Optio
 
         enable_fused_norm(model)
     if not patched:
-        patch_model(model, choice, ep_size=ep_size, fsdp=fsdp, substitute=options.substitute or choice.requested is None)
+        _patch_moe_blocks(model, choice, ep_size=ep_size, fsdp=fsdp,
+                          substitute=options.substitute or choice.requested is None)
     elif fsdp:  # loaded expert-parallel by ep_loading: FSDP2 after the norms above, as patch_model does
         from .parallel.expert_parallel import shard_non_experts_fsdp2
 

@@ -48,3 +48,14 @@ def test_from_config_takes_options_and_keyword_switches(tiny_qwen3_config=None):
     assert model.moe_lab_options == Options()
     with pytest.raises(TypeError, match="unknown moe_lab option"):
         moe_lab.AutoModelForCausalLM.from_config(config, options={"fused_loss": True})
+
+
+def test_patch_model_takes_the_same_options():
+    import transformers
+    from tiny_models import tiny_config
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"))
+    moe_lab.patch_model(model, "torch", options=Options(autotune=False), substitute=True)
+    assert model.moe_lab_options == Options(autotune=False, substitute=True)
+    with pytest.raises(TypeError, match="unknown moe_lab option"):
+        moe_lab.patch_model(transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe")), "torch", fused=True)

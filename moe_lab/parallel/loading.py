@@ -128,7 +128,7 @@ def load_local_experts(path, shard, device="cpu", **kwargs):
 
     `shard(model)` makes the v5 model built here on the meta device expert-parallel (moe_lab's
     layers, each experts tensor cut to this rank's shard) and returns it; `hf.py` passes
-    `patch_model(model, choice, ep_size=N)`. What comes after loading (FSDP2, the whole-step
+    `_patch_moe_blocks(model, choice, ep_size=N)`. What comes after loading (FSDP2, the whole-step
     options) is the caller's."""
     import transformers
 
