@@ -58,7 +58,7 @@ def _fwd_configs():
         (64, 256, 64, 8, 3),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
-        # session 4's larger tiles: 128x256 s4 won some keys in session 5, 256x128 none
+        # larger tiles, for the largest row counts per expert
         (128, 256, 64, 8, 4),
         (256, 128, 64, 8, 3),
     ], _INTERPRET_FWD)
@@ -66,7 +66,7 @@ def _fwd_configs():
 
 def _dw_configs():
     return _configs(_KNS, [
-        (128, 128, 32, 4, 4),  # every weight-gradient key's winner in sessions 5 and 6
+        (128, 128, 32, 4, 4),  # the usual choice at Qwen3-30B-A3B geometry on the H200
         (128, 128, 32, 4, 5),
         (128, 128, 32, 4, 6),
         (128, 128, 32, 8, 4),
@@ -81,15 +81,15 @@ def tma_enabled() -> bool:
     """``settings.configure(tma=True)``: the GEMM tiles move by tensor descriptors (Hopper's tensor-memory
     accelerator) where the tensors allow it: the plain grouped GEMM (``_grouped_mm_tma_kernel``) and
     the fused expert-MLP kernels (``expert_mlp``, without the gather). The weight gradient stays on
-    the pointer kernel (its descriptor version, ``grouped_mm_weight_grad(impl="tma")``, was 5-6%
-    slower on the H200 in session 6). Experimental, off by default."""
+    the pointer kernel (its descriptor version, ``grouped_mm_weight_grad(impl="tma")``, is slower
+    on the H200; ``results/NOTES.md``). Experimental, off by default."""
     from .settings import current
 
     return current().tma
 
 
 def _tma_configs():
-    return _configs(_MNK, [  # the pointer kernel's usual winners (session 5)
+    return _configs(_MNK, [  # the pointer kernel's usual choices
         (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
         (128, 256, 64, 8, 4),
@@ -99,7 +99,7 @@ def _tma_configs():
 
 def _dw_tma_configs():
     return _configs(_KNS, [
-        (128, 128, 32, 4, 4),  # the pointer kernel's winner (session 5)
+        (128, 128, 32, 4, 4),  # the pointer kernel's usual choice
         (128, 128, 64, 8, 3),
         (128, 256, 32, 8, 3),
         (64, 128, 64, 4, 4),
