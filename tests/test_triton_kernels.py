@@ -26,6 +26,7 @@ from hypothesis_profiles import examples  # noqa: E402
 
 import triton_kernels as tk  # noqa: E402
 from triton_kernels import reference as ref  # noqa: E402
+from triton_kernels import settings as kernel_settings  # noqa: E402
 from triton_kernels._common import interpreting  # noqa: E402
 
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -171,12 +172,12 @@ class _CountingKernel:
 @pytest.mark.parametrize("transposed_w", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 def test_grouped_mm_tma_matches_the_pointer_kernel(monkeypatch, transposed_w, bias):
-    """MOE_LAB_TRITON_TMA=1: the tensor-descriptor kernels (forward, the input gradient on the
+    """settings tma=True: the tensor-descriptor kernels (forward, the input gradient on the
     transpose view; the weight gradient stays on the pointer kernel) against the reference and the
     pointer kernels, with empty
     experts, an expert over several M-tiles and N narrower than a tile (the descriptors clip at each
     expert's last row)."""
-    from triton_kernels import grouped_gemm
+    from triton_kernels import grouped_gemm, grouped_gemm_tma
 
     E, K, N = 6, 72, 40
     counts = torch.tensor([0, 70, 3, 0, 17, 1])
@@ -196,14 +197,14 @@ def test_grouped_mm_tma_matches_the_pointer_kernel(monkeypatch, transposed_w, bi
             y = tk.grouped_mm(x, w, offsets, b)
             return (y,) + torch.autograd.grad(y, inputs, dy)
 
-    forward = _CountingKernel(grouped_gemm._grouped_mm_tma_kernel)
-    weight_grad = _CountingKernel(grouped_gemm._grouped_mm_dw_tma_kernel)
-    monkeypatch.setattr(grouped_gemm, "_grouped_mm_tma_kernel", forward)
-    monkeypatch.setattr(grouped_gemm, "_grouped_mm_dw_tma_kernel", weight_grad)
-    monkeypatch.setenv("MOE_LAB_TRITON_TMA", "1")
+    forward = _CountingKernel(grouped_gemm_tma._grouped_mm_tma_kernel)
+    weight_grad = _CountingKernel(grouped_gemm_tma._grouped_mm_dw_tma_kernel)
+    monkeypatch.setattr(grouped_gemm_tma, "_grouped_mm_tma_kernel", forward)
+    monkeypatch.setattr(grouped_gemm_tma, "_grouped_mm_dw_tma_kernel", weight_grad)
+    monkeypatch.setattr(kernel_settings, "_current", kernel_settings.KernelSettings(tma=True))
     y, gx, gw, *gb = run()
     assert forward.launches == 2, "a TMA kernel did not run"
-    assert weight_grad.launches == 0, "the weight gradient stays on the pointer kernel under MOE_LAB_TRITON_TMA=1"
+    assert weight_grad.launches == 0, "the weight gradient stays on the pointer kernel under settings tma=True"
     y_ref = ref.grouped_mm_ref(xr, baser.transpose(1, 2) if transposed_w else baser, offsets, br)
     rx, rw, *rb = torch.autograd.grad(y_ref, (xr, baser) + ((br,) if bias else ()), dy.float())
     assert_close_rel(y, y_ref, 1e-2, "y")
@@ -212,7 +213,7 @@ def test_grouped_mm_tma_matches_the_pointer_kernel(monkeypatch, transposed_w, bi
     assert_close_rel(gw[0], torch.zeros_like(rw[0]), 0.0, "dw of an empty expert")
     if bias:
         assert_close_rel(gb[0], rb[0], 2e-2, "dbias")
-    monkeypatch.setenv("MOE_LAB_TRITON_TMA", "0")
+    monkeypatch.setattr(kernel_settings, "_current", kernel_settings.KernelSettings(tma=False))
     for name, tma, pointer in zip(("y", "dx"), (y, gx), run()):  # (dw, dbias: the pointer kernel both times)
         if interpreting():  # same tiles, same order: bit for bit
             assert_close(tma, pointer, rtol=0, atol=0, what=f"{name}: TMA vs pointer kernel")
@@ -265,7 +266,7 @@ def test_grouped_mm_tma_store_stops_at_the_experts_last_row():
     expert launched, the next expert's programs would hide it)."""
     import triton
 
-    from triton_kernels import grouped_gemm
+    from triton_kernels import grouped_gemm, grouped_gemm_tma
 
     E, K, N, block_m = 4, 64, 40, 32
     counts = torch.tensor([0, 70, 30, 20])
@@ -276,7 +277,7 @@ def test_grouped_mm_tma_store_stops_at_the_experts_last_row():
     y = torch.full((S, N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     grid = lambda meta: (triton.cdiv(70, block_m) * triton.cdiv(N, meta["BLOCK_N"]),)
     upcast = grouped_gemm._gemm_flags(x.dtype)[1]
-    grouped_gemm.launch_tma_forward(grouped_gemm._grouped_mm_tma_kernel.fn, grid, x, w, y, x, offsets, (0, 0),
+    grouped_gemm_tma.launch_tma_forward(grouped_gemm_tma._grouped_mm_tma_kernel.fn, grid, x, w, y, x, offsets, (0, 0),
                                     False, upcast, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4)
     assert_close_rel(y[:70], x[:70].float() @ w[1].float(), 1e-2, "expert 1's rows")
     assert torch.isnan(y[70:].float()).all(), "the store ran past expert 1's last row"
@@ -405,7 +406,7 @@ def test_expert_mlp_bf16(act, transposed):
 @pytest.mark.parametrize("act", ["swiglu", "gpt_oss"])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_expert_mlp_tma_matches_the_pointer_kernels(monkeypatch, act, transposed):
-    """MOE_LAB_TRITON_TMA=1 in the fused kernels: the gate_up + activation forward (K-major weights,
+    """settings tma=True in the fused kernels: the gate_up + activation forward (K-major weights,
     concatenated halves; the interleaved halves of ``transposed`` GPT-OSS-style weights have no unit
     stride and stay on pointers) and the down backward + activation, against the pointer path."""
     import importlib
@@ -426,10 +427,10 @@ def test_expert_mlp_tma_matches_the_pointer_kernels(monkeypatch, act, transposed
     described = []  # use_tma of each fused-kernel launch
     real = expert_mlp.tma_weight_args
     monkeypatch.setattr(expert_mlp, "tma_weight_args", lambda use_tma, w: described.append(use_tma) or real(use_tma, w))
-    monkeypatch.setenv("MOE_LAB_TRITON_TMA", "1")
+    monkeypatch.setattr(kernel_settings, "_current", kernel_settings.KernelSettings(tma=True))
     with_tma = run()
     assert described.count(True) == (1 if transposed else 2), "the fused kernels did not take the TMA path"
-    monkeypatch.setenv("MOE_LAB_TRITON_TMA", "0")
+    monkeypatch.setattr(kernel_settings, "_current", kernel_settings.KernelSettings(tma=False))
     for name, tma, pointer in zip(("y", "dx", "dgate_up", "ddown"), with_tma, run()):
         if interpreting():
             assert_close(tma, pointer, rtol=0, atol=0, what=f"{name}: TMA vs pointer kernels")
@@ -768,3 +769,16 @@ def test_autotune_choices_reports_the_chosen_config(monkeypatch):
     chosen = autotune_choices()["grouped_gemm._grouped_mm_kernel"]
     assert chosen == {"(1536, 2048, 32768)": str(config)}
     assert "BLOCK_N: 256" in chosen["(1536, 2048, 32768)"]
+
+
+def test_tma_kernels_recorded_under_their_old_module_still_pin(monkeypatch):
+    """The TMA kernels moved to grouped_gemm_tma; records naming grouped_gemm's pin them all the same."""
+    import triton
+    from triton_kernels import grouped_gemm_tma
+    from triton_kernels.autotune_choices import pin_autotune_choices
+
+    monkeypatch.setattr(grouped_gemm_tma._grouped_mm_tma_kernel, "cache", {})
+    config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3)
+    key = "(1536, 2048, 32768, True, 'torch.bfloat16', 'torch.bfloat16', 'torch.bfloat16', 'torch.bfloat16', 'torch.int32')"
+    assert pin_autotune_choices({"grouped_gemm._grouped_mm_tma_kernel": {key: str(config)}}) == 1
+    assert len(grouped_gemm_tma._grouped_mm_tma_kernel.cache) == 1

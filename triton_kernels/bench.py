@@ -299,7 +299,7 @@ def _torch_weight_grad(x, dy, offsets):
 def bench_dw(tab, geo, device, dtype, seed):
     """The weight-gradient GEMMs alone (``dw[e] = x_e^T dy_e``, K = rows of expert e): torch's grouped
     GEMM and each kernel of ``DW_IMPLS`` autotuned, then every candidate config of each kernel."""
-    from triton_kernels import grouped_gemm as gg
+    from triton_kernels import grouped_gemm as gg, grouped_gemm_tma
 
     E, k, H, I, T = geo["E"], geo["k"], geo["H"], geo["I"], geo["T_gemm"]
     _, _, _, offsets = routing(T, E, k, device, seed)
@@ -311,7 +311,7 @@ def bench_dw(tab, geo, device, dtype, seed):
               dtype=dtype, seed=seed + 1), gate_up.transpose(1, 2)),
              ("down", randn(S, I, device=device, dtype=dtype, seed=seed + 4), randn(S, H, device=device,
               dtype=dtype, seed=seed + 5), down.transpose(1, 2))]
-    kernels = {"pointer": gg._grouped_mm_dw_kernel, "tma": gg._grouped_mm_dw_tma_kernel}
+    kernels = {"pointer": gg._grouped_mm_dw_kernel, "tma": grouped_gemm_tma._grouped_mm_dw_tma_kernel}
     for name, x, dy, like in cases:
         K, N = x.shape[1], dy.shape[1]
         shape = f"S={S} E={E} K={K} N={N}"

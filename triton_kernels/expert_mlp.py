@@ -31,9 +31,11 @@ import triton.language as tl
 
 from ._common import bucket, check_offsets, next_pow2
 from .grouped_gemm import (
-    _configs, _gemm_flags, grouped_mm_forward, grouped_mm_weight_grad, mma, program_tile, rows_tma_eligible,
-    tile_matmul, tile_rows_cols, tma_enabled, tma_expert_span, tma_load_weight, tma_rows_desc, tma_tile_matmul,
-    tma_weight_args, tma_weight_desc, weight_tma_eligible,
+    _configs, _gemm_flags, grouped_mm_forward, grouped_mm_weight_grad, mma, program_tile, tile_matmul, tile_rows_cols,
+)
+from .grouped_gemm_tma import (  # the kernels' experimental USE_TMA path
+    rows_tma_eligible, tma_enabled, tma_expert_span, tma_load_weight, tma_rows_desc, tma_tile_matmul, tma_weight_args,
+    tma_weight_desc, weight_tma_eligible,
 )
 from .permute import _check_slots, _reduce
 
