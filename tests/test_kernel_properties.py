@@ -114,7 +114,8 @@ def assert_matches(actual, expected, what, rtol=1e-5, atol=1e-6, scale=None):
     into each element, broadcast to its shape)."""
     a, b = actual.detach().float().cpu(), expected.detach().float().cpu()
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    for name, in_a, in_b in (("NaN", a.isnan(), b.isnan()), ("+inf", a == INF, b == INF), ("-inf", a == -INF, b == -INF)):
+    kinds = (("NaN", a.isnan(), b.isnan()), ("+inf", a == INF, b == INF), ("-inf", a == -INF, b == -INF))
+    for name, in_a, in_b in kinds:
         differ = in_a != in_b
         if differ.any():
             raise AssertionError(f"{what}: {name} in {int(differ.sum())} element(s) where the reference differs "
@@ -124,7 +125,8 @@ def assert_matches(actual, expected, what, rtol=1e-5, atol=1e-6, scale=None):
     tolerance = torch.nan_to_num(rtol * s + atol, nan=INF)
     off = finite & ~((a - b).abs() <= tolerance)
     if off.any():
-        raise AssertionError(f"{what}: {int(off.sum())} finite element(s) off (kernel vs reference at {_where(off, a, b)})")
+        raise AssertionError(f"{what}: {int(off.sum())} finite element(s) off "
+                             f"(kernel vs reference at {_where(off, a, b)})")
 
 
 def row_scale(t):
@@ -196,7 +198,9 @@ def test_route_nonfinite(case, T, kinds, grad_kinds, seed):
     bias = kw.pop("bias", "none")
     if bias != "none":
         b = randn(E, seed=seed + 1, scale=0.5)
-        kw["correction_bias"] = (sprinkle(b, ["nan", "inf", "-inf"][seed % 3:][:1], seed) if bias == "special" else b).to(DEVICE)
+        if bias == "special":
+            b = sprinkle(b, [["nan", "inf", "-inf"][seed % 3]], seed)
+        kw["correction_bias"] = b.to(DEVICE)
     z = dev(sprinkle(randn(T, E, seed=seed, scale=2.0), kinds, seed))
     with poisoned():
         w, ids = tk.route(z, **kw)
@@ -262,20 +266,23 @@ def test_permute_and_combine_nonfinite(T, E, k, H, kinds, w_kinds, grad_kinds, s
 # ---------------------------------------------------------------------------------------------
 @examples(ci=6)
 @given(E=st.integers(1, 5), S=st.integers(0, 40), K=st.integers(1, 40), N=st.integers(1, 40),
-       transposed_w=st.booleans(), bias=st.booleans(), kinds=no_huge, huge_in=st.sampled_from(["x", "w", "dy"]),
-       grad_kinds=few_no_huge, seed=st.integers(0, 2**16))
-@example(E=3, S=20, K=8, N=6, transposed_w=False, bias=True, kinds=["inf", "-inf", "nan"], huge_in="x",
+       transposed_w=st.booleans(), bias=st.booleans(), bf16=st.booleans(), kinds=no_huge,
+       huge_in=st.sampled_from(["x", "w", "dy"]), grad_kinds=few_no_huge, seed=st.integers(0, 2**16))
+@example(E=3, S=20, K=8, N=6, transposed_w=False, bias=True, bf16=False, kinds=["inf", "-inf", "nan"], huge_in="x",
          grad_kinds=["inf"], seed=0)
-def test_grouped_mm_nonfinite(E, S, K, N, transposed_w, bias, kinds, huge_in, grad_kinds, seed):
+def test_grouped_mm_nonfinite(E, S, K, N, transposed_w, bias, bf16, kinds, huge_in, grad_kinds, seed):
     """y = x @ w[e] (+ bias), dx, dw, dbias: NaN / inf from the inputs reach the elements they reach
-    in torch's matmuls (1e30 in one of x, w, dy: see no_huge)."""
+    in torch's matmuls (1e30 in one of x, w, dy: see no_huge); bf16 against float32 on the same values."""
     huge = ["huge", "-huge"]
+    dtype = torch.bfloat16 if bf16 else torch.float32
     offsets = counts_of(E, S, seed).cumsum(0).to(torch.int32).to(DEVICE)
-    x = dev(sprinkle(randn(S, K, seed=seed), kinds + huge * (huge_in == "x"), seed))
-    base = dev(sprinkle(randn(*((E, N, K) if transposed_w else (E, K, N)), seed=seed + 1),
-                        kinds[::-1] + huge * (huge_in == "w"), seed + 1))
-    b = dev(sprinkle(randn(E, N, seed=seed + 2), kinds + huge[:1], seed + 2)) if bias else None
-    inputs = [x, base] + ([b] if bias else [])
+    values = [sprinkle(randn(S, K, seed=seed), kinds + huge * (huge_in == "x"), seed).to(dtype),
+              sprinkle(randn(*((E, N, K) if transposed_w else (E, K, N)), seed=seed + 1),
+                       kinds[::-1] + huge * (huge_in == "w"), seed + 1).to(dtype)]
+    if bias:
+        values.append(sprinkle(randn(E, N, seed=seed + 2), kinds + huge[:1], seed + 2).to(dtype))
+    inputs = [dev(t) for t in values]
+    inputs_ref = [dev(t.float()) for t in values]
 
     def fn(x, base, *b, impl):
         w = base.transpose(1, 2) if transposed_w else base
@@ -283,15 +290,17 @@ def test_grouped_mm_nonfinite(E, S, K, N, transposed_w, bias, kinds, huge_in, gr
 
     with poisoned():
         y = fn(*inputs, impl=tk.grouped_mm)
-    y_ref = fn(*inputs, impl=ref.grouped_mm_ref)
-    dy = sprinkle(randn(S, N, seed=seed + 3), grad_kinds + huge * (huge_in == "dy"), seed + 3).to(DEVICE)
-    y_bound, grad_bounds = bounds(lambda *t: fn(*t, impl=ref.grouped_mm_ref), inputs, dy)
-    assert_matches(y, y_ref, "y", scale=y_bound)
+    y_ref = fn(*inputs_ref, impl=ref.grouped_mm_ref)
+    dy = sprinkle(randn(S, N, seed=seed + 3), grad_kinds + huge * (huge_in == "dy"), seed + 3).to(dtype).to(DEVICE)
+    y_bound, grad_bounds = bounds(lambda *t: fn(*t, impl=ref.grouped_mm_ref), inputs_ref, dy)
+    tol = dict(rtol=2e-2, atol=1e-2) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    assert y.dtype == dtype
+    assert_matches(y, y_ref, "y", scale=y_bound, **tol)
     with poisoned():
         grads = torch.autograd.grad(y, inputs, dy)
-    grads_ref = torch.autograd.grad(y_ref, inputs, dy)
+    grads_ref = torch.autograd.grad(y_ref, inputs_ref, dy.float())
     for name, g, gr, bound in zip(("dx", "dw", "dbias"), grads, grads_ref, grad_bounds):
-        assert_matches(g, gr, name, scale=bound)
+        assert_matches(g, gr, name, scale=bound, **tol)
 
 
 def _mlp_tensors(E, S, H, I, act, transposed, bias, kinds, seed):
@@ -440,7 +449,8 @@ def test_rope_nonfinite(B, heads, S, half, cos_batch, transposed, bf16, kinds, g
     else:
         base = x = dev(sprinkle(randn(B, heads, S, D, seed=seed), kinds, seed), dtype)
     angles = torch.arange(S)[:, None] * (1.0 / 10000 ** (torch.arange(half) / half))[None, :]
-    angles = torch.cat([angles, angles], dim=-1)[None].expand(B if cos_batch else 1, S, D) * (1 + randn(1, seed=seed).abs())
+    angles = torch.cat([angles, angles], dim=-1)[None].expand(B if cos_batch else 1, S, D)
+    angles = angles * (1 + randn(1, seed=seed).abs())
     cos, sin = angles.cos().to(dtype).to(DEVICE).contiguous(), angles.sin().to(dtype).to(DEVICE).contiguous()
     with poisoned():
         y = rope(x, cos, sin)
@@ -487,7 +497,8 @@ def test_cross_entropy_rows_nonfinite(N, V, bf16, kinds, ignored, slice_at, seed
     start = int(slice_at * (V - 1))
     stop = max(start + 1, V - int(slice_at * V / 3))
     with poisoned():
-        got = softmax_grad_(logits[:, start:stop].clone(), ref.log_sum_exp_ref(z), labels, weights.float().contiguous(), start)
+        got = softmax_grad_(logits[:, start:stop].clone(), ref.log_sum_exp_ref(z), labels,
+                            weights.float().contiguous(), start)
     assert got.dtype == dtype
     # exp(x - lse) carries lse's rounding: a relative error of about eps * |lse| (6e4: 4e-3)
     want = dz[:, start:stop].to(dtype)
