@@ -28,7 +28,7 @@ step's tensors stay on their device until the step ends and then move to the CPU
 synchronisation per step). Forward passes recomputed during backward (activation checkpointing)
 are not recorded twice.
 
-File format ("moe_lab.analysis.trace/1"): a safetensors file (or .npz) of arrays named
+File format ("moe_lab.trace/1"): a safetensors file (or .npz) of arrays named
 `l{layer:03d}.s{step:06d}.{ids,weights,counts,logits}` and `s{step:06d}.token_mask`, with JSON
 metadata under the key "moe_lab_trace" (model, model_type, backend, dtype, device, logits_dtype,
 num_experts, top_k, layer_names, layer_numbers, router_score, steps, batch_shapes, rank, world_size,
@@ -57,7 +57,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT = "moe_lab.analysis.trace/1"
+FORMAT = "moe_lab.trace/1"
 META_KEY = "moe_lab_trace"
 _KEY = re.compile(r"^l(\d+)\.s(\d+)\.(ids|weights|counts|logits)$")
 _MASK_KEY = re.compile(r"^s(\d+)\.token_mask$")
@@ -228,7 +228,7 @@ def _read_one(path: Path) -> RoutingTrace:
         if META_KEY not in header:
             raise ValueError(f"{path} is a safetensors file but not a moe_lab routing trace (no {META_KEY!r} metadata)")
         meta = json.loads(header[META_KEY])
-    if not str(meta.get("format", FORMAT)).startswith("moe_lab.analysis.trace/"):
+    if not str(meta.get("format", FORMAT)).startswith("moe_lab.trace/"):
         raise ValueError(f"{path}: unknown trace format {meta.get('format')!r}")
     return _from_arrays(arrays, meta)
 
