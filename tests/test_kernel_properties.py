@@ -181,7 +181,7 @@ def router_cases(draw):
     return E, kw
 
 
-@examples(ci=15)
+@examples(ci=30)
 @given(case=router_cases(), T=st.integers(1, 40), kinds=specials, grad_kinds=few_specials,
        seed=st.integers(0, 2**16))
 @example(case=(8, dict(mode="sigmoid", top_k=2, renormalize=True, routed_scaling_factor=2.5, n_group=4,
@@ -223,7 +223,7 @@ def test_route_nonfinite(case, T, kinds, grad_kinds, seed):
 # ---------------------------------------------------------------------------------------------
 # sort, permute, combine
 # ---------------------------------------------------------------------------------------------
-@examples(ci=8)
+@examples(ci=15)
 @given(T=st.integers(0, 30), E=st.integers(1, 9), k=st.integers(1, 4), H=st.integers(1, 40),
        kinds=specials, w_kinds=no_huge, grad_kinds=few_no_huge, seed=st.integers(0, 2**16))
 @example(T=5, E=3, k=2, H=4, kinds=["nan", "inf", "huge"], w_kinds=["-inf"], grad_kinds=["inf"], seed=0)
@@ -264,7 +264,7 @@ def test_permute_and_combine_nonfinite(T, E, k, H, kinds, w_kinds, grad_kinds, s
 # ---------------------------------------------------------------------------------------------
 # grouped GEMM and the fused expert MLP
 # ---------------------------------------------------------------------------------------------
-@examples(ci=6)
+@examples(ci=12)
 @given(E=st.integers(1, 5), S=st.integers(0, 40), K=st.integers(1, 40), N=st.integers(1, 40),
        transposed_w=st.booleans(), bias=st.booleans(), bf16=st.booleans(), kinds=no_huge,
        huge_in=st.sampled_from(["x", "w", "dy"]), grad_kinds=few_no_huge, seed=st.integers(0, 2**16))
@@ -321,7 +321,7 @@ def _mlp_tensors(E, S, H, I, act, transposed, bias, kinds, seed):
     return [dev(t) if t is not None else None for t in tensors]
 
 
-@examples(ci=6)
+@examples(ci=10)
 @given(E=st.integers(1, 4), T=st.integers(1, 16), k=st.integers(1, 3), H=st.integers(1, 24), I=st.integers(1, 12),
        act=st.sampled_from(["swiglu", "gpt_oss"]), gathered=st.booleans(), bias=st.booleans(),
        kinds=no_huge, grad_kinds=few_no_huge, seed=st.integers(0, 2**16))
@@ -373,7 +373,7 @@ def _layer(x, logits, gate_up, down, E, k, mode, impl):
     return ref.combine_ref(ys, w, slots)
 
 
-@examples(ci=5)
+@examples(ci=8)
 @given(T=st.integers(1, 12), E=st.sampled_from([3, 4, 6]), k=st.integers(1, 3), H=st.integers(2, 16),
        mode=st.sampled_from(["softmax", "topk_softmax", "sigmoid"]), logit_kinds=specials, x_kinds=few_no_huge,
        seed=st.integers(0, 2**16))
@@ -402,7 +402,7 @@ def test_moe_layer_nonfinite(T, E, k, H, mode, logit_kinds, x_kinds, seed):
 # ---------------------------------------------------------------------------------------------
 # RMSNorm, RoPE
 # ---------------------------------------------------------------------------------------------
-@examples(ci=25)
+@examples(ci=40)
 @given(shape=st.sampled_from([(0, 8), (1, 1), (5, 33), (2, 3, 16), (9, 70)]), bf16=st.booleans(),
        weight_last=st.booleans(), kinds=specials, grad_kinds=few_specials, seed=st.integers(0, 2**16))
 @example(shape=(4, 8), bf16=False, weight_last=False, kinds=["inf", "huge", "nan"], grad_kinds=[], seed=0)
@@ -432,7 +432,7 @@ def test_rms_norm_nonfinite(shape, bf16, weight_last, kinds, grad_kinds, seed):
     assert_matches(gw, gw_ref, "dweight", rtol=tol * 10, atol=1e-5, scale=dw_bound)
 
 
-@examples(ci=25)
+@examples(ci=40)
 @given(B=st.integers(1, 2), heads=st.integers(1, 3), S=st.integers(1, 6), half=st.integers(1, 12),
        cos_batch=st.booleans(), transposed=st.booleans(), bf16=st.booleans(), kinds=specials,
        grad_kinds=few_specials, seed=st.integers(0, 2**16))
@@ -466,7 +466,7 @@ def test_rope_nonfinite(B, heads, S, half, cos_batch, transposed, bf16, kinds, g
 # ---------------------------------------------------------------------------------------------
 # cross-entropy rows and the chunked loss
 # ---------------------------------------------------------------------------------------------
-@examples(ci=12)
+@examples(ci=25)
 @given(N=st.integers(1, 10), V=st.integers(1, 300), bf16=st.booleans(), kinds=specials,
        ignored=st.integers(0, 3), slice_at=st.floats(0, 1), seed=st.integers(0, 2**16))
 @example(N=6, V=5, bf16=False, kinds=["nan", "inf", "row:-inf"], ignored=1, slice_at=0.0, seed=0)
@@ -507,7 +507,7 @@ def test_cross_entropy_rows_nonfinite(N, V, bf16, kinds, ignored, slice_at, seed
                    scale=want.float().abs().cpu() * (1 + scale[:, None] * 5e-7 / rtol))
 
 
-@examples(ci=8)
+@examples(ci=15)
 @given(N=st.integers(1, 12), H=st.integers(1, 12), V=st.integers(2, 40), impl=st.sampled_from(["torch", "triton"]),
        kinds=few_no_huge, weight_kinds=few_specials, chunk_rows=st.integers(1, 5), seed=st.integers(0, 2**16))
 @example(N=6, H=4, V=9, impl="torch", kinds=["inf"], weight_kinds=[], chunk_rows=2, seed=0)
@@ -540,7 +540,7 @@ def test_linear_cross_entropy_nonfinite_as_v5(N, H, V, impl, kinds, weight_kinds
 # ---------------------------------------------------------------------------------------------
 # AdamW
 # ---------------------------------------------------------------------------------------------
-@examples(ci=25)
+@examples(ci=40)
 @given(n=st.integers(1, 5000), bf16=st.booleans(), weight_decay=st.sampled_from([0.0, 0.1]), step=st.integers(1, 4),
        p_kinds=few_specials, g_kinds=specials, state_kinds=few_specials, seed=st.integers(0, 2**16))
 @example(n=8, bf16=False, weight_decay=0.0, step=1, p_kinds=["inf", "-inf"], g_kinds=["huge"], state_kinds=[], seed=0)
