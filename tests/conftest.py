@@ -20,7 +20,9 @@ if not _HAS_CUDA:
 else:
     # One config per autotuned kernel: the tests try many small shapes, and autotuning each would
     # compile every candidate tile (minutes); the benchmarks time the autotuned kernels.
-    os.environ.setdefault("MOE_LAB_TRITON_AUTOTUNE", "0")
+    from triton_kernels import settings as _kernel_settings
+
+    _kernel_settings.configure(autotune=False)
 
 
 try:  # the property tests' settings profiles (hypothesis_profiles.py); HYPOTHESIS_PROFILE picks one

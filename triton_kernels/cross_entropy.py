@@ -1,4 +1,4 @@
-"""Row kernels of the chunked linear + cross-entropy loss (``moe_lab.fused_ce``): they read the
+"""Row kernels of the chunked linear + cross-entropy loss (``moe_lab.training.fused_ce``): they read the
 LM head's logits once, in their own dtype (bf16), instead of through several float32 copies.
 
 * ``logsumexp_and_target(logits, labels)``: per row of logits [N, V], the float32 log-sum-exp and the
