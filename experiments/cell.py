@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run one benchmark cell and write its JSON record.")
     ap.add_argument("--spec", required=True, help="cell spec as JSON, or @path to a JSON file")
     ap.add_argument("--out", required=True, help="where rank 0 writes the record")
-    ap.add_argument("--log-level", default=os.environ.get("MOE_LAB_LOG", "INFO"))
+    ap.add_argument("--log-level", default=provenance.log_level("INFO"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -33,6 +33,13 @@ def switch_on(value: str | None, default: bool = False) -> bool:
     return default if value is None else value.strip().lower() not in ("", "0", "false")
 
 
+def log_level(default: str) -> str:
+    """``MOE_LAB_LOG``: the harness's log level when ``--log-level`` is not given. The harness's own
+    variables (this one, ``MOE_LAB_GIT_COMMIT``, ``MOE_LAB_GIT_DIRTY``) are read here only; the
+    library's behaviour overrides only in ``moe_lab.options``."""
+    return os.environ.get("MOE_LAB_LOG", default)
+
+
 def git_state() -> dict:
     """{"commit": sha or "unknown", "dirty": bool | None, "source": "env" | "git" | "none"}.
 

@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="run only cells whose id contains this string")
     ap.add_argument("--list", action="store_true", help="print the cell ids and exit")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--log-level", default=os.environ.get("MOE_LAB_LOG", "WARNING"))
+    ap.add_argument("--log-level", default=provenance.log_level("WARNING"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:

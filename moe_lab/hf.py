@@ -18,7 +18,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from .stages.dispatch import LocalDispatcher
 from .families import FAMILIES, UnsupportedModelError, experts_spec_of, is_v5_experts_module
 from .stages.experts import first_weight
-from .layer import LayerPlanner, MoELayer, adapt_experts, run_routed_experts
+from .layer import LayerPlanner, ModelPlan, MoELayer, adapt_experts, run_routed_experts
 from .options import Options, apply_process_settings
 from .registry import StageChoice, available_backends, resolve_backend
 
@@ -52,14 +52,56 @@ def patch_model(model: nn.Module, moe_backend: MoeBackend = None, ep_size: int =
     return _finish(model, resolve_backend(moe_backend), ep_size, fsdp, options)
 
 
+def _moe_targets(model: nn.Module):
+    """(family or None, [(name, block or experts module, ExpertsSpec)]) of every sparse MoE block."""
+    model_type = getattr(model.config, "model_type", "?")
+    family = FAMILIES.get(model_type)
+    if family is not None:
+        targets = [(n, m, experts_spec_of(m.experts, model_type))
+                   for n, m in model.named_modules() if type(m).__name__ == family.block_class]
+    else:
+        targets = [(n, m, experts_spec_of(m, model_type)) for n, m in model.named_modules() if is_v5_experts_module(m)]
+    if not targets:
+        other = [n for n, m in model.named_modules() if n.endswith("experts") and isinstance(m, nn.ModuleList)]
+        detail = (
+            f"its experts ({other[0]}) are a ModuleList of per-expert MLPs, not v5's 3D experts interface"
+            if other
+            else "it has no sparse MoE block that uses v5's experts interface"
+        )
+        raise UnsupportedModelError(f"moe_lab cannot run model type {model_type!r}: {detail}")
+    return family, targets
+
+
+def _check_moe_blocks(model: nn.Module, choice: StageChoice, ep_size: int, fsdp: bool, substitute: bool) -> list:
+    """Every check `_patch_moe_blocks` makes, changing nothing; returns each block's planned StageChoice
+    (placement-independent: devices and dtypes are checked at the first forward)."""
+    if fsdp and ep_size <= 1:
+        raise ValueError("fsdp=True shards the non-expert parameters of an expert-parallel run: it needs ep_size > 1")
+    choice = _with_expert_parallel_dispatch(choice, ep_size)
+    model_type = getattr(model.config, "model_type", "?")
+    family, targets = _moe_targets(model)
+    if ep_size > 1:
+        from .parallel.expert_parallel import check_divisible
+
+        for count in sorted({spec.num_experts for _, _, spec in targets}):  # every layer's count must divide
+            check_divisible(count, ep_size, model_type)
+    routing_features = family.routing(model.config).features() if family is not None else frozenset()
+    planned = []
+    for _, module, spec in targets:
+        experts = module.experts if family is not None else module
+        planner = LayerPlanner(choice, model_type, routing_features, spec, substitute, ep_size > 1)
+        planned.append(planner.plan_unplaced(first_weight(experts, spec))[1])
+    return planned
+
+
 def _patch_moe_blocks(model: nn.Module, moe_backend: MoeBackend, ep_size: int = 1, fsdp: bool = False,
                       substitute: bool | None = None) -> nn.Module:
     """Replace every sparse MoE block of a v5 model, in place.
 
-    A chosen stage that cannot compute a layer (its activation, routing, dtype or device) is refused
-    with the reason; with `substitute=True` (the default when no backend is named) that stage runs
-    its reference instead, logged as a warning and recorded in `model.moe_lab_plan`
-    ({layer: {stage: "runs (asked X: why)"}}).
+    A chosen stage that cannot compute a layer (its activation or routing; its device and dtype at
+    the first forward) is refused with the reason; with `substitute=True` (the default when no
+    backend is named) that stage runs its reference instead, logged as a warning and recorded in
+    `model.moe_lab_plan` ({layer: {stage: "runs (asked X: why)"}}).
 
     Known families (Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3) get `MoELayer`s. Other models whose
     experts use v5's experts interface keep v5's block and router, and compute their experts
@@ -68,59 +110,35 @@ def _patch_moe_blocks(model: nn.Module, moe_backend: MoeBackend, ep_size: int = 
     with the all-to-all dispatcher; with fsdp=True the other parameters are sharded with FSDP2 over
     all ranks (see `moe_lab.parallel.expert_parallel`).
     """
-    if fsdp and ep_size <= 1:
-        raise ValueError("fsdp=True shards the non-expert parameters of an expert-parallel run: it needs ep_size > 1")
     if substitute is None:
         substitute = moe_backend is None
-    choice = _with_expert_parallel_dispatch(resolve_backend(moe_backend), ep_size)
+    choice = resolve_backend(moe_backend)
+    _check_moe_blocks(model, choice, ep_size, fsdp, substitute)  # a refused model is left as it was
+    choice = _with_expert_parallel_dispatch(choice, ep_size)
     config = model.config
     model_type = getattr(config, "model_type", "?")
-    family = FAMILIES.get(model_type)
-    if family is not None:
-        targets = [(n, m, experts_spec_of(m.experts, model_type))
-                   for n, m in model.named_modules() if type(m).__name__ == family.block_class]
-    else:
-        targets = [(n, m, experts_spec_of(m, model_type)) for n, m in model.named_modules() if is_v5_experts_module(m)]
-    # every check is done before anything changes: a refused model is left as it was
+    family, targets = _moe_targets(model)
     ep = None
-    if ep_size > 1 and targets:
-        from .parallel.expert_parallel import check_divisible, make_context
+    if ep_size > 1:
+        from .parallel.expert_parallel import make_context
 
-        counts = sorted({spec.num_experts for _, _, spec in targets})  # every layer's count must divide
-        for count in counts[1:]:
-            check_divisible(count, ep_size, model_type)
-        ep = make_context(ep_size, counts[0], model_type)
-    routing_features = family.routing(config).features() if family is not None else frozenset()
-    for _, module, spec in targets:  # a stage that cannot compute a layer is refused before anything changes
-        experts = module.experts if family is not None else module
-        LayerPlanner(choice, model_type, routing_features, spec, substitute, ep is not None).plan_for(first_weight(experts, spec))
-    plan = {}
+        ep = make_context(ep_size, min(spec.num_experts for _, _, spec in targets), model_type)
     for name, module, spec in targets:
         if family is not None:
-            layer = MoELayer(module, family, config, choice, spec, ep=ep, substitute=substitute)
-            _replace_child(model, name, layer)
-            plan[name] = layer.plan
+            _replace_child(model, name, MoELayer(module, family, config, choice, spec, ep=ep, substitute=substitute))
         else:
             adapt_experts(module, spec, choice, ep=ep, substitute=substitute)
-            plan[name] = module.moe_lab_planner.describe(first_weight(module, spec))
-    replaced = len(targets)
-    if replaced == 0:
-        other = [n for n, m in model.named_modules() if n.endswith("experts") and isinstance(m, nn.ModuleList)]
-        detail = (
-            f"its experts ({other[0]}) are a ModuleList of per-expert MLPs, not v5's 3D experts interface"
-            if other
-            else "it has no sparse MoE block that uses v5's experts interface"
-        )
-        raise UnsupportedModelError(f"moe_lab cannot run model type {model_type!r}: {detail}")
     model.moe_lab_backend = choice.label
-    model.moe_lab_plan = plan
-    for note in sorted({f"{stage}: {desc}" for stages in plan.values() for stage, desc in stages.items() if "(asked" in desc}):
-        logger.warning("moe_lab: %s layers of %s: %s", len(plan), model_type, note)
+    model.moe_lab_plan = ModelPlan(model)
+    notes = sorted({f"{stage}: {desc}" for stages in model.moe_lab_plan.values() for stage, desc in stages.items()
+                    if "(asked" in desc})
+    for note in notes:
+        logger.warning("moe_lab: %s MoE layers: %s", model_type, note)
     if ep is not None:  # shards the experts, reduces gradients inside backward (see moe_lab.parallel.expert_parallel)
         from .parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, ep.mesh, fsdp=fsdp)
-    logger.info("moe_lab: %d MoE blocks of %s run with backend %s", replaced, model_type, choice.label)
+    logger.info("moe_lab: %d MoE blocks of %s run with backend %s", len(targets), model_type, choice.label)
     return model
 
 
@@ -168,11 +186,14 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
 
 
 def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, options: Options, patched: bool = False):
-    """Apply the whole-step options around `_patch_moe_blocks` (checks first, then changes)."""
-    if options.cuda_graphs:  # checked before anything changes
+    """Apply the whole-step options around `_patch_moe_blocks`: every check first, then the changes."""
+    substitute = options.substitute or choice.requested is None
+    planned = [choice] if patched else _check_moe_blocks(model, choice, ep_size, fsdp, substitute)
+    if options.cuda_graphs:
         from .training.cuda_graphs import check_graphable
 
-        check_graphable(model, dict(choice.names), ep_size)
+        for names in {tuple(sorted(c.names.items())) for c in planned}:  # what will run, substitutions included
+            check_graphable(model, dict(names), ep_size)
     apply_process_settings(options)
     if options.fused_rope:
         from .training.fused_rope import enable_fused_rope
@@ -183,8 +204,7 @@ def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, options: Optio
 
         enable_fused_norm(model)
     if not patched:
-        _patch_moe_blocks(model, choice, ep_size=ep_size, fsdp=fsdp,
-                          substitute=options.substitute or choice.requested is None)
+        _patch_moe_blocks(model, choice, ep_size=ep_size, fsdp=fsdp, substitute=substitute)
     elif fsdp:  # loaded expert-parallel by ep_loading: FSDP2 after the norms above, as patch_model does
         from .parallel.expert_parallel import shard_non_experts_fsdp2
 
@@ -209,7 +229,9 @@ def _experts_forward_for(backend: str):
             model_type = getattr(self.config, "model_type", "?")
             spec = experts_spec_of(self, model_type)
             planner = LayerPlanner(resolve_backend(backend), model_type, frozenset(), spec, substitute=False,
-                                   expert_parallel=False)  # v5's router runs: no routing features to check
+                                   expert_parallel=False,  # v5's router runs: no routing features to check
+                                   hint="load the model with moe_lab.AutoModelForCausalLM(..., substitute=True) to run "
+                                        "each stage's reference instead")
             state = (backend, spec, planner)
             self.__dict__["_moe_lab_registry_state"] = state
         _, spec, planner = state

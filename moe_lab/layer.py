@@ -6,45 +6,100 @@ Shapes: B batch, L sequence, T = B*L tokens, H hidden, E experts, k top-k, S = T
 """
 from __future__ import annotations
 
+import logging
 import sys
+import weakref
+from typing import Mapping
 
 import torch
 import torch.nn as nn
 
-from .stages.experts import ExpertsSpec, first_weight
 from .families import Family
 from .registry import LayerNeeds, StageChoice, fused_pair, plan_layer
+from .stages.experts import ExpertsSpec, first_weight
 from .stages.router import RoutingSpec
+
+logger = logging.getLogger(__name__)
 
 
 class LayerPlanner:
-    """The stages one layer runs for the device and dtype of its expert weights, planned once per
-    (device type, dtype) by `registry.plan_layer`: what was asked, what runs, and why they differ.
-    A model moved to another device or dtype is planned again at its next forward (refused there,
-    at the first step, if a stage cannot compute it and substitution is off)."""
+    """The stages one layer runs, planned by `registry.plan_layer`: what was asked, what runs, and why
+    they differ.
+
+    At construction the layer is planned without a device (`plan_unplaced`: activation, routing and
+    expert parallelism; a model is often built on the CPU or the meta device and moved later), so a
+    stage that can never compute it is refused before anything changes. At each forward the plan for
+    the expert weights' device type and dtype is looked up (computed once per pair): a stage that
+    cannot run there is refused at that first step, or substituted (with a warning) where allowed.
+    """
 
     def __init__(self, choice: StageChoice, model_type: str, routing_features: frozenset, spec: ExpertsSpec,
-                 substitute: bool, expert_parallel: bool):
+                 substitute: bool, expert_parallel: bool, hint: str | None = None):
         self.asked = choice
         self.model_type, self.routing_features, self.spec = model_type, routing_features, spec
-        self.substitute, self.expert_parallel = substitute, expert_parallel
-        self._plans: dict = {}
+        self.substitute, self.expert_parallel, self.hint = substitute, expert_parallel, hint
+        self._plans: dict = {}  # (device type or None, dtype) -> (planned stages, StageChoice)
+        self.latest: tuple | None = None  # the key of the plan the last forward ran
 
-    def choice_for(self, weight: torch.Tensor) -> StageChoice:
-        return self.plan_for(weight)[1]
-
-    def plan_for(self, weight: torch.Tensor) -> tuple[dict, StageChoice]:
-        key = (weight.device.type, weight.dtype)
+    def _plan(self, device_type: str | None, dtype: torch.dtype) -> tuple[dict, StageChoice]:
+        key = (device_type, dtype)
         plan = self._plans.get(key)
         if plan is None:
-            needs = LayerNeeds(self.model_type, self.routing_features, self.spec.activation_key, key[0], key[1],
+            needs = LayerNeeds(self.model_type, self.routing_features, self.spec.activation_key, device_type, dtype,
                                self.expert_parallel)
-            plan = self._plans[key] = plan_layer(self.asked, needs, self.substitute)
+            kwargs = {} if self.hint is None else {"hint": self.hint}
+            plan = self._plans[key] = plan_layer(self.asked, needs, self.substitute, **kwargs)
+            substituted = [str(p) for p in plan[0].values() if p.why is not None]
+            if device_type is not None and substituted:
+                logger.warning("moe_lab: %s MoE layer on %s %s: %s", self.model_type, device_type,
+                               str(dtype).replace("torch.", ""), "; ".join(substituted))
         return plan
 
-    def describe(self, weight: torch.Tensor) -> dict:
-        """{stage: "runs" or "runs (asked X: why)"} for the weights' current device and dtype."""
-        return {stage: str(planned) for stage, planned in self.plan_for(weight)[0].items()}
+    def plan_unplaced(self, weight: torch.Tensor) -> tuple[dict, StageChoice]:
+        return self._plan(None, weight.dtype)
+
+    def choice_for(self, weight: torch.Tensor) -> StageChoice:
+        """The stages to run on `weight`'s device and dtype (the meta device: not placed yet)."""
+        key = (None if weight.device.type == "meta" else weight.device.type, weight.dtype)
+        self.latest = key
+        return self._plan(*key)[1]
+
+    def describe(self) -> dict:
+        """{stage: "runs" or "runs (asked X: why)"}: the last forward's plan, else the unplaced one."""
+        planned = self._plans[self.latest][0] if self.latest in self._plans else next(iter(self._plans.values()))[0]
+        return {stage: str(p) for stage, p in planned.items()}
+
+
+class ModelPlan(Mapping):
+    """`model.moe_lab_plan`: {layer name: {stage: what runs, and why where it is not what was asked}},
+    read live from each layer's planner (after a forward: the plan of that forward's device and
+    dtype; before: the plan made when the model was built)."""
+
+    def __init__(self, model: nn.Module):
+        self._model = weakref.ref(model)
+
+    def _planners(self) -> dict:
+        model = self._model()
+        if model is None:
+            return {}
+        out = {}
+        for name, module in model.named_modules():
+            planner = getattr(module, "planner", None) if isinstance(module, MoELayer) else module.__dict__.get("moe_lab_planner")
+            if isinstance(planner, LayerPlanner):
+                out[name] = planner
+        return out
+
+    def __getitem__(self, name: str) -> dict:
+        return self._planners()[name].describe()
+
+    def __iter__(self):
+        return iter(self._planners())
+
+    def __len__(self) -> int:
+        return len(self._planners())
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
 
 
 def run_routed_experts(
@@ -148,15 +203,15 @@ class MoELayer(nn.Module):
         self.experts_spec = experts_spec
         self.planner = LayerPlanner(choice, family.model_type, self.routing.features(), experts_spec, substitute,
                                     expert_parallel=ep is not None)
-        self.choice = self.planner.choice_for(first_weight(self.experts, experts_spec))  # refuses here, before training
+        self.choice = self.planner.plan_unplaced(first_weight(self.experts, experts_spec))[1]  # refuses here
         self.dispatcher = self.choice.dispatch(ep=ep, num_experts=experts_spec.num_experts)
         self.jitter_noise = float(getattr(config, family.jitter_attr, 0.0) or 0.0) if family.jitter_attr else 0.0
         adapt_router(self.router_module, self.routing, self.choice.router)
 
     @property
     def plan(self) -> dict:
-        """{stage: what runs (and, where it is not what was asked, why)} for the current weights."""
-        return self.planner.describe(first_weight(self.experts, self.experts_spec))
+        """{stage: what runs (and, where it is not what was asked, why)}: see `LayerPlanner.describe`."""
+        return self.planner.describe()
 
     @property
     def router_module(self) -> nn.Module:
@@ -172,6 +227,9 @@ class MoELayer(nn.Module):
             hidden = hidden * torch.empty_like(hidden).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         choice = self.planner.choice_for(first_weight(self.experts, self.experts_spec))
         if choice is not self.choice:  # moved to another device or dtype since the last forward
+            if choice.names["dispatch"] != self.choice.names["dispatch"]:
+                raise RuntimeError(f"moe_lab: the dispatch stage would change from {self.choice.names['dispatch']!r} "
+                                   f"to {choice.names['dispatch']!r} on this device and dtype; rebuild the model there")
             self.choice = choice
             self.router_module.moe_lab_route = choice.router
         _, weights, ids = self.router_module(hidden)
@@ -195,7 +253,8 @@ def _generic_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 _ADAPTED_EXPERTS: dict[type, type] = {}
 
 
-def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep=None, substitute: bool = False) -> None:
+def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep=None, substitute: bool = False,
+                  hint: str | None = None) -> None:
     """Make a v5 experts module compute through moe_lab's stages (its weights and names unchanged)."""
     base = type(experts)
     if base not in _ADAPTED_EXPERTS.values():
@@ -207,7 +266,8 @@ def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep
         experts.__class__ = _ADAPTED_EXPERTS[base]
     model_type = str(getattr(getattr(experts, "config", None), "model_type", "?"))
     # v5's own router runs: the router stage is not used here (no routing features to check)
-    experts.moe_lab_planner = LayerPlanner(choice, model_type, frozenset(), spec, substitute, expert_parallel=ep is not None)
-    experts.moe_lab_choice = experts.moe_lab_planner.choice_for(first_weight(experts, spec))  # refuses here
+    experts.moe_lab_planner = LayerPlanner(choice, model_type, frozenset(), spec, substitute, expert_parallel=ep is not None,
+                                           hint=hint)
+    experts.moe_lab_choice = experts.moe_lab_planner.plan_unplaced(first_weight(experts, spec))[1]  # refuses here
     experts.moe_lab_spec = spec
     experts.moe_lab_dispatcher = experts.moe_lab_choice.dispatch(ep=ep, num_experts=spec.num_experts)

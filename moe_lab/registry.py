@@ -26,19 +26,26 @@ class BackendUnavailableError(RuntimeError):
     """A chosen stage implementation cannot run on this machine (missing package or device)."""
 
 
-# the reference implementation of each stage: what a substitution runs
+# the reference implementation of each stage: what a substitution runs (dispatch under expert
+# parallelism: all2all, since every rank holds only its own experts)
 REFERENCE = {"router": "eager", "permutation": "eager", "dispatch": "local", "experts": "eager", "combine": "eager"}
+
+
+def reference_for(stage: str, needs: "LayerNeeds") -> str:
+    return "all2all" if stage == "dispatch" and needs.expert_parallel else REFERENCE[stage]
 
 
 @dataclass(frozen=True)
 class LayerNeeds:
     """What one MoE layer asks of its stages. routing_features: `RoutingSpec.features()`;
-    activation: `ExpertsSpec.activation_key`; device_type / dtype: the expert weights'."""
+    activation: `ExpertsSpec.activation_key`; device_type / dtype: the expert weights' where the
+    layer runs, or device_type None before it is placed (a model built on the CPU or the meta
+    device and moved later): device and dtype are then checked at its first forward."""
 
     model_type: str
     routing_features: frozenset
     activation: str
-    device_type: str
+    device_type: str | None
     dtype: torch.dtype
     expert_parallel: bool = False
 
@@ -69,9 +76,10 @@ class Capabilities:
 
     def why_not(self, needs: LayerNeeds, stage: str) -> str | None:
         """None if this implementation computes the layer `needs` describes, else why not."""
-        if self.devices is not None and needs.device_type not in self.devices:
+        placed = needs.device_type is not None
+        if placed and self.devices is not None and needs.device_type not in self.devices:
             return f"runs on {'/'.join(sorted(self.devices))}, not {needs.device_type}"
-        allowed = None if self.dtypes is None else self.dtypes.get(needs.device_type)
+        allowed = None if self.dtypes is None or not placed else self.dtypes.get(needs.device_type)
         if allowed is not None and needs.dtype not in allowed:
             names = ", ".join(sorted(str(d).replace("torch.", "") for d in allowed))
             return f"takes {names} weights on {needs.device_type}, not {str(needs.dtype).replace('torch.', '')}"
@@ -247,11 +255,12 @@ class StageRefusedError(ValueError):
     """A chosen stage cannot compute a layer and substitution was not allowed."""
 
 
-def plan_layer(choice: "StageChoice", needs: LayerNeeds, substitute: bool) -> tuple[dict, "StageChoice"]:
+def plan_layer(choice: "StageChoice", needs: LayerNeeds, substitute: bool,
+               hint: str = "pass substitute=True to run each stage's reference instead (recorded in model.moe_lab_plan)",
+               ) -> tuple[dict, "StageChoice"]:
     """({stage: PlannedStage}, the StageChoice to run) for one layer. A stage whose capabilities do not
-    cover `needs` is refused (StageRefusedError naming every such stage and why), or with
-    `substitute` replaced by the stage's reference implementation. The experts stage of a fused pair
-    is planned together with its permutation."""
+    cover `needs` is refused (StageRefusedError naming every such stage and why, then `hint`), or
+    with `substitute` replaced by the stage's reference implementation."""
     planned, refused, names = {}, [], dict(choice.names)
     for stage in STAGES:
         impl = choice.impls[stage]
@@ -262,7 +271,7 @@ def plan_layer(choice: "StageChoice", needs: LayerNeeds, substitute: bool) -> tu
         if not substitute:
             refused.append(f"{stage} {impl.name!r} {why}")
             continue
-        fallback = REFERENCE[stage]
+        fallback = reference_for(stage, needs)
         reference_why = _IMPLS[stage][fallback].caps.why_not(needs, stage)
         if reference_why is not None:
             refused.append(f"{stage} {impl.name!r} {why}; its reference {fallback!r} {reference_why}")
@@ -270,12 +279,12 @@ def plan_layer(choice: "StageChoice", needs: LayerNeeds, substitute: bool) -> tu
         planned[stage] = PlannedStage(impl.name, fallback, why)
         names[stage] = fallback
     if refused:
+        where = f"{str(needs.dtype).replace('torch.', '')} on {needs.device_type}" if needs.device_type else "any device"
         raise StageRefusedError(
             f"moe_backend={choice.requested or choice.label!r} cannot run {needs.model_type}'s MoE layer "
-            f"({needs.activation}, {str(needs.dtype).replace('torch.', '')} on {needs.device_type}): "
-            + "; ".join(refused)
-            + ". Choose other stages (moe_lab.available_backends()), or pass substitute=True to run each "
-              "stage's reference instead (recorded in model.moe_lab_plan)")
+            f"({needs.activation}, {where}): " + "; ".join(refused)
+            + f". Choose other stages (moe_lab.available_backends()), or {hint}")
     if names == choice.names:
         return planned, choice
-    return planned, StageChoice(names, {s: _IMPLS[s][n] for s, n in names.items()}, requested=choice.requested)
+    impls = {s: choice.impls[s] if n == choice.names[s] else _IMPLS[s][n] for s, n in names.items()}
+    return planned, StageChoice(names, impls, requested=choice.requested)

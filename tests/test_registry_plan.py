@@ -77,3 +77,48 @@ def test_capabilities_are_declared_for_every_registered_implementation():
     assert _IMPLS["experts"]["triton_gather"].caps.fuses_with == "triton"
     assert _IMPLS["dispatch"]["deepep"].caps.token_level
     assert {n for n, i in _IMPLS["experts"].items() if i.caps.graph_safe} == {"triton", "triton_gather"}
+
+
+def test_device_checks_wait_until_the_layer_is_placed():
+    """A model built on the CPU or the meta device and moved later: the Triton stages (CUDA only
+    outside the interpreter) are not refused before the layer runs anywhere."""
+    from moe_lab.registry import StageChoice
+
+    cuda_only = Capabilities(devices=frozenset({"cuda"}))
+    register_stage("experts", "test_cuda_only", _IMPLS["experts"]["eager"].fn, caps=cuda_only)
+    try:
+        choice = resolve_backend({"experts": "test_cuda_only"})
+        plan_layer(choice, _needs(device_type=None), substitute=False)  # not placed yet: nothing to refuse
+        with pytest.raises(StageRefusedError, match="runs on cuda, not cpu"):
+            plan_layer(choice, _needs(device_type="cpu"), substitute=False)
+    finally:
+        del _IMPLS["experts"]["test_cuda_only"]
+    # under expert parallelism the dispatch reference is all2all, never local
+    ep_choice = StageChoice({**choice.names, "dispatch": "deepep"},
+                            {**choice.impls, "dispatch": _IMPLS["dispatch"]["deepep"]})
+    planned, substituted = plan_layer(ep_choice, _needs(device_type="cuda", expert_parallel=True), substitute=True)
+    assert substituted.names["dispatch"] == "all2all", planned["dispatch"]
+
+
+def test_a_substitution_after_a_move_is_logged_and_the_model_plan_follows(caplog):
+    import transformers
+
+    config = tiny_config("qwen3_moe")
+    model = moe_lab.patch_model(transformers.AutoModelForCausalLM.from_config(config))  # no backend named
+    assert {stages["experts"] for stages in model.moe_lab_plan.values()} == {"torch"}
+    model.double()  # grouped_mm has no float64 kernel: the eager experts run, said aloud
+    with caplog.at_level(logging.WARNING, logger="moe_lab.layer"):
+        model(torch.randint(0, config.vocab_size, (1, 4)))
+    assert "eager (asked torch: takes" in caplog.text
+    assert all(stages["experts"].startswith("eager (asked torch") for stages in model.moe_lab_plan.values())
+
+
+def test_a_refused_model_is_left_unchanged():
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe", hidden_act="gelu"))
+    norm_forward = model.model.norm.forward
+    with pytest.raises(StageRefusedError):
+        moe_lab.patch_model(model, "triton", fused_norm=True)
+    assert model.model.norm.forward == norm_forward
+    assert not any(isinstance(m, moe_lab.MoELayer) for m in model.modules())

@@ -12,7 +12,7 @@ import moe_lab
 from moe_lab.stages.permute import plan_sorted
 from moe_lab.stages.router import RoutingSpec
 from moe_lab.stages.permute import inverse_to_te_row_map, slot_of_row_from_inverse, te_row_map_to_inverse
-from moe_lab.stages.router import te_router_unsupported
+from moe_lab.registry import LayerNeeds, capabilities
 from moe_lab.stages._requires import why_te_unavailable
 from tiny_models import tiny_config
 
@@ -46,7 +46,8 @@ def test_importing_moe_lab_does_not_import_transformer_engine():
     (RoutingSpec(8, 2, score="sigmoid", n_group=4, topk_group=2, has_correction_bias=True), False),  # DeepSeek-V3
 ])
 def test_te_router_takes_softmax_families_and_declines_the_rest(spec, supported):
-    assert (te_router_unsupported(spec) is None) == supported
+    needs = LayerNeeds("family", spec.features(), "glu:silu", "cuda", torch.bfloat16)
+    assert (capabilities("router", "te").why_not(needs, "router") is None) == supported
 
 
 def test_row_map_conversions_match_the_definition():

@@ -49,8 +49,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..stages.dispatch import Dispatched
-from ..stages.permute import Permutation
 
 logger = logging.getLogger(__name__)
 
@@ -219,14 +217,7 @@ def apply_expert_parallel(model: nn.Module, mesh, *, dispatch: str = "all2all", 
         if is_layer:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    if rebuilt:  # what each layer runs now (see patch_model)
-        from ..stages.experts import first_weight
-
-        plan = getattr(model, "moe_lab_plan", None)
-        for name, is_layer, new in rebuilt:
-            if isinstance(plan, dict):
-                planner, experts = _site_parts(new, is_layer)[1:]
-                plan[name] = planner.describe(first_weight(experts, planner.spec))
+    if rebuilt:  # model.moe_lab_plan reads the rebuilt layers' planners itself
         labels = {_site_parts(m, l)[1].asked.label for _, m, l in _moe_sites(model)}
         if len(labels) == 1:
             model.moe_lab_backend = labels.pop()

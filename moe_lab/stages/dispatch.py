@@ -117,7 +117,7 @@ class AllToAllDispatcher:
 
 # ---- registrations ---------------------------------------------------------------------------
 register_stage("dispatch", "local", LocalDispatcher, description="all experts in this process",
-               caps=Capabilities(graph_safe=True))
+               caps=Capabilities(graph_safe=True, expert_parallel=False))
 register_stage("dispatch", "all2all", AllToAllDispatcher, description="torch.distributed all_to_all_single, uneven splits")
 register_stage("dispatch", "deepep", DeepEPDispatcher, why_deepep_unavailable,
                description="DeepEP fused NVLink all-to-all (token-level: moves tokens, the other stages run on what arrives)",

@@ -91,6 +91,15 @@ def first_bias(module: nn.Module, spec: ExpertsSpec) -> torch.Tensor | None:
     return module.gate_up_proj_bias if spec.gated else module.up_proj_bias
 
 
+def no_rows(x: torch.Tensor, module: nn.Module, spec: ExpertsSpec) -> torch.Tensor:
+    """y [0, H] for experts that got no row, connected to every expert weight (zero gradients), so
+    backward reaches the weights on every rank alike (expert parallelism: one rank's experts may get
+    nothing while the others' gradient hooks and collectives run)."""
+    w1, w2 = first_weight(module, spec), module.down_proj
+    out = x.new_zeros(0, w2.shape[-1] if spec.transposed else w2.shape[1], dtype=w1.dtype)
+    return out + (w1.sum() + w2.sum()) * 0 if torch.is_grad_enabled() and w1.requires_grad else out
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
     """x [n, in] with one expert's weight ([out, in], or [in, out] if transposed) -> [n, out]."""
     out = x @ weight if transposed else F.linear(x, weight)
@@ -111,7 +120,7 @@ def experts_loop(x: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor, m
         pieces.append(_linear(hidden, w2[expert], None if b2 is None else b2[expert], spec.transposed))
         start += count
     if not pieces:
-        return x.new_zeros(x.shape[0], w2.shape[-1] if spec.transposed else w2.shape[1], dtype=w1.dtype)
+        return no_rows(x, module, spec)
     return torch.cat(pieces)
 
 
@@ -160,6 +169,8 @@ def experts_grouped_mm(x: torch.Tensor, counts: torch.Tensor, offsets: torch.Ten
     w1, b1 = first_weight(module, spec), first_bias(module, spec)
     w2, b2 = module.down_proj, (module.down_proj_bias if spec.has_bias else None)
     x = x.to(w1.dtype)
+    if x.shape[0] == 0:
+        return no_rows(x, module, spec)
     if not grouped_mm_supported(x):  # the registry's plan sends such layers to the eager experts
         raise TypeError(f"torch experts: torch.nn.functional.grouped_mm has no {x.dtype} kernel on {x.device}; "
                         "use the eager experts (moe_backend={'experts': 'eager'}) or another dtype")
@@ -300,7 +311,7 @@ def experts_te(x, counts, offsets, module, spec: ExpertsSpec, cutlass: bool = Fa
     w2, b2 = module.down_proj, (module.down_proj_bias if spec.has_bias else None)
     x = x.to(w1.dtype)
     if x.shape[0] == 0:  # no row reached these experts: GroupedLinear needs at least one
-        return x.new_zeros(0, w2.shape[-1] if spec.transposed else w2.shape[1])
+        return no_rows(x, module, spec)
     gate_up, down = _projections(module, spec, w1, w2)
     m_splits = counts.to("cpu", torch.int64)
     hidden = gate_up(x.contiguous(), m_splits, _out_in(w1, spec.transposed), b1)

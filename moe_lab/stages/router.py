@@ -170,21 +170,11 @@ def route_triton(hidden, weight, bias, correction_bias, spec: RoutingSpec) -> Ro
 
 
 # ---- TransformerEngine: fused top-k with score function (softmax families) -------------------
-def te_router_unsupported(spec: RoutingSpec) -> str | None:
-    """None if TE's fused router computes this family's routing; else why not."""
-    if spec.score != "softmax":
-        return (f"score {spec.score!r} with group-limited choice and correction bias is not held to TE's "
-                "fused router")
-    return None
-
-
 def route_te(hidden, weight, bias, correction_bias, spec: RoutingSpec) -> RouterOutput:
     """hidden [T, H] -> RouterOutput(logits [T, E], weights [T, k], ids [T, k]) through TE's fused
     top-k. softmax -> top-k -> renormalise equals top-k on logits -> softmax over the k, which is
-    TE's `use_pre_softmax=False`; without renormalisation TE softmaxes first (`use_pre_softmax=True`)."""
-    reason = te_router_unsupported(spec)
-    if reason:  # the registry's plan never sends such a layer here
-        raise ValueError(f"te router: {reason}")
+    TE's `use_pre_softmax=False`; without renormalisation TE softmaxes first (`use_pre_softmax=True`).
+    What it computes is declared once, in its registration's `routing` features (softmax families)."""
     from transformer_engine.pytorch.router import fused_topk_with_score_function
 
     logits = router_logits(hidden, weight, bias, spec)
