@@ -411,7 +411,7 @@ def run(spec: dict) -> dict:
         "device": device.type,
         "params_approx": n_params,
         "moe_lab_stages": ({"backend": getattr(model, "moe_lab_backend", None),
-                            "plan": getattr(model, "moe_lab_plan", None)}
+                            "plan": {name: dict(stages) for name, stages in getattr(model, "moe_lab_plan", {}).items()}}
                            if hasattr(model, "moe_lab_backend") else None),
         "flops": {"train_flops_per_token": flops.train_flops_per_token(config, spec["seq"]),
                   "forward_parts_per_token": flops.forward_flops_per_token(config, spec["seq"]),
