@@ -95,7 +95,7 @@ def _check_moe_blocks(model: nn.Module, choice: StageChoice, ep_size: int, fsdp:
 
 
 def _patch_moe_blocks(model: nn.Module, moe_backend: MoeBackend, ep_size: int = 1, fsdp: bool = False,
-                      substitute: bool | None = None) -> nn.Module:
+                      substitute: bool | None = None, checked: bool = False) -> nn.Module:
     """Replace every sparse MoE block of a v5 model, in place.
 
     A chosen stage that cannot compute a layer (its activation or routing; its device and dtype at
@@ -113,7 +113,8 @@ def _patch_moe_blocks(model: nn.Module, moe_backend: MoeBackend, ep_size: int = 
     if substitute is None:
         substitute = moe_backend is None
     choice = resolve_backend(moe_backend)
-    _check_moe_blocks(model, choice, ep_size, fsdp, substitute)  # a refused model is left as it was
+    if not checked:  # a refused model is left as it was
+        _check_moe_blocks(model, choice, ep_size, fsdp, substitute)
     choice = _with_expert_parallel_dispatch(choice, ep_size)
     config = model.config
     model_type = getattr(config, "model_type", "?")
@@ -204,7 +205,7 @@ def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, options: Optio
 
         enable_fused_norm(model)
     if not patched:
-        _patch_moe_blocks(model, choice, ep_size=ep_size, fsdp=fsdp, substitute=substitute)
+        _patch_moe_blocks(model, choice, ep_size=ep_size, fsdp=fsdp, substitute=substitute, checked=True)
     elif fsdp:  # loaded expert-parallel by ep_loading: FSDP2 after the norms above, as patch_model does
         from .parallel.expert_parallel import shard_non_experts_fsdp2
 

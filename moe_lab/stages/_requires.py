@@ -11,9 +11,10 @@ import torch
 from ..registry import Capabilities
 
 FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16})
-# Triton runs on CUDA tensors, and on CPU tensors only under its interpreter (tests)
-TRITON = Capabilities(devices=frozenset({"cuda", "cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else {"cuda"}),
-                      graph_safe=True)
+# Triton decides at import whether it interprets (its own TRITON_INTERPRET, read once here): then
+# its kernels run on CPU tensors too (tests), else on CUDA tensors only
+TRITON_INTERPRETS = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON = Capabilities(devices=frozenset({"cuda", "cpu"} if TRITON_INTERPRETS else {"cuda"}), graph_safe=True)
 TE = Capabilities(devices=frozenset({"cuda"}))
 
 
@@ -22,7 +23,7 @@ def why_triton_unavailable() -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "Triton is not installed: pip install 'moe_lab[triton]' (triton>=3.6)"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if not torch.cuda.is_available() and not TRITON_INTERPRETS:
         return "Triton kernels need a CUDA GPU; on the CPU set TRITON_INTERPRET=1 before importing (slow: for tests)"
     return None
 
