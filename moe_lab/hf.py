@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from typing import Mapping
 
+import torch
 import torch.nn as nn
 import transformers
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -18,7 +19,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from .stages.dispatch import LocalDispatcher
 from .families import FAMILIES, UnsupportedModelError, experts_spec_of, is_v5_experts_module
 from .stages.experts import first_weight
-from .layer import LayerPlanner, ModelPlan, MoELayer, adapt_experts, run_routed_experts
+from .layer import LayerPlanner, ModelPlan, MoELayer, adapt_experts, auto_trial, run_routed_experts
 from .options import Options, apply_process_settings
 from .registry import StageChoice, available_backends, resolve_backend
 
@@ -37,7 +38,7 @@ def _with_expert_parallel_dispatch(choice: StageChoice, ep_size: int) -> StageCh
     """Under expert parallelism a `local` dispatch stage becomes `all2all`; the reverse is refused."""
     dispatch = choice.names["dispatch"]
     if ep_size > 1 and dispatch == "local":
-        return resolve_backend({**choice.names, "dispatch": "all2all"})
+        return choice.with_stage("dispatch", "all2all")
     if ep_size == 1 and dispatch != "local":
         raise ValueError(f"dispatch {dispatch!r} sends rows between ranks: it needs ep_size > 1")
     return choice
@@ -186,13 +187,43 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
         return _finish(model, choice, ep_size, fsdp, options)
 
 
+def _first_graph_safe_candidate():
+    """The first of auto's candidates that runs here and a CUDA graph can replay; ValueError if none."""
+    from .auto import CANDIDATES
+    from .registry import BackendUnavailableError
+
+    reasons = []
+    for label, backend in CANDIDATES:
+        try:
+            choice = resolve_backend(backend)
+        except BackendUnavailableError as exc:
+            reasons.append(f"{label}: {exc}")
+            continue
+        if choice.graph_safe:
+            return backend
+        reasons.append(f"{label}: not CUDA-graph safe")
+    raise ValueError("cuda_graphs: no stages a CUDA graph can replay run here (" + "; ".join(reasons) + ")")
+
+
+def _graph_safe_auto(choice: StageChoice) -> StageChoice:
+    """The "auto" choice restricted to graph-safe candidates (refused here if none runs on this machine)."""
+    from .registry import AutoSettings
+
+    _first_graph_safe_candidate()
+    return dataclasses.replace(choice, auto=AutoSettings(graph_safe_only=True))
+
+
 def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, options: Options, patched: bool = False):
     """Apply the whole-step options around `_patch_moe_blocks`: every check first, then the changes."""
     substitute = options.substitute or choice.requested is None
+    if choice.auto is not None and options.cuda_graphs:
+        choice = _graph_safe_auto(choice)
     planned = [choice] if patched else _check_moe_blocks(model, choice, ep_size, fsdp, substitute)
     if options.cuda_graphs:
         from .training.cuda_graphs import check_graphable
 
+        if choice.auto is not None:  # auto picks among graph-safe candidates only; check with the first of them
+            planned = [resolve_backend(_first_graph_safe_candidate())]
         for names in {tuple(sorted(c.names.items())) for c in planned}:  # what will run, substitutions included
             check_graphable(model, dict(names), ep_size)
     apply_process_settings(options)
@@ -236,8 +267,12 @@ def _experts_forward_for(backend: str):
             state = (backend, spec, planner)
             self.__dict__["_moe_lab_registry_state"] = state
         _, spec, planner = state
-        choice = planner.choice_for(first_weight(self, spec))
-        return run_routed_experts(hidden_states, top_k_index, top_k_weights, self, spec, choice, LocalDispatcher())
+        weight = first_weight(self, spec)
+        backward = torch.is_grad_enabled() and weight.requires_grad
+        dispatcher = LocalDispatcher()
+        choice = planner.choice_for(weight, hidden_states.shape[0], backward, trial=lambda c: auto_trial(
+            hidden_states, self, spec, backward, dispatcher, ids=top_k_index, weights=top_k_weights)(c))
+        return run_routed_experts(hidden_states, top_k_index, top_k_weights, self, spec, choice, dispatcher)
 
     forward.__name__ = f"moe_lab_{backend}_experts_forward"
     return forward

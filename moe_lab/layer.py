@@ -31,24 +31,32 @@ class LayerPlanner:
     stage that can never compute it is refused before anything changes. At each forward the plan for
     the expert weights' device type and dtype is looked up (computed once per pair): a stage that
     cannot run there is refused at that first step, or substituted (with a warning) where allowed.
+
+    For the "auto" backend (`choice.auto`), each placed forward takes `moe_lab.auto`'s decision for
+    its device, dtype and shape instead; unplaced, the plan is auto's floor (the torch backend).
     """
 
     def __init__(self, choice: StageChoice, model_type: str, routing_features: frozenset, spec: ExpertsSpec,
                  substitute: bool, expert_parallel: bool, hint: str | None = None):
         self.asked = choice
         self.model_type, self.routing_features, self.spec = model_type, routing_features, spec
-        self.substitute, self.expert_parallel, self.hint = substitute, expert_parallel, hint
+        self.substitute = substitute or choice.auto is not None  # auto's floor runs references where it must
+        self.expert_parallel, self.hint = expert_parallel, hint
         self._plans: dict = {}  # (device type or None, dtype) -> (planned stages, StageChoice)
+        self._candidates: dict = {}  # auto: (device type, dtype) -> auto.CandidateSet
         self.latest: tuple | None = None  # the key of the plan the last forward ran
+        self.decision = None  # auto: the AutoDecision the last forward ran
+
+    def _needs(self, device_type: str | None, dtype: torch.dtype) -> LayerNeeds:
+        return LayerNeeds(self.model_type, self.routing_features, self.spec.activation_key, device_type, dtype,
+                          self.expert_parallel)
 
     def _plan(self, device_type: str | None, dtype: torch.dtype) -> tuple[dict, StageChoice]:
         key = (device_type, dtype)
         plan = self._plans.get(key)
         if plan is None:
-            needs = LayerNeeds(self.model_type, self.routing_features, self.spec.activation_key, device_type, dtype,
-                               self.expert_parallel)
             kwargs = {} if self.hint is None else {"hint": self.hint}
-            plan = self._plans[key] = plan_layer(self.asked, needs, self.substitute, **kwargs)
+            plan = self._plans[key] = plan_layer(self.asked, self._needs(device_type, dtype), self.substitute, **kwargs)
             substituted = [str(p) for p in plan[0].values() if p.why is not None]
             if device_type is not None and substituted:
                 logger.warning("moe_lab: %s MoE layer on %s %s: %s", self.model_type, device_type,
@@ -58,16 +66,100 @@ class LayerPlanner:
     def plan_unplaced(self, weight: torch.Tensor) -> tuple[dict, StageChoice]:
         return self._plan(None, weight.dtype)
 
-    def choice_for(self, weight: torch.Tensor) -> StageChoice:
-        """The stages to run on `weight`'s device and dtype (the meta device: not placed yet)."""
+    def choice_for(self, weight: torch.Tensor, tokens: int | None = None, backward: bool = False,
+                   trial=None) -> StageChoice:
+        """The stages to run on `weight`'s device and dtype (the meta device: not placed yet). For
+        "auto": the decision for `tokens` rows (forward and `backward`), measured where needed with
+        `trial(choice) -> step()` (see `auto_trial`)."""
         key = (None if weight.device.type == "meta" else weight.device.type, weight.dtype)
         self.latest = key
-        return self._plan(*key)[1]
+        if self.asked.auto is None or key[0] is None:
+            return self._plan(*key)[1]
+        self.decision = self._decide(weight, tokens, backward, trial)
+        return self.decision.chosen.choice
+
+    def _decide(self, weight: torch.Tensor, tokens, backward: bool, trial):
+        from . import auto
+
+        key = (weight.device.type, weight.dtype)
+        if key[0] not in auto.MEASURED_DEVICES:  # nothing is measured off CUDA: the floor
+            planned, choice = self._plan(*key)
+            return auto.AutoDecision(auto.Candidate(auto.FLOOR, planned, choice), f"rule: {key[0]} is not measured")
+        candidate_set = self._candidates.get(key)
+        if candidate_set is None:
+            dispatch = self.asked.names["dispatch"] if self.expert_parallel else None
+            candidate_set = self._candidates[key] = auto.candidates_for(
+                self._needs(*key), dispatch, self.asked.auto.graph_safe_only)
+        if self.expert_parallel and candidate_set.candidates:
+            return auto.AutoDecision(candidate_set.candidates[0], "rule: first preference under expert parallelism "
+                                     "(not measured)", excluded=candidate_set.excluded)
+        if trial is None or tokens is None:
+            chosen = candidate_set.candidates[0] if candidate_set.candidates else candidate_set.floor
+            return auto.AutoDecision(chosen, "rule: first preference (no trial given)", excluded=candidate_set.excluded)
+        geometry = (self.model_type, self.spec, self.routing_features, tuple(weight.shape))
+        return auto.decide(candidate_set, geometry, weight.device, weight.dtype, tokens, backward, trial)
 
     def describe(self) -> dict:
-        """{stage: "runs" or "runs (asked X: why)"}: the last forward's plan, else the unplaced one."""
+        """{stage: "runs" or "runs (asked X: why)"}: the last forward's plan, else the unplaced one; for
+        "auto" also {"auto": its decision, and how it was made}."""
+        if self.asked.auto is not None and self.decision is not None and self.latest is not None and self.latest[0]:
+            out = {stage: str(p) for stage, p in self.decision.chosen.planned.items()}
+            out["auto"] = self.decision.describe()
+            return out
         planned = self._plans[self.latest][0] if self.latest in self._plans else next(iter(self._plans.values()))[0]
-        return {stage: str(p) for stage, p in planned.items()}
+        out = {stage: str(p) for stage, p in planned.items()}
+        if self.asked.auto is not None:
+            out["auto"] = "not decided yet: each layer chooses at its first forward on a device"
+        return out
+
+
+def _detached_experts(experts: nn.Module, spec: ExpertsSpec, requires_grad: bool) -> nn.Module:
+    """A stand-in for a v5 experts module whose weights are detached leaves sharing its storage: a
+    trial computes with the layer's own weights and no gradient reaches the model."""
+    stand_in = nn.Module()
+    for name in ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"):
+        tensor = getattr(experts, name, None)
+        if isinstance(tensor, torch.Tensor):
+            stand_in.__dict__[name] = tensor.detach().requires_grad_(requires_grad)
+    if hasattr(experts, "act_fn"):
+        stand_in.__dict__["act_fn"] = experts.act_fn
+    return stand_in
+
+
+def auto_trial(hidden: torch.Tensor, experts: nn.Module, spec: ExpertsSpec, backward: bool, dispatcher,
+               ids: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+               router: nn.Module | None = None, routing: RoutingSpec | None = None):
+    """trial(choice) -> step(): runs this layer once with `choice` on detached copies of this forward's
+    hidden [T, H] (and backward to the hidden states and every weight when `backward`). Routing: the
+    given ids/weights [T, k] (v5's router ran), or `choice`'s router on `router`'s weights."""
+    x = hidden.detach().requires_grad_(backward)
+    stand_in = _detached_experts(experts, spec, backward)
+    leaves = [x] + [t for t in stand_in.__dict__.values() if isinstance(t, torch.Tensor)]
+    if router is not None:
+        router_weight = router.weight.detach().requires_grad_(backward)
+        bias = getattr(router, "bias", None)
+        bias = None if bias is None else bias.detach().requires_grad_(backward)
+        correction = getattr(router, "e_score_correction_bias", None)
+        correction = None if correction is None else correction.detach()
+        leaves += [t for t in (router_weight, bias) if t is not None]
+    else:
+        weights = weights.detach().requires_grad_(backward)
+        leaves.append(weights)
+    cotangent = torch.randn_like(x) if backward else None
+
+    def trial(choice: StageChoice):
+        def step():
+            with torch.enable_grad() if backward else torch.no_grad():
+                if router is not None:
+                    _, w, i = choice.router(x, router_weight, bias, correction, routing)
+                else:
+                    w, i = weights, ids
+                out = run_routed_experts(x, i, w, stand_in, spec, choice, dispatcher)
+                if backward:
+                    torch.autograd.grad(out, leaves, cotangent.to(out.dtype), allow_unused=True)
+        return step
+
+    return trial
 
 
 class ModelPlan(Mapping):
@@ -225,7 +317,11 @@ class MoELayer(nn.Module):
         hidden = hidden_states.reshape(-1, shape[-1])
         if self.training and self.jitter_noise > 0:
             hidden = hidden * torch.empty_like(hidden).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        choice = self.planner.choice_for(first_weight(self.experts, self.experts_spec))
+        weight = first_weight(self.experts, self.experts_spec)
+        backward = torch.is_grad_enabled() and weight.requires_grad
+        choice = self.planner.choice_for(weight, hidden.shape[0], backward, trial=lambda c: auto_trial(
+            hidden, self.experts, self.experts_spec, backward, self.dispatcher, router=self.router_module,
+            routing=self.routing)(c))
         if choice is not self.choice:  # moved to another device or dtype since the last forward
             if choice.names["dispatch"] != self.choice.names["dispatch"]:
                 raise RuntimeError(f"moe_lab: the dispatch stage would change from {self.choice.names['dispatch']!r} "
@@ -245,7 +341,11 @@ class MoELayer(nn.Module):
 # ---- the generic path: v5's block and router untouched, the experts run through moe_lab ----------
 def _generic_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """v5's experts signature: hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
-    choice = self.moe_lab_planner.choice_for(first_weight(self, self.moe_lab_spec))
+    weight = first_weight(self, self.moe_lab_spec)
+    backward = torch.is_grad_enabled() and weight.requires_grad
+    choice = self.moe_lab_planner.choice_for(weight, hidden_states.shape[0], backward, trial=lambda c: auto_trial(
+        hidden_states, self, self.moe_lab_spec, backward, self.moe_lab_dispatcher, ids=top_k_index,
+        weights=top_k_weights)(c))
     return run_routed_experts(hidden_states, top_k_index, top_k_weights, self, self.moe_lab_spec, choice,
                               self.moe_lab_dispatcher)
 

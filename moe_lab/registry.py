@@ -3,6 +3,7 @@
 Stages: router -> permutation -> dispatch -> experts -> combine (see DESIGN.md). A backend word
 ("eager", "torch", "triton", ...) names one implementation per stage; a mapping such as
 {"experts": "triton", "router": "torch"} overrides single stages (the rest come from "torch").
+"auto", the default, lets each layer take the fastest exact candidate on its device (`moe_lab.auto`).
 
 An implementation registers with an availability check (can it run on this machine at all?) and
 its `Capabilities` (which devices, dtypes, activations, routing features, whether it is exact,
@@ -19,11 +20,18 @@ from typing import Callable, Mapping
 import torch
 
 STAGES = ("router", "permutation", "dispatch", "experts", "combine")
-DEFAULT_BACKEND = "torch"
+AUTO = "auto"  # the default backend word: chosen per layer and shape (moe_lab.auto)
+DEFAULT_BACKEND = AUTO
+MAPPING_BASE = "torch"  # the backend of the stages a mapping does not name
 
 
 class BackendUnavailableError(RuntimeError):
-    """A chosen stage implementation cannot run on this machine (missing package or device)."""
+    """A chosen stage implementation cannot run on this machine (missing package or device).
+    `stage`, `name` and `reason` say which and why."""
+
+    def __init__(self, message: str, stage: str = "", name: str = "", reason: str = ""):
+        super().__init__(message)
+        self.stage, self.name, self.reason = stage, name, reason
 
 
 # the reference implementation of each stage: what a substitution runs (dispatch under expert
@@ -144,7 +152,8 @@ def capabilities(stage: str, name: str) -> Capabilities:
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    """"auto" first, then every registered backend word."""
+    return [AUTO] + sorted(_BACKENDS)
 
 
 def stage_implementations(stage: str) -> list[str]:
@@ -152,12 +161,25 @@ def stage_implementations(stage: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class AutoSettings:
+    """What "auto" may choose from: graph_safe_only keeps the candidates a CUDA graph can replay
+    (set when the model runs with Options(cuda_graphs=True))."""
+
+    graph_safe_only: bool = False
+
+
+@dataclass(frozen=True)
 class StageChoice:
-    """The resolved implementation of every stage; `names` maps stage -> implementation name."""
+    """The resolved implementation of every stage; `names` maps stage -> implementation name.
+
+    With `auto` set, this is the "auto" backend: `names` are then its floor (the torch backend, run
+    where nothing is measured, e.g. on the CPU), and each layer's planner picks among `moe_lab.auto`'s
+    candidates on its device."""
 
     names: dict = field(default_factory=dict)
     impls: dict = field(default_factory=dict)
     requested: str | None = None  # what the user wrote (a backend word or stage=name pairs), for messages
+    auto: AutoSettings | None = None
 
     def __getattr__(self, stage):  # choice.router, choice.experts, ...
         impls = object.__getattribute__(self, "impls")
@@ -173,9 +195,16 @@ class StageChoice:
         """Whether a CUDA graph can replay every local stage of this choice."""
         return all(self.impls[s].caps.graph_safe for s in STAGES)
 
+    def with_stage(self, stage: str, name: str) -> "StageChoice":
+        """This choice with `stage` run by implementation `name` (what was requested is kept)."""
+        impl = _lookup_impl(stage, name, self.requested)
+        return StageChoice({**self.names, stage: name}, {**self.impls, stage: impl}, self.requested, self.auto)
+
     @property
     def label(self) -> str:
-        """A short name: the backend word if all stages agree with one, else stage=impl pairs."""
+        """A short name: "auto", the backend word if all stages agree with one, else stage=impl pairs."""
+        if self.auto is not None:
+            return AUTO
         for word, per_stage in sorted(_BACKENDS.items()):
             if per_stage == self.names:
                 return word
@@ -192,13 +221,15 @@ def _lookup_impl(stage: str, name: str, requested) -> StageImpl:
     impl = impls[name]
     reason = impl.why_unavailable()
     if reason:
-        raise BackendUnavailableError(f"moe_backend={requested!r}: the {stage} stage {name!r} cannot run here: {reason}")
+        raise BackendUnavailableError(f"moe_backend={requested!r}: the {stage} stage {name!r} cannot run here: {reason}",
+                                      stage, name, reason)
     return impl
 
 
 def resolve_backend(moe_backend: str | Mapping[str, str] | StageChoice | None = None) -> StageChoice:
     """Turn a backend word or a per-stage mapping into a StageChoice, checking each stage can run here.
 
+    None | "auto": the "auto" backend (see StageChoice; its floor is the torch backend).
     "torch" | "eager" | "triton" | ...: every stage from that backend.
     {"experts": "triton", "router": "torch"}: stages named explicitly, each value a backend word
     or an implementation name; unnamed stages come from "torch".
@@ -206,8 +237,9 @@ def resolve_backend(moe_backend: str | Mapping[str, str] | StageChoice | None = 
     if isinstance(moe_backend, StageChoice):
         return moe_backend
     requested = None if moe_backend is None else _requested_label(moe_backend)  # None: the user named nothing
-    if moe_backend is None:
-        moe_backend = DEFAULT_BACKEND
+    if moe_backend is None or moe_backend == AUTO:
+        floor = resolve_backend(MAPPING_BASE)
+        return StageChoice(floor.names, floor.impls, requested=requested, auto=AutoSettings())
     if isinstance(moe_backend, str):
         if moe_backend not in _BACKENDS:
             raise ValueError(
@@ -219,7 +251,7 @@ def resolve_backend(moe_backend: str | Mapping[str, str] | StageChoice | None = 
         unknown = set(moe_backend) - set(STAGES)
         if unknown:
             raise ValueError(f"moe_backend names unknown stages {sorted(unknown)}; stages are {', '.join(STAGES)}")
-        per_stage = dict(_BACKENDS[DEFAULT_BACKEND])
+        per_stage = dict(_BACKENDS[MAPPING_BASE])
         for stage, value in moe_backend.items():
             if value not in _IMPLS[stage] and value in _BACKENDS:
                 value = _BACKENDS[value][stage]  # a backend word: that backend's choice for this stage
@@ -252,7 +284,12 @@ class PlannedStage:
 
 
 class StageRefusedError(ValueError):
-    """A chosen stage cannot compute a layer and substitution was not allowed."""
+    """A chosen stage cannot compute a layer and substitution was not allowed; `reasons` lists each
+    refused stage and why."""
+
+    def __init__(self, message: str, reasons: tuple = ()):
+        super().__init__(message)
+        self.reasons = tuple(reasons)
 
 
 def plan_layer(choice: "StageChoice", needs: LayerNeeds, substitute: bool,
@@ -283,8 +320,8 @@ def plan_layer(choice: "StageChoice", needs: LayerNeeds, substitute: bool,
         raise StageRefusedError(
             f"moe_backend={choice.requested or choice.label!r} cannot run {needs.model_type}'s MoE layer "
             f"({needs.activation}, {where}): " + "; ".join(refused)
-            + f". Choose other stages (moe_lab.available_backends()), or {hint}")
+            + f". Choose other stages (moe_lab.available_backends()), or {hint}", refused)
     if names == choice.names:
         return planned, choice
     impls = {s: choice.impls[s] if n == choice.names[s] else _IMPLS[s][n] for s, n in names.items()}
-    return planned, StageChoice(names, impls, requested=choice.requested)
+    return planned, StageChoice(names, impls, requested=choice.requested, auto=choice.auto)

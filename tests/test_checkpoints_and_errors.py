@@ -77,7 +77,7 @@ def test_per_expert_checkpoint_loads(tmp_path):
 
 
 def test_unknown_backend_is_refused_before_loading():
-    with pytest.raises(ValueError, match="unknown moe_backend 'fast'.*available backends: eager"):
+    with pytest.raises(ValueError, match="unknown moe_backend 'fast'.*available backends: auto, eager"):
         moe_lab.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), moe_backend="fast")
 
 
