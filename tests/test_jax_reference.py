@@ -1,7 +1,8 @@
 """The JAX reference against every torch backend of moe_lab (forward and gradients), and the DLPack bridge.
 
-Expert ids are chosen once by the torch router and fed to both sides (ties cannot differ); the router
-alone is compared in float32 on random weights.
+Expert ids are chosen once by the torch router and fed to both sides; the router alone is compared in
+float32 on random weights, and on logits with ties, NaN and inf: both references break ties the same
+way (select_experts' rule), so their ids agree in order.
 """
 from __future__ import annotations
 
@@ -57,12 +58,6 @@ def _router_tensors(router):
     return {n: t for n in ("weight", "bias", "e_score_correction_bias") if (t := getattr(router, n, None)) is not None}
 
 
-def _sorted_by_id(weights, ids):
-    """Sort each token's (id, weight) pairs by id (torch's sorted=False top-k may order them differently)."""
-    order = np.argsort(ids, axis=-1)
-    return np.take_along_axis(weights, order, -1), np.take_along_axis(ids, order, -1)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_router_matches_torch_fp32(family):
     _, routing, _, router = _block(family, seed=1)
@@ -71,17 +66,18 @@ def test_router_matches_torch_fp32(family):
     params = jr.params_from_torch(router)
     got = jr.route(torch_to_jax(hidden), params, routing)
     np.testing.assert_allclose(np.asarray(got.logits), _np(ref.logits), **TOL)
-    w_ref, i_ref = _sorted_by_id(_np(ref.weights), ref.ids.numpy())
-    w_got, i_got = _sorted_by_id(np.asarray(got.weights, np.float32), np.asarray(got.ids))
-    np.testing.assert_array_equal(i_got, i_ref)
-    np.testing.assert_allclose(w_got, w_ref, **TOL)
+    np.testing.assert_array_equal(np.asarray(got.ids), ref.ids.numpy())
+    np.testing.assert_allclose(np.asarray(got.weights, np.float32), _np(ref.weights), **TOL)
     # the weights of given ids are the same function
     np.testing.assert_allclose(np.asarray(jr.weights_for_ids(got.logits, got.ids, routing)), np.asarray(got.weights), **TOL)
 
 
+@pytest.mark.parametrize("logits_kind", ["random", "ties_and_nonfinite"])
 @pytest.mark.parametrize("kind", ["softmax", "softmax_renorm", "gpt_oss", "sigmoid_groups"])
-def test_routing_variants_match_torch(kind):
-    """Routing variants on raw logits, including group-limited choice with several kept groups."""
+def test_routing_variants_match_torch(kind, logits_kind):
+    """Routing variants on raw logits, including group-limited choice with several kept groups; with
+    "ties_and_nonfinite", logits of few distinct values (and -0.0) with NaN, +inf and -inf: the same
+    ids in the same order (ties to the lower expert, NaN first, all-NaN softmax rows experts 0..k-1)."""
     specs = {
         "softmax": RoutingSpec(8, 3),
         "softmax_renorm": RoutingSpec(8, 3, renormalize=True, renormalize_eps=1e-6, scaling=1.5, weights_in_logits_dtype=False),
@@ -94,14 +90,19 @@ def test_routing_variants_match_torch(kind):
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(37, spec.num_experts, generator=g)
     bias = torch.randn(spec.num_experts, generator=g) * 0.2 if spec.has_correction_bias else None
+    if logits_kind == "ties_and_nonfinite":
+        logits = (logits * 2).round()
+        bias = None if bias is None else (bias * 10).round() / 2
+        u = torch.rand(logits.shape, generator=g)
+        for lo, hi, value in ((0.0, 0.03, float("nan")), (0.03, 0.05, float("inf")), (0.05, 0.07, -float("inf")),
+                              (0.07, 0.15, -0.0)):
+            logits[(u >= lo) & (u < hi)] = value
     from moe_lab.stages.router import select_experts
 
     w_ref, i_ref = select_experts(logits, spec, bias)
     w_got, i_got = jr.select_experts(torch_to_jax(logits), spec, None if bias is None else torch_to_jax(bias))
-    w_ref, i_ref = _sorted_by_id(_np(w_ref), i_ref.numpy())
-    w_got, i_got = _sorted_by_id(np.asarray(w_got, np.float32), np.asarray(i_got))
-    np.testing.assert_array_equal(i_got, i_ref)
-    np.testing.assert_allclose(w_got, w_ref, **TOL)
+    np.testing.assert_array_equal(np.asarray(i_got), i_ref.numpy())
+    np.testing.assert_allclose(np.asarray(w_got, np.float32), _np(w_ref), **TOL)
 
 
 def _backends():

@@ -24,6 +24,7 @@ from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis_profiles import examples  # noqa: E402
 
+from moe_lab.stages.router import RoutingSpec, select_experts  # noqa: E402
 import triton_kernels as tk  # noqa: E402
 from triton_kernels import reference as ref  # noqa: E402
 from triton_kernels import settings as kernel_settings  # noqa: E402
@@ -99,6 +100,18 @@ def assert_close_rel(actual, expected, tol, what=""):
     assert torch.isfinite(a).all(), f"{what}: non-finite values"
     err, mag = (a - b).abs().max().item() if a.numel() else 0.0, b.abs().max().item() if b.numel() else 0.0
     assert err <= tol * max(mag, 1e-6), f"{what}: max err {err:.3g} vs max |ref| {mag:.3g} (tol {tol})"
+
+
+def select_experts_ref(logits, top_k, mode="softmax", renormalize=False, correction_bias=None, n_group=1,
+                       topk_group=1, routed_scaling_factor=1.0):
+    """The router's reference, moe_lab's ``select_experts``, called with ``tk.route``'s arguments:
+    logits [T, E] -> (weights fp32 [T, k], ids int64 [T, k]) computed from the float32 logits."""
+    score = {"softmax": "softmax", "topk_softmax": "softmax", "sigmoid": "sigmoid"}[mode]
+    spec = RoutingSpec(logits.shape[-1], top_k, score=score, topk_before_softmax=mode == "topk_softmax",
+                       renormalize=renormalize, n_group=n_group, topk_group=topk_group,
+                       has_correction_bias=correction_bias is not None, scaling=routed_scaling_factor,
+                       weights_in_logits_dtype=False, renormalize_eps=1e-20 if score == "sigmoid" else 0.0)
+    return select_experts(logits.float(), spec, correction_bias)
 
 
 shape_modes = st.sampled_from(["random", "one", "uniform"])
@@ -600,7 +613,7 @@ def test_route(case, T, ties, seed):
     z = leaf(z.to(DEVICE))
     with poisoned():
         w, ids = tk.route(z, **kw)
-    w_ref, ids_ref = ref.route_ref(z, **kw)
+    w_ref, ids_ref = select_experts_ref(z, **kw)
     assert w.dtype == torch.float32 and ids.dtype == torch.int64 and w.shape == (T, kw["top_k"])
     assert torch.equal(ids, ids_ref)
     assert_close(w, w_ref, rtol=1e-5, atol=1e-6, what="weights")
@@ -615,7 +628,7 @@ def test_route_bf16_logits():
     z = leaf(rand(20, 10, seed=3, dtype=torch.bfloat16))
     with poisoned():
         w, ids = tk.route(z, 3, "softmax", renormalize=True)
-    w_ref, ids_ref = ref.route_ref(z, 3, "softmax", renormalize=True)
+    w_ref, ids_ref = select_experts_ref(z, 3, "softmax", renormalize=True)
     assert torch.equal(ids, ids_ref)
     assert_close(w, w_ref, rtol=1e-5, atol=1e-6, what="weights")
     dw = rand(20, 3, seed=4)
@@ -646,7 +659,7 @@ def _layer(x, logits, gate_up, down, E, k, impl):
         xs = tk.permute(x, slots, k)
         ys = tk.expert_mlp(xs, gate_up, down, offsets, "swiglu")
         return tk.combine(ys, w, slots)
-    w, ids = ref.route_ref(logits, k, "softmax", renormalize=True)
+    w, ids = select_experts_ref(logits, k, "softmax", renormalize=True)
     slots, _, offsets = ref.sort_by_expert_ref(ids, E)
     ys = ref.expert_mlp_ref(ref.permute_ref(x, slots, k), gate_up, down, offsets, "swiglu")
     return ref.combine_ref(ys, w, slots)
@@ -716,7 +729,7 @@ def test_gpu_router_and_permute_large():
     kw = dict(mode="sigmoid", renormalize=True, correction_bias=rand(E, seed=2, scale=0.1), n_group=8,
               topk_group=4, routed_scaling_factor=2.5)
     w, ids = tk.route(z, k, **kw)
-    w_ref, ids_ref = ref.route_ref(z, k, **kw)
+    w_ref, ids_ref = select_experts_ref(z, k, **kw)
     assert torch.equal(ids, ids_ref)
     assert_close(w, w_ref, rtol=1e-5, atol=1e-6, what="weights")
     slots, counts, offsets = tk.sort_by_expert(ids, E)

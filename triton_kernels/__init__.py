@@ -1,6 +1,7 @@
 """Triton kernels for the hot path of one MoE layer, each with a launcher, an autograd wrapper and
-a plain-PyTorch reference (``triton_kernels.reference``). Importable on their own: nothing here
-imports ``moe_lab``.
+a plain-PyTorch reference (``triton_kernels.reference``; the router's is moe_lab's
+``moe_lab.stages.router.select_experts``, which its tests use). Importable on their own: nothing
+here imports ``moe_lab``.
 
 Shapes: T tokens, H hidden, E experts, k top-k, S = T*k routed rows, I expert width; ``offsets``
 are int32 cumulative END offsets per expert ``[E]`` over rows sorted by expert.

@@ -112,13 +112,46 @@ class Table:
 
 
 # ---------------------------------------------------------------------------------------------
+# the router's PyTorch baseline
+# ---------------------------------------------------------------------------------------------
+def torch_topk_route(logits, k, mode="softmax", renormalize=False, correction_bias=None, n_group=1,
+                     topk_group=1, routed_scaling_factor=1.0):
+    """The router's timing baseline in plain PyTorch, with ``route``'s arguments ("softmax" and
+    "sigmoid" modes): float32 scores, then ``torch.topk`` (ties as torch.topk leaves them). Not the
+    router's reference: that is moe_lab's ``select_experts``, which this package does not import.
+    -> (weights fp32 [T, k], ids int64 [T, k])."""
+    z = logits.float()
+    if mode == "softmax":
+        w, ids = torch.softmax(z, dim=-1).topk(k, dim=-1)
+        if renormalize:
+            w = w / w.sum(-1, keepdim=True)
+    elif mode == "sigmoid":
+        s = torch.sigmoid(z)
+        choice = s if correction_bias is None else s + correction_bias.float()
+        if n_group > 1:
+            T, E = z.shape
+            gsize = E // n_group
+            gscore = choice.view(T, n_group, gsize).topk(min(2, gsize), dim=-1).values.sum(-1)
+            keep = torch.zeros(T, n_group, dtype=torch.bool, device=z.device)
+            keep.scatter_(1, gscore.topk(topk_group, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(gsize, dim=1), float("-inf"))
+        ids = choice.detach().topk(k, dim=-1).indices
+        w = s.gather(1, ids)
+        if renormalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    else:
+        raise ValueError(f"the baseline has no router mode {mode!r}")
+    return w * routed_scaling_factor, ids
+
+
+# ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
 def routing(T, E, k, device, seed):
     """Real top-k routing of random logits: (ids [T, k], weights [T, k], sorted_slots, offsets)."""
     g = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(T, E, device=device, generator=g)
-    w, ids = ref.route_ref(logits, k, "softmax", renormalize=True)
+    w, ids = torch_topk_route(logits, k, "softmax", renormalize=True)
     slots, counts, offsets = ref.sort_by_expert_ref(ids, E)
     return ids, w, slots, offsets
 
@@ -131,6 +164,9 @@ def randn(*shape, device, dtype, scale=1.0, seed=0):
 # ---------------------------------------------------------------------------------------------
 # groups
 # ---------------------------------------------------------------------------------------------
+TORCH_ROUTER_NOTE = "baseline: float32 scores + torch.topk (torch_topk_route)"
+
+
 def bench_router(tab, geo, device, dtype, seed):
     E, k = geo["E"], geo["k"]
     for T in geo["T_route"]:
@@ -147,13 +183,14 @@ def bench_router(tab, geo, device, dtype, seed):
                 continue
             shape = f"T={T} E={E} k={k}"
             tab.add("router", name + " fwd", shape, "triton", timings(lambda: route(logits, k, **kw)), nbytes=nbytes)
-            tab.add("router", name + " fwd", shape, "torch", timings(lambda: ref.route_ref(logits, k, **kw)),
-                    nbytes=nbytes)
+            tab.add("router", name + " fwd", shape, "torch", timings(lambda: torch_topk_route(logits, k, **kw)),
+                    nbytes=nbytes, note=TORCH_ROUTER_NOTE)
             tab.ratio("router", name + " fwd", shape)
             tab.add("router", name + " fwd+bwd", shape, "triton",
                     timings(_grad_fn(lambda: route(logits, k, **kw), (logits,))), nbytes=2 * nbytes)
             tab.add("router", name + " fwd+bwd", shape, "torch",
-                    timings(_grad_fn(lambda: ref.route_ref(logits, k, **kw), (logits,))), nbytes=2 * nbytes)
+                    timings(_grad_fn(lambda: torch_topk_route(logits, k, **kw), (logits,))), nbytes=2 * nbytes,
+                    note=TORCH_ROUTER_NOTE)
             tab.ratio("router", name + " fwd+bwd", shape)
 
 

@@ -1,11 +1,12 @@
-"""Plain-PyTorch references for every kernel in this package: readable, slow, the definition of
-right. Tests hold the Triton kernels to these. Shapes follow the kernels' docstrings:
+"""Plain-PyTorch references for the kernels in this package: readable, slow, the definition of
+right. Tests hold the Triton kernels to these. The router's reference is moe_lab's
+``moe_lab.stages.router.select_experts`` (the one definition of routing; this package imports
+nothing from moe_lab, the router's tests do). Shapes follow the kernels' docstrings:
 T tokens, H hidden, E experts, k top-k, S = T*k routed rows, I expert width.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,52 +95,6 @@ def combine_ref(y: torch.Tensor, weights: torch.Tensor, sorted_slots: torch.Tens
     for j in range(k):
         out = out + weights[:, j:j + 1].float() * rows[:, j]
     return out.to(y.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Router
-# ---------------------------------------------------------------------------------------------
-def topk_ids_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores per row; among equal scores the LOWEST index wins
-    (a stable descending sort keeps equal scores in index order). NaN ranks above +inf, as in
-    ``torch.topk``; all NaNs are equal."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-
-
-def route_ref(logits: torch.Tensor, top_k: int, mode: str = "softmax", renormalize: bool = False,
-              correction_bias: Optional[torch.Tensor] = None, n_group: int = 1, topk_group: int = 1,
-              routed_scaling_factor: float = 1.0):
-    """logits [T, E] -> (weights fp32 [T, k], ids int64 [T, k]); see router.route for the modes."""
-    z = logits.float()
-    if mode == "softmax":
-        probs = torch.softmax(z, dim=-1)
-        # softmax is monotonic: select on the logits, except in rows whose probabilities are all NaN
-        # (a NaN or +inf logit, or only -inf ones), where k equal scores are ranked: experts 0..k-1
-        degenerate = probs.isnan().any(dim=-1, keepdim=True)
-        ids = topk_ids_ref(z.masked_fill(degenerate, 0.0), top_k)
-        w = probs.gather(1, ids)
-        if renormalize:
-            w = w / w.sum(-1, keepdim=True)
-    elif mode == "topk_softmax":
-        ids = topk_ids_ref(z, top_k)
-        w = torch.softmax(z.gather(1, ids), dim=-1)
-    elif mode == "sigmoid":
-        s = torch.sigmoid(z)
-        choice = s if correction_bias is None else s + correction_bias.float()
-        if n_group > 1:
-            T, E = z.shape
-            gsize = E // n_group
-            gscore = choice.view(T, n_group, gsize).topk(min(2, gsize), dim=-1).values.sum(-1)
-            keep = torch.zeros(T, n_group, dtype=torch.bool, device=z.device)
-            keep.scatter_(1, topk_ids_ref(gscore, topk_group), True)
-            choice = choice.masked_fill(~keep.repeat_interleave(gsize, dim=1), float("-inf"))
-        ids = topk_ids_ref(choice.detach(), top_k)
-        w = s.gather(1, ids)
-        if renormalize:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    else:
-        raise ValueError(f"unknown router mode {mode!r}")
-    return w * routed_scaling_factor, ids
 
 
 # ---------------------------------------------------------------------------------------------

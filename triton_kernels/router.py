@@ -15,8 +15,9 @@ Modes (``mode=``):
 All modes multiply the weights by ``routed_scaling_factor``.
 
 Ties: among equal scores the LOWEST expert index is chosen (likewise for groups). The ids of a
-row come out in selection order (descending score). ``reference.route_ref`` breaks ties the same
-way (a stable descending sort).
+row come out in selection order (descending score). The reference the tests hold this kernel to,
+moe_lab's ``moe_lab.stages.router.select_experts``, breaks ties the same way (a stable descending
+sort).
 
 NaN and inf order as ``torch.topk`` / ``torch.sort`` order them: -inf < finite < +inf < NaN, all
 NaNs equal (-0.0 equals 0.0). A NaN score is therefore chosen first and its weight is NaN, as in

@@ -18,8 +18,11 @@ Routing variants (RoutingSpec semantics, exactly as Transformers v5 defines them
 - sigmoid scores; correction bias added for the selection only; group-limited choice (a group is
   scored by the sum of its best two biased scores, the best topk_group groups compete); weights are
   the unbiased scores of the chosen experts, renormalised (+ eps), times the scaling (DeepSeek-V3).
-Ties: `jax.lax.top_k` prefers the lower index; torch does not promise an order. To compare
-backends, compute the weights of given ids with `weights_for_ids` (same math, ids fixed).
+Ties and order: the rule of torch's `moe_lab.stages.router.select_experts`, the ids of a row largest
+score first, among equal scores the lower expert index first (a stable descending sort, NaN above
++inf, -0.0 equal to 0.0), softmax families selecting on the logits (experts 0..k-1 where a row's
+probabilities are all NaN). Backends whose routers break ties otherwise are compared on given ids:
+`weights_for_ids` computes the weights of those (same math, ids fixed).
 
 Expert layouts (Transformers v5's 3D tensors):
 - standard: gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I], act(gate) * up;
@@ -58,13 +61,22 @@ def router_logits(hidden, weight, bias, routing):
     return out if bias is None else out + bias
 
 
+def _topk_ids(scores, k):
+    """scores [..., n] -> int32 [..., k]: the indices of the k largest scores, largest first; among
+    equal scores the lower index first (a stable descending sort). NaN ranks above +inf, all NaNs
+    are equal and -0.0 equals 0.0, as in torch.sort (`jax.lax.top_k` orders -0.0 below 0.0 and a
+    negative NaN below -inf)."""
+    return jnp.argsort(jax.lax.stop_gradient(scores), axis=-1, descending=True, stable=True)[..., :k].astype(jnp.int32)
+
+
 def _group_limited_mask(choice, routing):
     """choice [T, E] biased scores -> bool [T, E]: experts in each token's kept groups."""
     tokens = choice.shape[0]
     per_group = routing.num_experts // routing.n_group
     grouped = choice.reshape(tokens, routing.n_group, per_group)
-    group_scores = jax.lax.top_k(grouped, min(2, per_group))[0].sum(axis=-1)  # [T, n_group]
-    _, kept = jax.lax.top_k(group_scores, routing.topk_group)
+    best_two = jnp.take_along_axis(grouped, _topk_ids(grouped, min(2, per_group)), axis=-1)
+    group_scores = best_two.sum(axis=-1)  # [T, n_group]
+    kept = _topk_ids(group_scores, routing.topk_group)
     group_mask = jax.nn.one_hot(kept, routing.n_group, dtype=jnp.int32).sum(axis=1) > 0  # [T, n_group]
     return jnp.repeat(group_mask, per_group, axis=1)
 
@@ -82,21 +94,24 @@ def _renormalize(weights, routing):
 
 
 def select_experts(logits, routing, correction_bias=None):
-    """logits [T, E] -> (weights [T, k], ids [T, k] int32) with the family's v5 semantics."""
+    """logits [T, E] -> (weights [T, k], ids [T, k] int32) with the family's v5 semantics and the
+    tie rule of torch's `select_experts` (see the module docstring)."""
     k = routing.top_k
     if routing.topk_before_softmax:  # GPT-OSS
-        top, ids = jax.lax.top_k(logits, k)
-        weights = jax.nn.softmax(top, axis=-1)
+        ids = _topk_ids(logits, k)
+        weights = jax.nn.softmax(jnp.take_along_axis(logits, ids, axis=-1), axis=-1)
     elif routing.score == "softmax":
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        weights, ids = jax.lax.top_k(probs, k)
-        weights = _renormalize(weights, routing)
+        # softmax is monotonic: select on the logits; a row of NaN probabilities ties, experts 0..k-1
+        all_nan = jnp.isnan(probs).any(axis=-1, keepdims=True)
+        ids = _topk_ids(jnp.where(all_nan, 0.0, logits), k)
+        weights = _renormalize(jnp.take_along_axis(probs, ids, axis=-1), routing)
     else:  # sigmoid (DeepSeek-V3)
         scores = jax.nn.sigmoid(logits.astype(jnp.float32))
         choice = scores if correction_bias is None else scores + correction_bias.astype(jnp.float32)
         if routing.n_group > 1:
             choice = jnp.where(_group_limited_mask(choice, routing), choice, -jnp.inf)
-        _, ids = jax.lax.top_k(jax.lax.stop_gradient(choice), k)
+        ids = _topk_ids(choice, k)
         weights = _renormalize(jnp.take_along_axis(scores, ids, axis=-1), routing)
     return _finish_weights(weights, logits, routing), ids
 

@@ -1,8 +1,11 @@
 """The router stage: router logits -> scores -> top-k expert ids and their weights.
 
 One `RoutingSpec` names the semantics of a model family exactly as Transformers v5 defines them;
-`route_reference` is the readable definition every faster router is held to. Below it: the Triton
-router (one kernel for scores, top-k and weights) and TransformerEngine's fused top-k.
+`select_experts` (logits -> weights, ids) is the one readable definition of routing, ties
+included (see its docstring). `route_reference` (logits, then `select_experts`) is the reference
+router every faster router is held to, and the tests of the Triton router kernel
+(`triton_kernels.route`) hold it to `select_experts`. Below them: the Triton router (one kernel for
+scores, top-k and weights) and TransformerEngine's fused top-k.
 
 Every router: (hidden [T, H], weight [E, H], bias [E] | None, correction_bias [E] | None, spec)
 -> RouterOutput(logits [T, E], weights [T, k], ids [T, k]).
@@ -88,33 +91,53 @@ def router_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(hidden, weight, bias)
 
 
+def _topk_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [T, n] -> int64 [T, k]: the indices of each row's k largest scores, largest first.
+    A stable descending sort: among equal scores the lower index comes first. NaN ranks above
+    +inf and all NaNs are equal; -0.0 equals 0.0 (torch.sort's order)."""
+    return torch.sort(scores.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+
+
 def _group_limited_mask(choice: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
     """choice [T, E] biased scores -> bool mask [T, E] of experts in the kept groups."""
     tokens = choice.shape[0]
     per_group = spec.num_experts // spec.n_group
     grouped = choice.view(tokens, spec.n_group, per_group)
     group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)  # [T, n_group]
-    kept_groups = group_scores.topk(spec.topk_group, dim=-1, sorted=False).indices
+    kept_groups = _topk_ids(group_scores, spec.topk_group)
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept_groups, True)
     return group_mask.unsqueeze(-1).expand(tokens, spec.n_group, per_group).reshape(tokens, spec.num_experts)
 
 
 def select_experts(logits: torch.Tensor, spec: RoutingSpec, correction_bias: torch.Tensor | None = None):
-    """logits [T, E] -> (weights [T, k], ids [T, k]) with the family's exact v5 semantics.
+    """logits [T, E] -> (weights [T, k], ids [T, k] int64) with the family's v5 semantics.
 
-    Ties between equal scores are broken by `torch.topk` (v5 does the same; it does not promise
-    which index wins). Faster routers break ties towards the lower expert index. NaN ranks above
-    every number (as in `torch.topk`), so a NaN score is chosen and its weight is NaN; where a
-    softmax row is all NaN (a NaN or +inf logit), every score ties and the Triton router takes
-    experts 0..k-1.
+    The one definition of routing: the reference routers run it and the Triton router's tests hold
+    the kernel to it.
+
+    Order: the ids of a row come largest score first. Among equal scores the LOWER expert index
+    wins (likewise for DeepSeek-V3's groups). v5 selects with `torch.topk`, which promises nothing
+    about which of equal scores it returns, nor (with `sorted=False`) their order, so every result
+    here is one v5 could also return: the tie rule only makes the choice deterministic.
+
+    Softmax families select on the logits: softmax is monotonic, so the logits rank the experts as
+    the probabilities do, and where distinct logits round to equal probabilities (underflow to 0)
+    the larger logit is one of v5's equal choices.
+
+    Non-finite values: NaN ranks above +inf (as in `torch.topk`), so a NaN score is chosen and its
+    weight is NaN. Where a softmax row's probabilities are all NaN (a NaN or +inf logit, or only
+    -inf ones) every score ties and the row takes experts 0..k-1, weights NaN.
     """
     k = spec.top_k
     if spec.topk_before_softmax:  # GPT-OSS
-        top_values, ids = torch.topk(logits, k, dim=-1)
+        ids = _topk_ids(logits, k)
+        top_values = logits.gather(1, ids)
         weights = torch.softmax(top_values, dim=-1, dtype=top_values.dtype)
     elif spec.score == "softmax":  # Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE ...
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, k, dim=-1)
+        all_nan = probs.isnan().any(dim=-1, keepdim=True)  # one NaN probability makes the whole row NaN
+        ids = _topk_ids(logits.masked_fill(all_nan, 0.0), k)
+        weights = probs.gather(1, ids)
         if spec.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renormalize_eps)
     else:  # sigmoid: DeepSeek-V3
@@ -122,7 +145,7 @@ def select_experts(logits: torch.Tensor, spec: RoutingSpec, correction_bias: tor
         choice = scores if correction_bias is None else scores + correction_bias.float()
         if spec.n_group > 1:
             choice = choice.masked_fill(~_group_limited_mask(choice, spec), float("-inf"))
-        ids = torch.topk(choice, k, dim=-1, sorted=False).indices
+        ids = _topk_ids(choice, k)
         weights = scores.gather(1, ids)
         if spec.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renormalize_eps)
