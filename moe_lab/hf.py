@@ -187,6 +187,45 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
         return _finish(model, choice, ep_size, fsdp, options)
 
 
+def _enable(model, name: str) -> None:
+    if name == "fused_rope":
+        from .training.fused_rope import enable_fused_rope
+
+        enable_fused_rope(model)
+    else:
+        from .training.fused_norm import enable_fused_norm
+
+        enable_fused_norm(model)
+
+
+def _why_no_triton_device() -> str | None:
+    """Why the default-on Triton options stay off on this machine (None: a CUDA GPU and Triton are here)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here"
+    from .stages._requires import why_triton_unavailable
+
+    return why_triton_unavailable()
+
+
+def _apply_model_option(model, name: str, asked: bool | None) -> str:
+    """Turn option `name` on where asked (True: a refusal is raised) or, for None, where it runs and
+    computes v5's function (a refusal leaves it off); returns "on", "off" or "off: why"."""
+    if asked is False:
+        return "off"
+    if asked is None:
+        why = _why_no_triton_device()
+        if why is not None:
+            return f"off: {why}"
+        try:
+            _enable(model, name)
+        except ValueError as exc:
+            logger.info("moe_lab: %s stays off for %s: %s", name, getattr(model.config, "model_type", "?"), exc)
+            return f"off: {exc}"
+        return "on"
+    _enable(model, name)
+    return "on"
+
+
 def _first_graph_safe_candidate():
     """The first of auto's candidates that runs here and a CUDA graph can replay; ValueError if none."""
     from .auto import CANDIDATES
@@ -227,14 +266,10 @@ def _finish(model, choice: StageChoice, ep_size: int, fsdp: bool, options: Optio
         for names in {tuple(sorted(c.names.items())) for c in planned}:  # what will run, substitutions included
             check_graphable(model, dict(names), ep_size)
     apply_process_settings(options)
-    if options.fused_rope:
-        from .training.fused_rope import enable_fused_rope
-
-        enable_fused_rope(model)
-    if options.fused_norm:
-        from .training.fused_norm import enable_fused_norm
-
-        enable_fused_norm(model)
+    defaults = {}
+    for name in ("fused_rope", "fused_norm"):  # before the MoE blocks are replaced (norms inside them too)
+        defaults[name] = _apply_model_option(model, name, getattr(options, name))
+    model.moe_lab_defaults = {name: state for name, state in defaults.items() if getattr(options, name) is None}
     if not patched:
         _patch_moe_blocks(model, choice, ep_size=ep_size, fsdp=fsdp, substitute=substitute, checked=True)
     elif fsdp:  # loaded expert-parallel by ep_loading: FSDP2 after the norms above, as patch_model does

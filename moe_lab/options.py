@@ -38,6 +38,8 @@ ENVIRONMENT_OVERRIDES = {
     "autotune_pin": "MOE_LAB_TRITON_PIN",
 }
 PROCESS_SETTINGS = ("host_checks", "tf32", "tma", "autotune", "autotune_pin")
+# model options whose default (None) is decided per model: on where they run and keep v5's results
+AUTOMATIC = ("fused_norm", "fused_rope")
 
 
 def switch_on(value: str | None, default: bool = False) -> bool:
@@ -49,9 +51,13 @@ def switch_on(value: str | None, default: bool = False) -> bool:
 class Options:
     """moe_lab's switches; the defaults are exact (every fast path held to its reference).
 
-    fused_cross_entropy: the training loss as a chunked LM-head + cross-entropy (no full logits).
+    fused_cross_entropy: the training loss as a chunked LM-head + cross-entropy (no full logits, so
+        off by default: a training forward with labels returns no logits).
     fused_norm: every RMSNorm as one Triton kernel each way.
     fused_rope: the rotary embedding of q and k as one Triton kernel each way.
+        For these two, None (the default) decides per model: on where a CUDA GPU and Triton are
+        there and the model's norms / rotary are what the kernel computes (the same function as v5's,
+        held to it by tests), else off; `model.moe_lab_defaults` says what was decided and why.
     cuda_graphs: replay every decoder layer as CUDA graphs (Triton backends, one process).
     substitute: where a chosen stage cannot run a layer as asked, run the reference instead and
         record it in ``model.moe_lab_plan`` (off: such a model is refused with the reason).
@@ -64,8 +70,8 @@ class Options:
     """
 
     fused_cross_entropy: bool = False
-    fused_norm: bool = False
-    fused_rope: bool = False
+    fused_norm: bool | None = None
+    fused_rope: bool | None = None
     cuda_graphs: bool = False
     substitute: bool = False
     host_checks: bool = False
@@ -81,8 +87,11 @@ class Options:
                 if value is not None and not Path(value).is_file():
                     raise FileNotFoundError(f"Options(autotune_pin={value!r}): no such file (a JSON of recorded "
                                             "autotune choices, e.g. a block.json or a cell record)")
+            elif field.name in AUTOMATIC and value is None:
+                continue
             elif not isinstance(value, bool):
-                raise TypeError(f"Options.{field.name} must be True or False, got {value!r}")
+                allowed = "True, False or None (decided per model)" if field.name in AUTOMATIC else "True or False"
+                raise TypeError(f"Options.{field.name} must be {allowed}, got {value!r}")
 
     @classmethod
     def build(cls, options: "Options | Mapping | None" = None, **switches) -> "Options":

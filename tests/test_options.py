@@ -3,6 +3,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import moe_lab
 from moe_lab.options import ENVIRONMENT_OVERRIDES, Options
@@ -29,6 +30,11 @@ def test_environment_overrides_read_as_documented(tmp_path):
     assert opts.changed() == {"tf32": True, "autotune": False, "autotune_pin": str(pin)}
     assert opts.key() == f"+tf32+no_autotune+autotune_pin={pin}"
     assert Options().key() == ""
+    assert Options(fused_norm=False).key() == "+no_fused_norm" and Options(fused_rope=True).key() == "+fused_rope"
+    with pytest.raises(TypeError, match="True, False or None"):
+        Options(fused_norm="yes")
+    with pytest.raises(TypeError, match="must be True or False"):
+        Options(fused_cross_entropy=None)
 
 
 def test_no_moe_lab_variable_is_read_outside_options():
@@ -45,7 +51,9 @@ def test_from_config_takes_options_and_keyword_switches(tiny_qwen3_config=None):
 
     config = tiny_config("qwen3_moe")
     model = moe_lab.AutoModelForCausalLM.from_config(config, moe_backend="torch", options=Options(fused_norm=False))
-    assert model.moe_lab_options == Options()
+    assert model.moe_lab_options == Options(fused_norm=False)
+    if not torch.cuda.is_available():  # the CPU: the kernels' defaults stay off
+        assert model.moe_lab_defaults == {"fused_rope": "off: no CUDA GPU here"}
     with pytest.raises(TypeError, match="unknown moe_lab option"):
         moe_lab.AutoModelForCausalLM.from_config(config, options={"fused_loss": True})
 
@@ -59,3 +67,23 @@ def test_patch_model_takes_the_same_options():
     assert model.moe_lab_options == Options(autotune=False, substitute=True)
     with pytest.raises(TypeError, match="unknown moe_lab option"):
         moe_lab.patch_model(transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe")), "torch", fused=True)
+
+
+@pytest.mark.parametrize("family, rope", [("qwen3_moe", "on"), ("gpt_oss", "off: fused_rope")])
+def test_default_kernel_options_turn_on_where_they_compute_v5s_function(monkeypatch, family, rope):
+    """With a Triton device (here: the interpreter, standing in for a GPU), fused_norm and fused_rope
+    default to on where the model's norms and rotary are what the kernels compute; a model the kernel
+    refuses keeps v5's function, and the plan of defaults says why. Outputs match v5's either way."""
+    import transformers
+    from tiny_models import tiny_config
+
+    monkeypatch.setattr(moe_lab.hf, "_why_no_triton_device", lambda: None)
+    config = tiny_config(family)
+    torch.manual_seed(0)
+    model = moe_lab.AutoModelForCausalLM.from_config(config, moe_backend="torch")
+    assert model.moe_lab_defaults["fused_norm"] == "on"
+    assert model.moe_lab_defaults["fused_rope"].startswith(rope)
+    torch.manual_seed(0)
+    vanilla = transformers.AutoModelForCausalLM.from_config(config)
+    tokens = torch.randint(0, config.vocab_size, (1, 6))
+    torch.testing.assert_close(model(tokens).logits, vanilla(tokens).logits, rtol=1e-5, atol=1e-5)
