@@ -52,6 +52,7 @@ def bench_block(model_name: str, system_name: str, routing: str, tokens: int, se
     model = systems.build_model(system, config, dtype=torch.bfloat16, attn="sdpa", device=torch.device("cuda"), world=1)
     hooks = regimes.apply(model, routing, seed=seed)
     block = model.model.layers[0].mlp
+    moe_layer = block
     x = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     if system.cuda_graphs:
@@ -90,6 +91,8 @@ def bench_block(model_name: str, system_name: str, routing: str, tokens: int, se
         "ms": ms, "ms_forward": ms_fwd, "ms_samples": samples, "ms_forward_samples": samples_fwd, "tflops": flop / (ms / 1e3) / 1e12, "flops": flop,
         "activation_gib": activation / 2**30 if activation is not None else None,
     }
+    if hasattr(moe_layer, "plan"):  # a moe_lab layer: what each stage ran (and auto's decision, with its times)
+        row["plan"] = moe_layer.plan
     if profile:
         from .kernel_profile import profile_kernels
 
@@ -123,6 +126,8 @@ def main(argv=None) -> int:
             if row["status"] == "ok":
                 act = f"{row['activation_gib']:.3f} GiB" if row["activation_gib"] is not None else "-"
                 print(f"{routing:9s} {system:14s} {row['ms']:8.3f} ms  {row['tflops']:6.1f} TFLOP/s  act {act}", flush=True)
+                if "auto" in row.get("plan", {}):
+                    print(f"{'':24s} auto: {row['plan']['auto']}", flush=True)
                 if "profile" in row:
                     prof = row["profile"]
                     print(f"{'':24s} kernels {prof['kernel_total_ms']:.3f} ms of a {prof['profiled_ms']:.3f} ms profiled run", flush=True)
