@@ -41,17 +41,45 @@ def block_flops(config, tokens: int) -> float:
     return 3 * (expert_gemms + router)
 
 
+def first_moe_block(model):
+    """The first sparse MoE block of a v5 or moe_lab model: the parent of its first v5 experts module
+    (DeepSeek-V3's first layers are dense, Nemotron-H's first is a Mamba layer)."""
+    from moe_lab.families import is_v5_experts_module
+
+    for name, module in model.named_modules():
+        if name.endswith("experts") and is_v5_experts_module(module):
+            return model.get_submodule(name.rpartition(".")[0])
+    raise ValueError(f"{type(model).__name__} has no sparse MoE block")
+
+
+def layers_to_first_moe_block(model_name: str) -> int:
+    """The fewest decoder layers of the geometry that include an MoE block (built on the meta device)."""
+    import torch
+    import transformers
+
+    from moe_lab.families import is_v5_experts_module
+
+    full = models.load_geometry(model_name)["full_layers"]
+    for layers in range(1, full + 1):
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(models.build_config(model_name, layers=layers))
+        if any(is_v5_experts_module(m) for m in model.modules()):
+            return layers
+    raise ValueError(f"{model_name}: no MoE block in any of its {full} layers")
+
+
 def bench_block(model_name: str, system_name: str, routing: str, tokens: int, seed: int = 0,
                 profile: bool = False) -> dict:
     import torch
     import triton.testing
 
-    config = models.build_config(model_name, layers=1)
+    config = models.build_config(model_name, layers=layers_to_first_moe_block(model_name))
     system = systems.parse(system_name)
     torch.manual_seed(seed)
-    model = systems.build_model(system, config, dtype=torch.bfloat16, attn="sdpa", device=torch.device("cuda"), world=1)
+    attn = models.attn_implementation(model_name)
+    model = systems.build_model(system, config, dtype=torch.bfloat16, attn=attn, device=torch.device("cuda"), world=1)
     hooks = regimes.apply(model, routing, seed=seed)
-    block = model.model.layers[0].mlp
+    block = first_moe_block(model)
     moe_layer = block
     x = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
