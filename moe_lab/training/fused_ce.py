@@ -19,7 +19,7 @@ goes through float32 copies.
 """
 from __future__ import annotations
 
-import types
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -190,4 +190,20 @@ def enable_fused_cross_entropy(model, chunk_bytes: int = DEFAULT_CHUNK_BYTES) ->
     model._moe_lab_ce_chunk_bytes = chunk_bytes
     if not hasattr(model, "_moe_lab_plain_forward"):
         model._moe_lab_plain_forward = model.forward
-    model.forward = types.MethodType(_fused_forward, model)
+    model.forward = _FusedForward(model)
+
+
+class _FusedForward:
+    """``model.forward`` with the fused loss (`_fused_forward`), with the plain forward's signature:
+    the Trainer keeps only the batch columns that the model's forward names (``input_ids``, ...), read
+    from ``inspect.signature(model.forward)``, which for ``_fused_forward`` itself would name none."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return _fused_forward(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.model._moe_lab_plain_forward)

@@ -20,6 +20,11 @@ With ``side_stream=True`` the updates run on a second CUDA stream beside backwar
 ``zero_grad()``, ``state``, ``remove()``) make the training stream wait for them, so read parameters or
 optimizer state only after one of those (an evaluation or checkpoint between ``backward()`` and
 ``step()`` would race with the updates).
+
+`TritonAdamWInBackward`: `TritonAdamW` stepped the same way, inside backward, but as one
+`torch.optim.Optimizer` with parameter groups (weight decay / no weight decay) whose hyperparameters
+each update reads when it runs: an LR scheduler and the Trainer drive it unchanged
+(`moe_lab.training.fastest` plugs it into a `transformers.Trainer`).
 """
 from __future__ import annotations
 
@@ -55,28 +60,133 @@ class TritonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from triton_kernels.adamw import adamw_step_
-
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse or not p.is_floating_point():
-                    raise ValueError("TritonAdamW: dense floating-point parameters and gradients only")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                state["step"] = int(state["step"]) + 1  # a state loaded from torch's AdamW holds a tensor
-                adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=float(group["lr"]),
-                            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                if p.grad is not None:
+                    self._update(p, group)
         return loss
+
+    @torch.no_grad()
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        """One parameter's update from its gradient, with its group's hyperparameters as they are now."""
+        from triton_kernels.adamw import adamw_step_
+
+        if p.grad.is_sparse or not p.is_floating_point():
+            raise ValueError("TritonAdamW: dense floating-point parameters and gradients only")
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        state["step"] = int(state["step"]) + 1  # a state loaded from torch's AdamW holds a tensor
+        beta1, beta2 = group["betas"]
+        adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=float(group["lr"]),
+                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+
+
+class TritonAdamWInBackward(TritonAdamW):
+    """`TritonAdamW` stepped inside backward: each parameter is updated as soon as its gradient is
+    complete (`register_post_accumulate_grad_hook`), and its gradient is freed at once.
+
+    Unlike `OptimizerInBackward` (one optimizer per parameter), this is one `torch.optim.Optimizer`
+    with the caller's parameter groups, state and `state_dict` of `TritonAdamW`: an LR scheduler,
+    accelerate and the Trainer drive it as any optimizer. Each update reads its group's
+    hyperparameters when its gradient arrives, from ``self.param_groups`` as it is then (a
+    scheduler's lr for this step; `load_state_dict` replaces the group dicts, so hooks hold group
+    indices, not dicts). `step()` updates nothing: with ``side_stream=True`` (CUDA parameters) it
+    makes the current stream wait for the updates queued beside backward, as do `zero_grad()`,
+    `state_dict()`, `load_state_dict()` and `remove()`; read parameters or state only after one of
+    them. The training loop must not clip or accumulate gradients, nor reduce them across ranks
+    before the step (see `OptimizerInBackward`)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, side_stream: bool = False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.side_stream = side_stream
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._group_index: dict[torch.Tensor, int] = {}
+        self._handles = []
+        for group in self.param_groups:  # every check first: a failure leaves no hook behind
+            self._check_group(group)
+        for index, group in enumerate(self.param_groups):
+            self._hook_group(index, group)
+        if not self._group_index:
+            raise ValueError("TritonAdamWInBackward: no parameter requires a gradient")
+
+    def _check_group(self, group: dict) -> None:
+        if self.side_stream:
+            for p in group["params"]:
+                if p.device.type != "cuda":
+                    raise ValueError("TritonAdamWInBackward(side_stream=True) needs CUDA parameters, "
+                                     f"got one on {p.device}")
+
+    def _hook_group(self, index: int, group: dict) -> None:
+        for p in group["params"]:
+            if p.requires_grad:
+                self._group_index[p] = index
+                self._handles.append(p.register_post_accumulate_grad_hook(self._step_in_backward))
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if "_handles" in self.__dict__:  # a group added after construction is checked and hooked too
+            group = self.param_groups[-1]
+            try:
+                self._check_group(group)
+            except ValueError:
+                self.param_groups.pop()
+                raise
+            self._hook_group(len(self.param_groups) - 1, group)
+
+    def _step_in_backward(self, param: torch.Tensor) -> None:
+        group = self.param_groups[self._group_index[param]]
+        if not self.side_stream:
+            self._update(param, group)
+        else:
+            stream = self._streams.get(param.device)
+            if stream is None:
+                stream = self._streams[param.device] = torch.cuda.Stream(param.device)
+            stream.wait_stream(torch.cuda.current_stream(param.device))  # the gradient is complete
+            with torch.cuda.stream(stream):
+                self._update(param, group)
+            param.grad.record_stream(stream)  # its memory is reused only after the update has read it
+        param.grad = None
+
+    def wait(self) -> None:
+        """Make each device's current stream wait for the updates queued on the side stream."""
+        for device, stream in self._streams.items():
+            torch.cuda.current_stream(device).wait_stream(stream)
+
+    def step(self, closure=None):
+        """Every parameter was updated during backward (``closure``'s, when given); wait for those updates."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.wait()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.wait()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        self.wait()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.wait()
+        super().load_state_dict(state_dict)
+
+    def remove(self) -> None:
+        """Detach the hooks (the parameters go back to ordinary gradients, which `step()` then ignores)."""
+        self.wait()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 class OptimizerInBackward:
