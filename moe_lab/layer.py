@@ -47,6 +47,19 @@ class LayerPlanner:
         self.latest: tuple | None = None  # the key of the plan the last forward ran
         self.decision = None  # auto: the AutoDecision the last forward ran
 
+    def restrict_to_graph_safe(self) -> None:
+        """From now on "auto" chooses among the candidates a CUDA graph can replay (before any decision)."""
+        from dataclasses import replace
+
+        from .registry import AutoSettings
+
+        if self.asked.auto is None or self.asked.auto.graph_safe_only:
+            return
+        if self.decision is not None:
+            raise ValueError("auto already chose this layer's stages; restrict it before the first forward")
+        self.asked = replace(self.asked, auto=AutoSettings(graph_safe_only=True))
+        self._candidates.clear()
+
     def _needs(self, device_type: str | None, dtype: torch.dtype) -> LayerNeeds:
         return LayerNeeds(self.model_type, self.routing_features, self.spec.activation_key, device_type, dtype,
                           self.expert_parallel)

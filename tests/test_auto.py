@@ -131,3 +131,14 @@ def test_cuda_graphs_restricts_auto_to_graph_safe_stages():
     model = moe_lab.AutoModelForCausalLM.from_config(config, cuda_graphs=True)
     layer = next(m for m in model.modules() if isinstance(m, moe_lab.MoELayer))
     assert layer.planner.asked.auto.graph_safe_only
+
+
+def test_restricting_to_graph_safe_stages_is_refused_once_a_layer_chose():
+    config = tiny_config("qwen3_moe")
+    model = moe_lab.AutoModelForCausalLM.from_config(config)
+    layers = [m for m in model.modules() if isinstance(m, moe_lab.MoELayer)]
+    layers[0].planner.restrict_to_graph_safe()
+    assert layers[0].planner.asked.auto.graph_safe_only
+    model(torch.randint(0, config.vocab_size, (1, 4)))
+    with pytest.raises(ValueError, match="already chose"):
+        layers[1].planner.restrict_to_graph_safe()

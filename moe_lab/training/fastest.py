@@ -85,6 +85,7 @@ import torch
 from torch import nn
 
 from ..options import Options
+from ..registry import resolve_backend
 from .optim import TritonAdamW, TritonAdamWInBackward
 
 log = logging.getLogger(__name__)
@@ -254,9 +255,15 @@ def _why_not_cuda_graphs(trainer, model, devices) -> str | None:
     try:
         stage_sets = set()
         for planner, weight in _layer_planners(model):
-            if getattr(planner.asked, "auto", None) is not None:
-                return ('the "auto" backend was loaded without cuda_graphs=True, so its layers may choose stages a '
-                        'CUDA graph cannot replay; load with cuda_graphs=True or moe_backend="triton"')
+            if planner.asked.auto is not None:
+                if planner.decision is not None and not planner.asked.auto.graph_safe_only:
+                    return ('the "auto" backend already chose this model\'s stages (a forward ran) among some a CUDA '
+                            'graph cannot replay; call fastest() before the first forward, or load with '
+                            'cuda_graphs=True or moe_backend="triton"')
+                from ..hf import _first_graph_safe_candidate
+
+                stage_sets.add(tuple(sorted(resolve_backend(_first_graph_safe_candidate()).names.items())))
+                continue
             stage_sets.add(tuple(sorted(planner.choice_for(weight).names.items())))  # on the weight's device
         for names in sorted(stage_sets):
             check_graphable(model, dict(names))
@@ -319,6 +326,9 @@ def _enable_fused_rope(trainer, model, devices) -> None:
 def _enable_cuda_graphs(trainer, model, devices) -> str | None:
     from .cuda_graphs import enable_cuda_graphs
 
+    for planner, _ in _layer_planners(model):
+        if planner.asked.auto is not None:
+            planner.restrict_to_graph_safe()  # "auto" now chooses among graph-safe stages only
     enable_cuda_graphs(model)
     return _autocast_without_cache(trainer)
 
