@@ -12,6 +12,9 @@ time, tokens/s/GPU, analytic model TFLOP/s/GPU and MFU (``flops.py``), peak memo
 memory = peak - (parameters + gradients + optimizer state), the three counted from the tensors
 themselves (local shards under FSDP/EP).
 
+A trainer system (``v5-trainer``, ``trainer``, ``trainer-max``) runs the unmodified Trainer script
+of ``trainer_script.py`` instead of this loop (``trainer_cell.py``), with the same metrics and record.
+
 Run as ``python -m experiments.cell --spec '<json>' --out cell.json`` (or under ``torchrun`` for
 several GPUs; rank 0 writes). The record says what ran: ``system_spec`` (the resolved
 ``systems.SystemSpec``), ``options`` (the moe_lab ``Options`` the model was built with: the
@@ -300,8 +303,10 @@ def run(spec: dict) -> dict:
         log.info("fail_at=hang: rank %d pid %d sleeping", _dist_env()[0], os.getpid())
         while True:
             time.sleep(60)
-    device, rank, world = _setup_device(spec)
     system = systems.parse(spec["system"])
+    if system.loop == "trainer":
+        systems.check_world(system, spec["nproc"])  # one process: refused with the reason before any set-up
+    device, rank, world = _setup_device(spec)
     import transformers
 
     if spec["transformers_version"] and transformers.__version__ != spec["transformers_version"]:
@@ -314,6 +319,10 @@ def run(spec: dict) -> dict:
         raise RuntimeError("injected failure at build (fail_at='build')")
     if spec["fail_at"] == "crash":
         os._exit(17)  # simulates a process killed before it could write its record
+    if system.loop == "trainer":  # v5-trainer, trainer, trainer-max: the unmodified Trainer script
+        from . import trainer_cell
+
+        return trainer_cell.run(spec, system, config, attn=attn, device=device, t_start=t_start)
 
     if system.cuda_graphs and (spec["routing"] != "real" or spec["trace"] or spec["ckpt"]):
         raise ValueError(f"{system.name}: CUDA graphs replay the layers without their Python hooks; the routing "

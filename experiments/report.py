@@ -45,7 +45,14 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = REPO_ROOT / "results"  # results/runs, results/report, results/summary.json
 USER_RUNS = Path("runs")  # under the current directory: where experiments.sweep writes by default
-BASELINES = ("v5-grouped_mm", "v5-eager", "v5-fsdp2-grouped_mm", "v5-ep")
+BASELINES = ("v5-grouped_mm", "v5-eager", "v5-fsdp2-grouped_mm", "v5-ep", "v5-trainer")
+# the systems that run the unmodified Trainer script (systems.TRAINER_NAMES): their first loss is
+# compared with v5-trainer's (same weights, same data), the harness's rows' with the harness's v5
+TRAINER_SYSTEMS = tuple(systems.TRAINER_NAMES.values())
+TRAINER_NOTE = ("Trainer rows (v5-trainer, trainer, trainer-max): an unmodified transformers.Trainer script "
+                "(experiments/trainer_script.py) with the Trainer's defaults; its step, timed from on_step_begin to "
+                "on_step_end, adds gradient clipping and the learning-rate scheduler to forward, backward and the "
+                "optimizer; its Δ1st loss is against v5-trainer's.")
 SUMMARY_FIELDS = ("tokens_per_s_per_gpu", "step_ms", "tflops_per_gpu", "mfu", "peak_gib", "peak_reserved_gib", "activation_gib",
                   "routing", "seq", "batch", "commit", "run")
 CSV_FIELDS = ("key", "run", "cell_id", "status", "gpu", "gpu_count", "model", "system", "routing", "seq", "batch",
@@ -246,7 +253,8 @@ def _table(header: list[str], lines: list[list[str]]) -> str:
 
 
 def _ref_loss(rows: list[dict], r: dict):
-    for b in ("v5-eager", "v5-grouped_mm", "v5-fsdp2-grouped_mm"):
+    refs = ("v5-trainer",) if r["system"] in TRAINER_SYSTEMS else ("v5-eager", "v5-grouped_mm", "v5-fsdp2-grouped_mm")
+    for b in refs:
         for o in rows:
             if o["run"] == r["run"] and o["system"] == b and o["routing"] == r["routing"] and o["status"] == "ok" \
                     and _group(o) == _group(r):
@@ -276,6 +284,8 @@ def group_tables(rows: list[dict]) -> str:
         header = ["system", "routing", "status", "step ms", "tok/s/GPU", "TFLOP/s/GPU", "MFU", "peak GiB",
                   "act. GiB", "1st loss", "Δ1st loss", *[f"vs {b}" for b in baselines]]
         parts.append(title + "\n\n" + _table(header, lines))
+        if any(r["system"] in TRAINER_SYSTEMS for r in rs):
+            parts.append(TRAINER_NOTE)
         failed = [r for r in rs if r["status"] != "ok"]
         if failed:
             parts.append("Not ok:\n\n" + "\n".join(f"- `{r['system']}` / {r['routing']}: **{r['status']}**: {r['error']}"

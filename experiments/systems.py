@@ -39,6 +39,14 @@ reads it back into the same spec. Names:
 * ``ep<N>-<dispatcher>-<backend>[-<variant>...][+<option>...]``: moe_lab expert parallelism over N
   ranks (``from_config(..., moe_backend=<backend's stages with dispatch=<dispatcher>>, ep_size=N)``);
   every rank trains on its own batch; moe_lab reduces the gradients inside backward.
+* ``v5-trainer``, ``trainer``, ``trainer-max`` (``loop: trainer``): not the harness's training loop
+  but an unmodified ``transformers.Trainer`` script (``experiments/trainer_script.py``, run by
+  ``experiments/trainer_cell.py``), one process: ``v5-trainer`` imports
+  ``transformers.AutoModelForCausalLM``, ``trainer`` ``moe_lab.AutoModelForCausalLM`` with its
+  default arguments (no backend, no options), ``trainer-max`` the same plus ``moe_lab.fastest(trainer)``
+  (``fastest: true``). As mappings: ``{library: v5, loop: trainer}``, ``{loop: trainer}``,
+  ``{loop: trainer, fastest: true}``; they take no other key (the script passes the libraries'
+  defaults).
 
 Which names exist is read from the installed libraries: v5's experts implementations, moe_lab's
 backend words, stage implementations, dispatchers and ``Options`` fields. Registering a new
@@ -60,6 +68,10 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 LIBRARIES = ("moe_lab", "v5")
+# "harness": experiments/cell.py's own loop; "trainer": the unmodified Trainer script (trainer_script.py)
+LOOPS = ("harness", "trainer")
+# the names of the Trainer-script systems: (library, fastest) -> name
+TRAINER_NAMES = {("v5", False): "v5-trainer", ("moe_lab", False): "trainer", ("moe_lab", True): "trainer-max"}
 V5_PARALLEL = ("none", "fsdp2", "ep")
 PLACEMENTS = ("step", "backward", "stream")  # optimizer.step() after backward | inside backward | on a side stream
 # the variant word of each optimizer placement but "step" (one process only)
@@ -102,6 +114,10 @@ class SystemSpec:
         "stream" (the same on a second CUDA stream).
     ep, dispatcher: moe_lab expert parallelism over ``ep`` ranks through ``dispatcher`` (None: none).
     fsdp: with expert parallelism, the non-expert parameters sharded with FSDP2.
+    loop: "harness" (experiments/cell.py's training loop) or "trainer" (the unmodified Trainer
+        script of experiments/trainer_script.py, with the library's default arguments: every field
+        above keeps its default).
+    fastest: a trainer system whose script calls ``moe_lab.fastest(trainer)`` (``trainer-max``).
     """
 
     library: str = "moe_lab"
@@ -113,6 +129,8 @@ class SystemSpec:
     ep: int = 1
     dispatcher: str | None = None
     fsdp: bool = False
+    loop: str = "harness"
+    fastest: bool = False
 
     # ---- the canonical short name ----
     @property
@@ -127,7 +145,10 @@ class SystemSpec:
     # ---- what the harness asks of a system ----
     @property
     def kind(self) -> str:
-        """"v5" | "v5-fsdp2" | "v5-ep" | "moe_lab" | "moe_lab-ep" (recorded as ``system_kind``)."""
+        """"v5" | "v5-fsdp2" | "v5-ep" | "moe_lab" | "moe_lab-ep" | "v5-trainer" | "moe_lab-trainer"
+        (recorded as ``system_kind``)."""
+        if self.loop == "trainer":
+            return f"{self.library}-trainer"
         if self.library == "v5":
             return {"none": "v5", "fsdp2": "v5-fsdp2", "ep": "v5-ep"}[self.v5_parallel]
         return "moe_lab-ep" if self.dispatcher is not None else "moe_lab"
@@ -257,6 +278,9 @@ def parse(system) -> SystemSpec:
 
 def _parse_name(name: str) -> SystemSpec:
     what = f"system {name!r}"
+    for (library, fastest), trainer_name in TRAINER_NAMES.items():
+        if name == trainer_name:
+            return SystemSpec(library=library, loop="trainer", fastest=fastest)
     if name == "v5-ep":
         return _checked(what, SystemSpec(library="v5", experts_implementation="grouped_mm", v5_parallel="ep"))
     if name.startswith("v5-fsdp2-"):
@@ -389,6 +413,21 @@ def from_mapping(mapping: Mapping) -> SystemSpec:
     library = mapping.get("library", "moe_lab")
     if library not in LIBRARIES:
         raise ValueError(f"{what}: library must be one of {', '.join(LIBRARIES)}, got {library!r}")
+    loop, fastest = mapping.get("loop", "harness"), mapping.get("fastest", False)
+    if loop not in LOOPS:
+        raise ValueError(f"{what}: loop must be one of {', '.join(LOOPS)}, got {loop!r}")
+    if not isinstance(fastest, bool):
+        raise ValueError(f"{what}: fastest must be true or false, got {fastest!r}")
+    if loop == "trainer":
+        other = sorted(set(mapping) - {"library", "loop", "fastest"})
+        if other:
+            raise ValueError(f"{what}: {', '.join(other)}: a trainer system runs the unmodified Trainer script with "
+                             "the library's defaults; it takes library, loop and fastest only")
+        if fastest and library != "moe_lab":
+            raise ValueError(f"{what}: fastest is the script's moe_lab.fastest(trainer) line: a moe_lab system")
+        return SystemSpec(library=library, loop="trainer", fastest=fastest)
+    if fastest:
+        raise ValueError(f"{what}: fastest is the Trainer script's moe_lab.fastest(trainer) line (loop: trainer)")
     placement = mapping.get("optimizer_placement", "step")
     if placement not in PLACEMENTS:
         raise ValueError(f"{what}: optimizer_placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
@@ -450,6 +489,8 @@ def _checked(what: str, spec: SystemSpec) -> SystemSpec:
 
 def _name(spec: SystemSpec) -> str:
     """The canonical short name of a spec (see the module docstring)."""
+    if spec.loop == "trainer":
+        return TRAINER_NAMES[(spec.library, spec.fastest)]
     if spec.library == "v5":
         if spec.v5_parallel == "ep":
             return "v5-ep"
@@ -500,6 +541,8 @@ def check_known(system) -> SystemSpec:
     the reason."""
     spec = parse(system)
     name = spec.name
+    if spec.loop == "trainer":  # the libraries' defaults: no name to look up (trainer-max's moe_lab.fastest
+        return spec             # is looked for when its cell runs: not_implemented without it)
     if spec.library == "v5":
         impls = v5_experts_implementations()
         if spec.experts_implementation not in impls:
@@ -529,6 +572,9 @@ def check_known(system) -> SystemSpec:
 def check_world(system, nproc: int) -> None:
     """Refuse a process count the system cannot run with (what build_model would refuse later)."""
     spec = parse(system)
+    if spec.loop == "trainer" and nproc != 1:
+        raise ValueError(f"system {spec.name!r} runs the unmodified Trainer script in one process, the cell has "
+                         f"nproc={nproc}; the trainer systems are one-GPU (nproc: 1)")
     if spec.kind in ("v5", "moe_lab") and nproc != 1:
         other = "v5-fsdp2-<impl> or v5-ep" if spec.kind == "v5" else f"ep{nproc}-<dispatcher>-<backend>"
         raise ValueError(f"system {spec.name!r} runs one process, the cell has nproc={nproc}; use {other}")
@@ -540,11 +586,15 @@ def check_world(system, nproc: int) -> None:
 def moe_lab_options(system, environ=None):
     """The ``moe_lab.Options`` a moe_lab system's model is built with: the system's options under
     the documented ``MOE_LAB_*`` overrides of the environment (``Options.from_environment``, which
-    win); None for a v5 system (it builds no moe_lab model). ImportError without moe_lab."""
+    win); None for a v5 system (it builds no moe_lab model). A trainer system's script passes no
+    options and moe_lab reads no environment variable: moe_lab's defaults. ImportError without moe_lab."""
     spec = parse(system)
     if spec.library != "moe_lab":
         return None
     from moe_lab.options import Options
+
+    if spec.loop == "trainer":
+        return Options()
 
     asked = Options.build(dict(spec.moe_lab_options))
     used = Options.from_environment(asked, environ)
@@ -572,6 +622,8 @@ def build_model(system, config, *, dtype, attn: str, device, world: int, options
     import transformers
 
     spec = parse(system)
+    if spec.loop == "trainer":
+        raise ValueError(f"{spec.name}: a trainer system's model is built by its script (experiments/trainer_cell.py)")
     kw = dict(attn_implementation=attn, dtype=dtype)
     if spec.library == "v5":
         check_known(spec)

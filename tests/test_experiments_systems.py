@@ -44,6 +44,9 @@ def test_every_preset_system_is_the_canonical_name_of_its_spec_and_of_its_mappin
       "optimizer_placement": "stream"}, "router=torch-experts=triton_gather-fusednorm-optstream"),
     ({"backend": "triton", "options": {"tma": True, "autotune": False, "fused_rope": True, "fused_norm": False}},
      "triton-fusedrope+no_autotune+tma"),
+    ({"library": "v5", "loop": "trainer"}, "v5-trainer"),  # the unmodified Trainer script (trainer_script.py)
+    ({"loop": "trainer"}, "trainer"),
+    ({"loop": "trainer", "fastest": True}, "trainer-max"),
 ])
 def test_a_mapping_and_its_short_name_are_one_system(mapping, name):
     spec = systems.check_known(mapping)
@@ -85,6 +88,8 @@ def test_spec_fields_say_what_the_harness_builds():
     ("triton+autotune", "write it as 'triton'"),  # the default: one name per configuration
     ("experts=triton-router=torch", "'router=torch-experts=triton'"),
     ("triton-experts=torch", "stage>=<implementation> words first"),
+    ({"loop": "trainer", "options": {"fused_norm": True}}, "takes library, loop and fastest only"),
+    ({"backend": "torch", "fastest": True}, "moe_lab.fastest\\(trainer\\) line \\(loop: trainer\\)"),
 ])
 def test_malformed_systems_are_refused_with_the_reason(system, match):
     with pytest.raises(ValueError, match=match):
@@ -240,3 +245,15 @@ def test_result_keys_come_from_the_recorded_options():
 def test_variant_words_are_read_before_the_option_part():
     assert report._has_variant("triton-fusedce-graphs+tma", "graphs")
     assert not report._has_variant("triton+tma", "graphs")
+
+
+def test_trainer_systems_keep_the_harness_names_and_keys_apart():
+    """v5-trainer, trainer, trainer-max are names of their own (not a backend word "trainer"), one
+    process, and their records' keys are <gpu>x1/<model>/<name>."""
+    assert [systems.parse(n).kind for n in ("v5-trainer", "trainer", "trainer-max")] == [
+        "v5-trainer", "moe_lab-trainer", "moe_lab-trainer"]
+    assert systems.parse("v5-grouped_mm") == systems.SystemSpec(library="v5", experts_implementation="grouped_mm")
+    with pytest.raises(ValueError, match="nproc=2"):
+        systems.check_world("trainer-max", 2)
+    assert report.to_row(_record("trainer-max", {}), "r")["key"] == "h200x1/m-L1/trainer-max"
+    assert report.to_row(_record("v5-trainer", None), "r")["key"] == "h200x1/m-L1/v5-trainer"
