@@ -27,7 +27,7 @@ import math
 import re
 from pathlib import Path
 
-from . import store
+from . import store, systems
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def headline_data(rows: list[dict], order) -> list[dict]:
 
 def _headline_bars(rows: list[dict]) -> list[tuple[str, dict | None]]:
     by_system = {r["system"]: r for r in rows if _plain(r)}
-    moe_lab = [r for r in rows if not r["system"].startswith("v5-")]
+    trainer_loop = set(systems.TRAINER_NAMES.values())  # another kind of step (the Trainer's loop)
+    moe_lab = [r for r in rows if not r["system"].startswith("v5-") and r["system"] not in trainer_loop]
     fastest = max(moe_lab, key=lambda r: (r["tokens_per_s_per_gpu"] or 0.0, r["key"]), default=None)
     return [("v5 eager", by_system.get("v5-eager")), ("v5 grouped_mm\n(v5's default)", by_system.get(BASELINE)),
             (f"moe_lab default\n({MOE_LAB_DEFAULT})", by_system.get(MOE_LAB_DEFAULT)), ("moe_lab fastest", fastest)]

@@ -112,8 +112,9 @@ def option_flags(rec: dict) -> dict:
     record alone (the name's words, not ``systems.parse``)."""
     base = ((rec.get("spec") or {}).get("system") or "").split("+")[0]
     named = {systems.OPTION_WORDS[w] for w in base.split("-") if w in systems.OPTION_WORDS}
-    return {k: v for k, v in (rec.get("options_changed") or {}).items()
-            if isinstance(v, bool) and not (v and k in named)}
+    words = set(systems.OPTION_WORDS.values())
+    return {k: v for k, v in (rec.get("options_changed") or {}).items()  # a word's option agrees with the name
+            if isinstance(v, bool) and not (k in words and v == (k in named))}
 
 
 def record_flags(rec: dict, run_flags: dict | None = None) -> dict:

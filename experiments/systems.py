@@ -254,12 +254,19 @@ def _stages() -> tuple[str, ...]:
 
 
 def option_defaults() -> dict | None:
-    """{field: default} of ``moe_lab.Options``, or None where moe_lab cannot be imported."""
+    """{field: default} of a harness system's ``moe_lab.Options``, or None where moe_lab cannot be
+    imported: the library's defaults, except that an option with a variant word of its own
+    (``OPTION_WORDS``) is off unless the word is there (the library decides ``fused_norm`` and
+    ``fused_rope`` per model by default; a harness system says them)."""
     try:
         from moe_lab.options import Options
     except Exception:  # noqa: BLE001
         return None
-    return {f.name: f.default for f in dataclasses.fields(Options)}
+    defaults = {f.name: f.default for f in dataclasses.fields(Options)}
+    for field in OPTION_WORDS.values():
+        if defaults[field] is None:
+            defaults[field] = False
+    return defaults
 
 
 # ---- names -> specs ----------------------------------------------------------------------------
@@ -596,7 +603,8 @@ def moe_lab_options(system, environ=None):
     if spec.loop == "trainer":
         return Options()
 
-    asked = Options.build(dict(spec.moe_lab_options))
+    words_off = {f: False for f in OPTION_WORDS.values()}  # a variant word switches its option on
+    asked = Options.build({**words_off, **dict(spec.moe_lab_options)})
     used = Options.from_environment(asked, environ)
     if used != asked:
         overridden = {k: v for k, v in dataclasses.asdict(used).items() if getattr(asked, k) != v}

@@ -98,9 +98,13 @@ def test_malformed_systems_are_refused_with_the_reason(system, match):
 
 def test_options_used_are_the_systems_under_the_documented_overrides():
     options = systems.moe_lab_options("triton-fusedce+no_autotune", environ={"MOE_LAB_TRITON_TMA": "1"})
-    assert options.changed() == {"fused_cross_entropy": True, "autotune": False, "tma": True}
+    # fused_norm / fused_rope: the library decides them per model; a harness system without their words has them off
+    assert options.changed() == {"fused_cross_entropy": True, "autotune": False, "tma": True,
+                                 "fused_norm": False, "fused_rope": False}
+    assert report.option_flags({"spec": {"system": "triton-fusedce+no_autotune"},
+                                "options_changed": options.changed()}) == {"autotune": False, "tma": True}
     overridden = systems.moe_lab_options("triton+no_autotune", environ={"MOE_LAB_TRITON_AUTOTUNE": "1"})
-    assert overridden.changed() == {}  # the environment override wins, and the record says so
+    assert overridden.changed() == {"fused_norm": False, "fused_rope": False}  # the environment override wins
     assert systems.moe_lab_options("v5-grouped_mm", environ={"MOE_LAB_TRITON_TMA": "1"}) is None
 
 
@@ -208,7 +212,8 @@ def test_a_cell_records_its_spec_and_the_options_it_used(monkeypatch):
     record = dict(cell.run(spec), spec=spec)  # (cell.main adds the spec)
     assert record["status"] == "ok" and spec["system"] == "torch-fusedce"
     assert record["system_spec"]["moe_lab_options"] == {"fused_cross_entropy": True}
-    assert record["options_changed"] == {"fused_cross_entropy": True, "host_checks": True}
+    assert record["options_changed"] == {"fused_cross_entropy": True, "host_checks": True,
+                                         "fused_norm": False, "fused_rope": False}  # words absent: off
     assert record["options"]["host_checks"] is True and record["options"]["autotune"] is True
     row = report.to_row(record, "r")
     assert row["key"] == "cpux1/tiny-qwen3-moe-L1/torch-fusedce+host_checks" and row["flags"] == {"host_checks": True}
