@@ -1,6 +1,6 @@
 """moe_lab's fastest training mode as one line: ``fastest(trainer)``.
 
-    model = moe_lab.AutoModelForCausalLM.from_pretrained(path, moe_backend="triton", dtype=torch.bfloat16)
+    model = moe_lab.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)   # moe_backend="auto"
     args = transformers.TrainingArguments(..., max_grad_norm=0)   # no clipping: the optimizer steps in backward
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     fastest(trainer)     # after Trainer(...) and after the arguments are final, before train()
@@ -13,8 +13,9 @@ warning that says why, and every decision is recorded on the model:
 "fused_cross_entropy": ..., "cuda_graphs": ..., "optimizer": ..., "optimizer_in_backward": ...}, each
 switch "on", "on (<note>)", "on (at load)" (what the model was loaded with) or "off: <why>", and
 ``model.moe_lab_options`` becomes the `moe_lab.Options` in force. It cannot change the MoE backend of
-a loaded model (recorded as "moe_backend"): load with ``moe_backend="triton"`` for the stages the
-fastest step used (and that CUDA graphs need).
+a loaded model (recorded as "moe_backend"). On the default ``"auto"`` backend, called before the first
+forward, it makes every layer choose among graph-safe stages only, so CUDA graphs can apply; a
+named backend that is not graph-safe keeps CUDA graphs off, with the reason.
 
 What a v5 user can observe, item by item:
 
@@ -30,7 +31,7 @@ What a v5 user can observe, item by item:
   not the rotate-half form over whole heads (GPT-OSS, DeepSeek-V3).
 * ``cuda_graphs``: every decoder layer replayed from CUDA graphs captured at the first training step
   (see `moe_lab.training.cuda_graphs`). Needs CUDA, one process, graph-safe MoE stages
-  (``moe_backend="triton"`` / ``"triton_gather"``), no gradient checkpointing, no
+  (``"auto"`` before the first forward, ``"triton"`` or ``"triton_gather"``), no gradient checkpointing, no
   ``output_router_logits``. The contract on the data, which only training can check: STATIC SHAPES
   (every batch the same [batch, seq]: fixed-length or packed sequences, ``dataloader_drop_last=True``;
   a new shape recaptures, slowly) and no attention-mask tensor in the batches (full sequences; a
