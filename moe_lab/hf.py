@@ -104,9 +104,9 @@ def _patch_moe_blocks(model: nn.Module, moe_backend: MoeBackend, ep_size: int = 
     backend is named) that stage runs its reference instead, logged as a warning and recorded in
     `model.moe_lab_plan` ({layer: {stage: "runs (asked X: why)"}}).
 
-    Known families (Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3) get `MoELayer`s. Other models whose
-    experts use v5's experts interface keep v5's block and router, and compute their experts
-    through moe_lab's stages. Anything else raises `UnsupportedModelError`.
+    Known families (Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3, NemotronH) get `MoELayer`s. Other
+    models whose experts use v5's experts interface keep v5's block and router, and compute their
+    experts through moe_lab's stages. Anything else raises `UnsupportedModelError`.
     With ep_size > 1 (under torchrun), each rank keeps E/ep_size experts per layer and rows travel
     with the all-to-all dispatcher; with fsdp=True the other parameters are sharded with FSDP2 over
     all ranks (see `moe_lab.parallel.expert_parallel`).

@@ -1,7 +1,8 @@
 """moe_lab's MoE layer: router -> permutation -> dispatch -> experts -> combine, each stage swappable.
 
 `MoELayer` replaces a v5 sparse MoE block and adopts its children under their v5 names (`gate` or
-`router`, `experts`, `shared_experts`), so parameter names, layouts and checkpoints are v5's.
+`router`, `experts`, `shared_experts`, NemotronH's `fc1_latent_proj` / `fc2_latent_proj`), so
+parameter names, layouts and checkpoints are v5's.
 Shapes: B batch, L sequence, T = B*L tokens, H hidden, E experts, k top-k, S = T*k routed rows.
 """
 from __future__ import annotations
@@ -141,13 +142,18 @@ def _detached_experts(experts: nn.Module, spec: ExpertsSpec, requires_grad: bool
 
 def auto_trial(hidden: torch.Tensor, experts: nn.Module, spec: ExpertsSpec, backward: bool, dispatcher,
                ids: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-               router: nn.Module | None = None, routing: RoutingSpec | None = None):
+               router: nn.Module | None = None, routing: RoutingSpec | None = None,
+               expert_hidden: torch.Tensor | None = None):
     """trial(choice) -> step(): runs this layer once with `choice` on detached copies of this forward's
     hidden [T, H] (and backward to the hidden states and every weight when `backward`). Routing: the
-    given ids/weights [T, k] (v5's router ran), or `choice`'s router on `router`'s weights."""
+    given ids/weights [T, k] (v5's router ran), or `choice`'s router on `router`'s weights.
+    expert_hidden [T, H']: the rows the routed experts take where they are not `hidden` (NemotronH's
+    latent projection of it); the router still reads `hidden`."""
     x = hidden.detach().requires_grad_(backward)
+    x_experts = x if expert_hidden is None else expert_hidden.detach().requires_grad_(backward)
     stand_in = _detached_experts(experts, spec, backward)
-    leaves = [x] + [t for t in stand_in.__dict__.values() if isinstance(t, torch.Tensor)]
+    leaves = [x] + ([] if expert_hidden is None else [x_experts])
+    leaves += [t for t in stand_in.__dict__.values() if isinstance(t, torch.Tensor)]
     if router is not None:
         router_weight = router.weight.detach().requires_grad_(backward)
         bias = getattr(router, "bias", None)
@@ -158,7 +164,7 @@ def auto_trial(hidden: torch.Tensor, experts: nn.Module, spec: ExpertsSpec, back
     else:
         weights = weights.detach().requires_grad_(backward)
         leaves.append(weights)
-    cotangent = torch.randn_like(x) if backward else None
+    cotangent = torch.randn_like(x_experts) if backward else None
 
     def trial(choice: StageChoice):
         def step():
@@ -167,7 +173,7 @@ def auto_trial(hidden: torch.Tensor, experts: nn.Module, spec: ExpertsSpec, back
                     _, w, i = choice.router(x, router_weight, bias, correction, routing)
                 else:
                     w, i = weights, ids
-                out = run_routed_experts(x, i, w, stand_in, spec, choice, dispatcher)
+                out = run_routed_experts(x_experts, i, w, stand_in, spec, choice, dispatcher)
                 if backward:
                     torch.autograd.grad(out, leaves, cotangent.to(out.dtype), allow_unused=True)
         return step
@@ -293,6 +299,9 @@ class MoELayer(nn.Module):
     """A sparse MoE block run through moe_lab's stages; a drop-in for the v5 block it was built from.
 
     forward(hidden [B, L, H]) -> out [B, L, H] (GPT-OSS: (out, router_scores [T, k]), as v5 returns).
+    With the family's latent projections (NemotronH), the router reads the hidden states, the routed
+    experts compute on fc1_latent_proj(hidden) [T, H'] and their sum goes through fc2_latent_proj;
+    the shared experts read the hidden states, as in v5's block.
     """
 
     def __init__(self, block: nn.Module, family: Family, config, choice: StageChoice, experts_spec: ExpertsSpec, ep=None,
@@ -330,11 +339,13 @@ class MoELayer(nn.Module):
         hidden = hidden_states.reshape(-1, shape[-1])
         if self.training and self.jitter_noise > 0:
             hidden = hidden * torch.empty_like(hidden).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        latent = None if self.family.latent_attrs is None else [getattr(self, a) for a in self.family.latent_attrs]
+        expert_hidden = hidden if latent is None else latent[0](hidden)  # [T, H'] the rows the routed experts take
         weight = first_weight(self.experts, self.experts_spec)
         backward = torch.is_grad_enabled() and weight.requires_grad
         choice = self.planner.choice_for(weight, hidden.shape[0], backward, trial=lambda c: auto_trial(
             hidden, self.experts, self.experts_spec, backward, self.dispatcher, router=self.router_module,
-            routing=self.routing)(c))
+            routing=self.routing, expert_hidden=None if expert_hidden is hidden else expert_hidden)(c))
         if choice is not self.choice:  # moved to another device or dtype since the last forward
             if choice.names["dispatch"] != self.choice.names["dispatch"]:
                 raise RuntimeError(f"moe_lab: the dispatch stage would change from {self.choice.names['dispatch']!r} "
@@ -342,7 +353,10 @@ class MoELayer(nn.Module):
             self.choice = choice
             self.router_module.moe_lab_route = choice.router
         _, weights, ids = self.router_module(hidden)
-        out = run_routed_experts(hidden, ids, weights, self.experts, self.experts_spec, self.choice, self.dispatcher)
+        out = run_routed_experts(expert_hidden, ids, weights, self.experts, self.experts_spec, self.choice,
+                                 self.dispatcher)
+        if latent is not None:
+            out = latent[1](out)
         out = out.view(shape)
         if self.family.shared_attr is not None:
             out = out + getattr(self, self.family.shared_attr)(hidden_states)

@@ -71,3 +71,42 @@ def assert_same_grads(model, reference, *, rtol: float, atol: float, where: str 
         if param.grad is not None or grads[name].grad is not None:
             torch.testing.assert_close(param.grad, grads[name].grad, rtol=rtol, atol=atol,
                                        msg=lambda m: f"{where}{name}: {m}")
+
+
+NEMOTRON_H = "nemotron_h"
+
+
+def tiny_nemotron_h_config(num_experts: int = 6, top_k: int = 2, n_group: int | None = None, topk_group: int = 1,
+                           **overrides):
+    """A tiny v5 NemotronH config: Mamba-2, MoE, attention, MoE blocks (two MoE layers, relu2 experts
+    and shared expert, routed_scaling_factor 2.5). n_group: 2 where the experts split into groups of
+    at least two (v5 scores a group by its two best experts), else 1."""
+    if n_group is None:
+        n_group = 2 if num_experts % 2 == 0 and num_experts >= 4 else 1
+    kw = dict(vocab_size=61, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              max_position_embeddings=64, tie_word_embeddings=False,
+              layers_block_type=["linear_attention", "moe", "full_attention", "moe"],
+              mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8, chunk_size=4, conv_kernel=4,
+              n_routed_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=24,
+              moe_shared_expert_intermediate_size=20, intermediate_size=24, mlp_hidden_act="relu2",
+              routed_scaling_factor=2.5, n_group=n_group, topk_group=topk_group, norm_topk_prob=True)
+    kw.update(overrides)
+    return transformers.NemotronHConfig(**kw)
+
+
+def family_config(family: str, num_experts: int = 6, top_k: int = 2, **overrides):
+    """`tiny_config`, or `tiny_nemotron_h_config` for "nemotron_h"."""
+    if family == NEMOTRON_H:
+        return tiny_nemotron_h_config(num_experts, top_k, **overrides)
+    return tiny_config(family, num_experts=num_experts, top_k=top_k, **overrides)
+
+
+def randomize_correction_bias(model, seed: int = 0, scale: float = 0.05) -> None:
+    """Give every `e_score_correction_bias` buffer of ``model`` random values (v5 initialises them to
+    zero), of the size of the spread of the sigmoid scores of a freshly initialised router, so the
+    bias changes which experts are chosen without deciding every choice alone."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * scale)
