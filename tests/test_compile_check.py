@@ -59,3 +59,14 @@ def test_split_epilogue_keeps_the_down_backward_tile_in_registers():
     assert whole["error"] is None and split["error"] is None
     assert whole["spill"] > 0, "the check cannot see spills (the unsplit epilogue spilled on sm_90)"
     assert split["spill"] == 0 and split["verdict"] == "ok", split
+
+
+def test_non_gated_relu2_kernels_compile_without_spills():
+    """The relu2 (non-gated) forms of the fused kernels compile for sm_90: the activation id must
+    reach the down-backward epilogue as a constant (the interpreter runs it either way), and the
+    largest down-backward tile keeps its registers."""
+    reports = compile_reports(("gate_up_act relu2 tma", {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3),
+                              ("down_bwd relu2", {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "EPI_SPLIT": 4}, 8, 3))
+    for r in reports:
+        assert r["error"] is None, f"{r['case']}: {r['error']}"
+        assert r["verdict"] == "ok", r

@@ -320,16 +320,18 @@ def test_grouped_mm_nonfinite(E, S, K, N, transposed_w, bias, bf16, kinds, huge_
 def _mlp_tensors(E, S, H, I, act, transposed, bias, kinds, seed):
     """x, gate_up, down, gate_up_bias, down_bias with ``kinds`` (no 1e30) sprinkled over the first
     three and the bias, and 1e30 in down_proj only (without 6e4 elsewhere): the one operand whose
-    huge values never meet another large value in a GEMM, forward or backward (see no_huge)."""
+    huge values never meet another large value in a GEMM, forward or backward (see no_huge). A
+    non-gated act (relu2) gets the up projection (I columns, not 2I) in gate_up's place."""
     wscale = 1.0 if act == "gpt_oss" else H ** -0.5
-    gate_up = randn(*((E, H, 2 * I) if transposed else (E, 2 * I, H)), seed=seed + 1, scale=wscale)
+    width = I if act in ref.NON_GATED else 2 * I
+    gate_up = randn(*((E, H, width) if transposed else (E, width, H)), seed=seed + 1, scale=wscale)
     down = randn(*((E, I, H) if transposed else (E, H, I)), seed=seed + 2, scale=I ** -0.5)
     x = randn(S, H, seed=seed)
     huge = ["huge", "-huge"][: seed % 3] if "big" not in kinds else []  # act from 6e4 inputs is ~1e10
     tensors = [sprinkle(x, kinds, seed), sprinkle(gate_up, kinds[1:], seed + 1),
                sprinkle(down, kinds[2:] + huge, seed + 2)]
     if bias:
-        tensors += [sprinkle(randn(E, 2 * I, seed=seed + 3), kinds[:1], seed + 3), randn(E, H, seed=seed + 4)]
+        tensors += [sprinkle(randn(E, width, seed=seed + 3), kinds[:1], seed + 3), randn(E, H, seed=seed + 4)]
     else:
         tensors += [None, None]
     return [dev(t) if t is not None else None for t in tensors]
@@ -348,8 +350,27 @@ def _mlp_tensors(E, S, H, I, act, transposed, bias, kinds, seed):
 def test_expert_mlp_nonfinite(E, T, k, H, I, act, gathered, bias, kinds, grad_kinds, seed):
     """The fused MLP (and its gathered form) vs permute + the per-expert loop: NaN from a clamp's
     input stays NaN (gpt_oss), inf * 0 and inf - inf land where v5's do, forward and every gradient."""
+    _check_expert_mlp_nonfinite(E, T, k, H, I, act, act == "gpt_oss", gathered, bias, kinds, grad_kinds, seed)
+
+
+@examples(ci=6)
+@given(E=st.integers(1, 4), T=st.integers(1, 16), k=st.integers(1, 3), H=st.integers(1, 24), I=st.integers(1, 12),
+       transposed=st.booleans(), gathered=st.booleans(), bias=st.booleans(),
+       kinds=no_huge, grad_kinds=few_no_huge, seed=st.integers(0, 2**16))
+@example(E=3, T=8, k=2, H=8, I=4, transposed=False, gathered=False, bias=False, kinds=["nan", "big", "-inf"],
+         grad_kinds=["inf"], seed=1)
+@example(E=4, T=3, k=1, H=5, I=3, transposed=True, gathered=True, bias=True, kinds=["inf", "-inf"],
+         grad_kinds=["-inf", "nan"], seed=2)  # a zero-row expert among them
+@example(E=1, T=8, k=3, H=6, I=4, transposed=False, gathered=True, bias=True, kinds=[], grad_kinds=["inf"],
+         seed=65536)  # 1e30 down weights
+def test_expert_mlp_relu2_nonfinite(E, T, k, H, I, transposed, gathered, bias, kinds, grad_kinds, seed):
+    """Non-gated relu2 experts (Nemotron-H), both layouts, as the gated test: relu keeps NaN, -inf
+    becomes 0, and relu's backward passes nothing (not inf * 0) where h <= 0."""
+    _check_expert_mlp_nonfinite(E, T, k, H, I, "relu2", transposed, gathered, bias, kinds, grad_kinds, seed)
+
+
+def _check_expert_mlp_nonfinite(E, T, k, H, I, act, transposed, gathered, bias, kinds, grad_kinds, seed):
     k = min(k, E)
-    transposed = act == "gpt_oss"
     ids = distinct_ids(T, k, E, seed).to(DEVICE)
     slots, _, offsets, inv = tk.sort_by_expert(ids, E, return_inverse=True)
     S = T * k
@@ -363,7 +384,7 @@ def test_expert_mlp_nonfinite(E, T, k, H, I, act, gathered, bias, kinds, grad_ki
     rows = ref.permute_ref(x, slots, k) if gathered else x
     y_ref = ref.expert_mlp_ref(rows, gate_up, down, offsets.cpu(), **kw)
     # the error of an output sums the rounding of everything summed into it, cancellation included:
-    # bounded by the same MLP on magnitudes (|silu(g)| <= silu(|g|))
+    # bounded by the same MLP on magnitudes (|silu(g)| <= silu(|g|), relu(h)^2 <= relu(|h|)^2)
     with torch.no_grad():
         mags = {n: (t.abs() if t is not None else None) for n, t in dict(gate_up_bias=bgu, down_bias=bd).items()}
         bound = ref.expert_mlp_ref(rows.abs(), gate_up.abs(), down.abs(), offsets.cpu(), **{**kw, **mags})

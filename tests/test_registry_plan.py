@@ -60,6 +60,23 @@ def test_triton_experts_refuse_an_activation_they_do_not_fuse_and_substitute_whe
     torch.testing.assert_close(ours(ids).logits, v5(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_triton_experts_fuse_non_gated_relu2_and_refuse_other_non_gated_activations():
+    """Nemotron-H's experts (non-gated, relu2: "plain:relu2") are planned onto the fused kernels, and
+    auto keeps them as candidates; another non-gated activation is still refused with the reason."""
+    from moe_lab.auto import candidates_for
+
+    nemotron = _needs(model_type="nemotron_h", activation="plain:relu2", device_type="cuda", dtype=torch.bfloat16)
+    for word in ("triton", "triton_gather"):
+        choice = resolve_backend(word)
+        planned, same = plan_layer(choice, nemotron, substitute=False)
+        assert same is choice and str(planned["experts"]) == word
+        with pytest.raises(StageRefusedError, match=rf"experts '{word}' computes activations .* not 'plain:silu'"):
+            plan_layer(choice, _needs(activation="plain:silu"), substitute=False)
+    assert "plain:relu2" in _IMPLS["experts"]["triton"].caps.activations
+    labels = [c.label for c in candidates_for(nemotron, None, graph_safe_only=False).candidates]
+    assert {"triton", "triton_gather"} <= set(labels), labels
+
+
 def test_a_model_moved_to_another_dtype_is_planned_again_at_its_next_forward():
     config = tiny_config("qwen3_moe")
     model = moe_lab.AutoModelForCausalLM.from_config(config, moe_backend="torch")

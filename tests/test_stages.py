@@ -1,6 +1,7 @@
 """Stage-level parity: every backend's permute -> experts -> combine against the eager reference,
 over shapes hypothesis picks (zero tokens, k = E, E not a power of two, odd sizes, one expert taking
-every token), forward and gradients, for the standard and the GPT-OSS expert layouts."""
+every token), forward and gradients, for the standard and the GPT-OSS expert layouts; and Nemotron-H's
+non-gated relu2 experts through every backend against v5's own experts forward."""
 from __future__ import annotations
 
 import pytest
@@ -8,11 +9,13 @@ import torch
 import transformers
 from hypothesis import given, settings, strategies as st
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 import moe_lab
 from moe_lab.families import experts_spec_of
 from moe_lab.layer import run_routed_experts
+from moe_lab.stages.experts import ExpertsSpec
 
 def _runs_here(word: str) -> bool:
     try:
@@ -95,3 +98,46 @@ def test_zero_tokens(backend):
     module, spec = make_experts("standard", 4, 8, 4, 0)
     out = routed(backend, module, spec, torch.zeros(0, 8), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
     assert out.shape == (0, 8)
+
+
+# Nemotron-H's experts as moe_lab's families describe them: up_proj [E, I, H] (no gate), relu2, down_proj
+NEMOTRON_SPEC = dict(gated=False, activation="plain", act_name="relu2")
+
+
+@pytest.mark.parametrize("tokens", [0, 11])
+@pytest.mark.parametrize("backend", FAST)
+def test_nemotron_h_relu2_experts_match_v5(backend, tokens):
+    """v5's NemotronHExperts (non-gated, relu2) run by each backend (triton and triton_gather: the
+    fused kernels' relu2 path) equal v5's own forward, and the gradients of the hidden states, the
+    routing weights, up_proj and down_proj equal v5's; expert 4 gets no row, sizes are odd."""
+    E, H, I, k = 5, 13, 7, 2
+    config = transformers.NemotronHConfig(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E,
+                                          num_experts_per_tok=k, mlp_hidden_act="relu2")
+    torch.manual_seed(3)
+    module = NemotronHExperts(config)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    spec = ExpertsSpec(num_experts=E, **NEMOTRON_SPEC)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(tokens)]) if tokens else \
+        torch.zeros(0, k, dtype=torch.long)
+    hidden_states = torch.randn(tokens, H, generator=g)
+    weights = torch.rand(tokens, k, generator=g)
+    upstream = torch.randn(tokens, H, generator=g)
+    params = [module.up_proj, module.down_proj]
+
+    def run(fn):
+        x, w = hidden_states.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = fn(x, w)
+        assert out.shape == (tokens, H)
+        leaves = [x, w, *params]
+        # no token: v5 returns a fresh zero tensor, outside the graph
+        grads = torch.autograd.grad(out, leaves, upstream, allow_unused=True) if out.requires_grad else [None] * 4
+        return out.detach(), [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, leaves)]
+
+    want, want_grads = run(lambda x, w: module(x, ids, w))  # v5's own experts forward
+    got, got_grads = run(lambda x, w: routed(backend, module, spec, x, ids, w))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for name, a, b in zip(("hidden", "weights", "up_proj", "down_proj"), got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend} d{name}: {m}")

@@ -313,13 +313,16 @@ def test_grouped_mm_tma_takes_only_what_a_descriptor_can_describe():
 # fused expert MLP
 # ---------------------------------------------------------------------------------------------
 def _mlp_inputs(E, S, H, I, transposed, bias, seed, dtype=torch.float32, act="swiglu"):
+    """x, gate_up, down, gate_up_bias, down_bias; a non-gated act (relu2) gets the up projection
+    (I columns where the gated ones have 2I) in gate_up's place."""
     wscale = 1.0 if act == "gpt_oss" else H ** -0.5  # gpt_oss: large pre-activations hit the clamps
-    gate_up = rand(E, H, 2 * I, seed=seed + 1, dtype=dtype, scale=wscale) if transposed else \
-        rand(E, 2 * I, H, seed=seed + 1, dtype=dtype, scale=wscale)
+    width = I if act in ref.NON_GATED else 2 * I
+    gate_up = rand(E, H, width, seed=seed + 1, dtype=dtype, scale=wscale) if transposed else \
+        rand(E, width, H, seed=seed + 1, dtype=dtype, scale=wscale)
     down = rand(E, I, H, seed=seed + 2, dtype=dtype, scale=I ** -0.5) if transposed else \
         rand(E, H, I, seed=seed + 2, dtype=dtype, scale=I ** -0.5)
     x = rand(S, H, seed=seed, dtype=dtype)
-    bgu = rand(E, 2 * I, seed=seed + 3, dtype=dtype) if bias else None
+    bgu = rand(E, width, seed=seed + 3, dtype=dtype) if bias else None
     bd = rand(E, H, seed=seed + 4, dtype=dtype) if bias else None
     return x, gate_up, down, bgu, bd
 
@@ -352,8 +355,64 @@ def test_expert_mlp_fp32(E, S, H, I, act, transposed, bias, mode, seed):
         assert_close(g, gr, atol=1e-5 * gscale, what=name)
 
 
+@examples(ci=6)
+@given(E=st.integers(1, 7), S=st.integers(0, 70), H=st.integers(1, 70), I=st.integers(1, 40),
+       transposed=st.booleans(), bias=st.booleans(), mode=shape_modes, seed=st.integers(0, 2**16))
+@example(E=3, S=0, H=9, I=5, transposed=False, bias=True, mode="random", seed=0)  # no rows at all
+@example(E=4, S=66, H=67, I=33, transposed=False, bias=False, mode="one", seed=1)  # one expert takes every row
+@example(E=5, S=50, H=31, I=37, transposed=True, bias=True, mode="random", seed=2)
+@example(E=6, S=1, H=1, I=1, transposed=True, bias=False, mode="random", seed=3)
+def test_expert_mlp_relu2_fp32(E, S, H, I, transposed, bias, mode, seed):
+    """Non-gated experts (Nemotron-H: up_proj [E, I, H], relu(h)^2, down_proj [E, H, I]) in both
+    layouts, with and without biases: forward (with and without grad) and every gradient."""
+    counts = make_counts(E, S, seed, mode)
+    offsets = offsets_of(counts)
+    tensors = [leaf(t) if t is not None else None
+               for t in _mlp_inputs(E, S, H, I, transposed, bias, seed, act="relu2")]
+    x, up, down, bup, bd = tensors
+    kw = dict(activation="relu2", gate_up_bias=bup, down_bias=bd, transposed=transposed)
+    with poisoned():
+        y = tk.expert_mlp(x, up, down, offsets, **kw)
+    y_ref = ref.expert_mlp_ref(x, up, down, offsets, **kw)
+    scale = max(y_ref.abs().max().item(), 1.0) if S else 1.0
+    assert_close(y, y_ref, atol=1e-5 * scale, what="y")
+    with torch.no_grad(), poisoned():  # the inference path: no pre-activation stored
+        assert_close(tk.expert_mlp(x, up, down, offsets, **kw), y_ref, atol=1e-5 * scale, what="y without grad")
+    inputs = [t for t in tensors if t is not None]
+    dy = rand(S, H, seed=seed + 5)
+    with poisoned():
+        grads = torch.autograd.grad(y, inputs, dy)
+    grads_ref = torch.autograd.grad(y_ref, inputs, dy)
+    for name, g, gr in zip(("dx", "dup", "ddown", "dbias_up", "dbias_down"), grads, grads_ref):
+        gscale = max(gr.abs().max().item(), 1.0) if gr.numel() else 1.0
+        assert_close(g, gr, atol=1e-5 * gscale, what=name)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on the NaN / inf inputs
+def test_expert_mlp_relu2_masks_and_shapes():
+    """relu2's backward passes nothing where h <= 0 (also for an infinite upstream gradient), NaN
+    stays NaN; a gated-shaped weight is refused for a non-gated activation and vice versa."""
+    E, H, I = 1, 2, 2
+    offsets = offsets_of(torch.tensor([3]))
+    x = leaf(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [float("nan"), 0.0]], device=DEVICE))
+    up = leaf(torch.tensor([[[2.0, 0.0], [-3.0, 0.0]]], device=DEVICE))  # h = [2x, -3x]
+    down = leaf(torch.eye(2, device=DEVICE)[None])
+    y = tk.expert_mlp(x, up, down, offsets, "relu2")
+    y_ref = ref.expert_mlp_ref(x, up, down, offsets, "relu2")
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+    assert y[:2].tolist() == [[4.0, 0.0], [0.0, 9.0]] and y[2].isnan().all()
+    dy = torch.tensor([[float("inf"), float("inf")], [1.0, float("-inf")], [1.0, 1.0]], device=DEVICE)
+    for name, g, gr in zip(("dx", "dup", "ddown"), torch.autograd.grad(y, [x, up, down], dy),
+                           torch.autograd.grad(y_ref, [x, up, down], dy)):
+        torch.testing.assert_close(g, gr, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    with pytest.raises(ValueError, match=r"expected gate_up \[E, I, H\]"):
+        tk.expert_mlp(x, torch.zeros(E, 2 * I, H, device=DEVICE), down, offsets, "relu2")
+    with pytest.raises(ValueError, match=r"expected gate_up \[E, 2I, H\]"):
+        tk.expert_mlp(x, up, down, offsets, "swiglu")
+
+
 @pytest.mark.parametrize("epi_split", [1, 2, 4])
-@pytest.mark.parametrize("act,transposed", [("swiglu", False), ("gpt_oss", True)])
+@pytest.mark.parametrize("act,transposed", [("swiglu", False), ("gpt_oss", True), ("relu2", False), ("relu2", True)])
 def test_down_backward_epilogue_slices(monkeypatch, epi_split, act, transposed):
     """The down-backward kernel with its epilogue in 1, 2 or 4 column slices (one candidate config
     forced), I = 40 not a multiple of the 64-wide tile: every gradient equals the reference."""
@@ -390,7 +449,7 @@ def test_expert_mlp_inference_path_matches():
                  atol=1e-4, what="y")
 
 
-@pytest.mark.parametrize("act,transposed", [("swiglu", False), ("gpt_oss", True)])
+@pytest.mark.parametrize("act,transposed", [("swiglu", False), ("gpt_oss", True), ("relu2", False)])
 def test_expert_mlp_bf16(act, transposed):
     E, H, I = 4, 48, 24
     counts = torch.tensor([9, 0, 30, 2])
@@ -398,7 +457,8 @@ def test_expert_mlp_bf16(act, transposed):
     offsets = offsets_of(counts)
     # unit-scale pre-activations: near the gpt_oss clamp (|h| ~ 7) a bf16 rounding of h could flip
     # the clamp's gradient mask against the fp32 reference (the clamps are checked in fp32)
-    bf = [t for t in _mlp_inputs(E, S, H, I, transposed, transposed, 11, torch.bfloat16)]
+    bf = [t for t in _mlp_inputs(E, S, H, I, transposed, transposed, 11, torch.bfloat16,
+                                 act=act if act in ref.NON_GATED else "swiglu")]  # (swiglu: the weight scale)
     fp = [leaf(t.float()) if t is not None else None for t in bf]
     bf = [leaf(t) if t is not None else None for t in bf]
     kw = dict(activation=act, transposed=transposed)
@@ -416,12 +476,13 @@ def test_expert_mlp_bf16(act, transposed):
         assert_close_rel(g, gr, 6e-2, name)
 
 
-@pytest.mark.parametrize("act", ["swiglu", "gpt_oss"])
+@pytest.mark.parametrize("act", ["swiglu", "gpt_oss", "relu2"])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_expert_mlp_tma_matches_the_pointer_kernels(monkeypatch, act, transposed):
     """settings tma=True in the fused kernels: the gate_up + activation forward (K-major weights,
     concatenated halves; the interleaved halves of ``transposed`` GPT-OSS-style weights have no unit
-    stride and stay on pointers) and the down backward + activation, against the pointer path."""
+    stride and stay on pointers, a non-gated ``transposed`` up projection has one and takes TMA) and
+    the down backward + activation, against the pointer path."""
     import importlib
 
     expert_mlp = importlib.import_module("triton_kernels.expert_mlp")  # the package exports a function of that name
@@ -442,14 +503,15 @@ def test_expert_mlp_tma_matches_the_pointer_kernels(monkeypatch, act, transposed
     monkeypatch.setattr(expert_mlp, "tma_weight_args", lambda use_tma, w: described.append(use_tma) or real(use_tma, w))
     monkeypatch.setattr(kernel_settings, "_current", kernel_settings.KernelSettings(tma=True))
     with_tma = run()
-    assert described.count(True) == (1 if transposed else 2), "the fused kernels did not take the TMA path"
+    tma_launches = 1 if transposed and act not in ref.NON_GATED else 2
+    assert described.count(True) == tma_launches, "the fused kernels did not take the TMA path"
     monkeypatch.setattr(kernel_settings, "_current", kernel_settings.KernelSettings(tma=False))
     for name, tma, pointer in zip(("y", "dx", "dgate_up", "ddown"), with_tma, run()):
         if interpreting():
             assert_close(tma, pointer, rtol=0, atol=0, what=f"{name}: TMA vs pointer kernels")
         else:
             assert_close_rel(tma, pointer, 1e-2, f"{name}: TMA vs pointer kernels")
-    assert described.count(True) == (1 if transposed else 2)
+    assert described.count(True) == tma_launches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -684,12 +746,13 @@ def test_moe_layer_end_to_end():
 # ---------------------------------------------------------------------------------------------
 @gpu
 @needs_compiled_cuda
-@pytest.mark.parametrize("act,transposed", [("swiglu", False), ("gpt_oss", True)])
+@pytest.mark.parametrize("act,transposed", [("swiglu", False), ("gpt_oss", True), ("relu2", False)])
 def test_gpu_expert_mlp_bf16_vs_fp32(act, transposed):
     E, H, I, S = 12, 512, 384, 3000
     counts = make_counts(E, S, 0, "random")
     offsets = offsets_of(counts)
-    bf = _mlp_inputs(E, S, H, I, transposed, transposed, 0, torch.bfloat16)
+    bf = _mlp_inputs(E, S, H, I, transposed, transposed, 0, torch.bfloat16,
+                     act=act if act in ref.NON_GATED else "swiglu")  # (swiglu: the weight scale)
     fp = [leaf(t.float()) if t is not None else None for t in bf]
     bf = [leaf(t) if t is not None else None for t in bf]
     kw = dict(activation=act, transposed=transposed)

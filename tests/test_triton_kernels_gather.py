@@ -1,6 +1,6 @@
 """expert_mlp_gathered (gather in the GEMM prologue) against the PyTorch reference of
-permute -> expert MLP, forward and every gradient: under the interpreter on the CPU, compiled
-(fp32, exact products) on a GPU."""
+permute -> expert MLP, forward and every gradient, gated (swiglu, gpt_oss) and non-gated (relu2):
+under the interpreter on the CPU, compiled (fp32, exact products) on a GPU."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 from triton_kernels import expert_mlp_gathered, sort_by_expert  # noqa: E402
 from triton_kernels._common import interpreting  # noqa: E402
-from triton_kernels.reference import expert_mlp_ref  # noqa: E402
+from triton_kernels.reference import NON_GATED, expert_mlp_ref  # noqa: E402
 
 DEVICE = "cpu" if interpreting() else "cuda"
 
@@ -32,9 +32,31 @@ DEVICE = "cpu" if interpreting() else "cuda"
     seed=st.integers(0, 2**16),
 )
 def test_gathered_mlp_matches_reference(activation, num_experts, k, tokens, hidden, inter, all_to_one, seed):
+    transposed = activation == "gpt_oss"
+    _check_gathered(activation, transposed, transposed, num_experts, k, tokens, hidden, inter, all_to_one, seed)
+
+
+@examples(ci=5)
+@given(
+    transposed=st.booleans(),
+    bias=st.booleans(),
+    num_experts=st.sampled_from([1, 3, 6]),
+    k=st.integers(1, 4),
+    tokens=st.integers(1, 20),
+    hidden=st.sampled_from([8, 13]),
+    inter=st.sampled_from([4, 7]),
+    all_to_one=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gathered_relu2_mlp_matches_reference(transposed, bias, num_experts, k, tokens, hidden, inter, all_to_one,
+                                              seed):
+    """Non-gated relu2 experts (up projection [E, I, H] or [E, H, I]) through the gathered MLP."""
+    _check_gathered("relu2", transposed, bias, num_experts, k, tokens, hidden, inter, all_to_one, seed)
+
+
+def _check_gathered(activation, transposed, bias, num_experts, k, tokens, hidden, inter, all_to_one, seed):
     k = min(k, num_experts)
     g = torch.Generator().manual_seed(seed)
-    transposed = activation == "gpt_oss"
     if all_to_one:
         ids = torch.stack([torch.roll(torch.arange(num_experts), 0)[:k] for _ in range(tokens)])
     else:
@@ -44,12 +66,13 @@ def test_gathered_mlp_matches_reference(activation, num_experts, k, tokens, hidd
 
     ids = ids.to(DEVICE)
     x = leaf(torch.randn(tokens, hidden, generator=g))
-    shape_gu = (num_experts, hidden, 2 * inter) if transposed else (num_experts, 2 * inter, hidden)
+    width = inter if activation in NON_GATED else 2 * inter  # non-gated: gate_up is the up projection
+    shape_gu = (num_experts, hidden, width) if transposed else (num_experts, width, hidden)
     shape_dn = (num_experts, inter, hidden) if transposed else (num_experts, hidden, inter)
     gate_up = leaf(0.3 * torch.randn(shape_gu, generator=g))
     down = leaf(0.3 * torch.randn(shape_dn, generator=g))
-    b_gu = leaf(0.1 * torch.randn(num_experts, 2 * inter, generator=g)) if transposed else None
-    b_dn = leaf(0.1 * torch.randn(num_experts, hidden, generator=g)) if transposed else None
+    b_gu = leaf(0.1 * torch.randn(num_experts, width, generator=g)) if bias else None
+    b_dn = leaf(0.1 * torch.randn(num_experts, hidden, generator=g)) if bias else None
     slots, counts, offsets, inv = sort_by_expert(ids, num_experts, return_inverse=True)
 
     got = expert_mlp_gathered(x, slots, inv, k, gate_up, down, offsets, activation=activation,

@@ -72,20 +72,22 @@ def _dw_args(kind: str, K: int, N: int) -> dict:
     return args
 
 
-def _gate_up_args() -> dict:
-    # w_gu [E, H, 2I] is the transpose view of the HF [E, 2I, H]: K (= H) contiguous
+def _gate_up_args(gated: bool = True) -> dict:
+    # w_gu [E, H, 2I] is the transpose view of the HF [E, 2I, H]: K (= H) contiguous; non-gated
+    # (relu2): the up projection [E, H, I], the view of the HF up_proj [E, I, H], and h [S, I]
+    width = 2 * I if gated else I
     return dict(x_ptr=BF16, wg_ptr=BF16, wu_ptr=BF16, bg_ptr=BF16, bu_ptr=BF16, a_ptr=BF16, hg_ptr=BF16,
                 hu_ptr=BF16, offsets_ptr="*i32", src_ptr="*i64", N=I, K=H, E=E, S_BUCKET=S, alpha=1.0, limit=7.0,
-                stride_xs=H, stride_xk=1, stride_we=2 * I * H, stride_wk=1, stride_wn=H, stride_w_outer=H,
-                stride_be=0, stride_bn=0, stride_as=I, stride_an=1, stride_hs=2 * I, stride_hn=1)
+                stride_xs=H, stride_xk=1, stride_we=width * H, stride_wk=1, stride_wn=H, stride_w_outer=H,
+                stride_be=0, stride_bn=0, stride_as=I, stride_an=1, stride_hs=width, stride_hn=1)
 
 
-def _down_bwd_args() -> dict:
-    # w = the HF down weight [E, H, I] itself (I contiguous); dy [S, H]; h [S, 2I]
+def _down_bwd_args(gated: bool = True) -> dict:
+    # w = the HF down weight [E, H, I] itself (I contiguous); dy [S, H]; h [S, 2I] ([S, I] non-gated)
     return dict(dy_ptr=BF16, w_ptr=BF16, hg_ptr=BF16, hu_ptr=BF16, dhg_ptr=BF16, dhu_ptr=BF16, a_ptr=BF16,
                 offsets_ptr="*i32", N=I, K=H, E=E, S_BUCKET=S, alpha=1.0, limit=7.0,
                 stride_ds=H, stride_dk=1, stride_we=H * I, stride_wk=I, stride_wn=1, stride_w_outer=I,
-                stride_hs=2 * I, stride_hn=1, stride_as=I, stride_an=1)
+                stride_hs=2 * I if gated else I, stride_hn=1, stride_as=I, stride_an=1)
 
 
 GEMM_FLAGS = dict(HAS_BIAS=False, UPCAST=False, BLOCK_E=E)
@@ -119,6 +121,20 @@ CASES = [
          dict(ACT=0, USE_TMA=False, W_KMAJOR=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
     Case("down_bwd tma", "expert_mlp", "_down_bwd_act_kernel", _down_bwd_args(),
          dict(ACT=0, USE_TMA=True, W_KMAJOR=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
+    # non-gated relu2 experts (Nemotron-H): one up projection, ACT=2
+    Case("gate_up_act relu2", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(gated=False),
+         dict(ACT=2, HAS_BIAS=False, STORE_H=True, GATHER=False, USE_TMA=False, W_KMAJOR=True, IEEE=False,
+              UPCAST=False, BLOCK_E=E)),
+    Case("gate_up_act relu2 gather", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(gated=False),
+         dict(ACT=2, HAS_BIAS=False, STORE_H=True, GATHER=True, USE_TMA=False, W_KMAJOR=True, IEEE=False,
+              UPCAST=False, BLOCK_E=E)),
+    Case("gate_up_act relu2 tma", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(gated=False),
+         dict(ACT=2, HAS_BIAS=False, STORE_H=True, GATHER=False, USE_TMA=True, W_KMAJOR=True, IEEE=False,
+              UPCAST=False, BLOCK_E=E)),
+    Case("down_bwd relu2", "expert_mlp", "_down_bwd_act_kernel", _down_bwd_args(gated=False),
+         dict(ACT=2, USE_TMA=False, W_KMAJOR=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
+    Case("down_bwd relu2 tma", "expert_mlp", "_down_bwd_act_kernel", _down_bwd_args(gated=False),
+         dict(ACT=2, USE_TMA=True, W_KMAJOR=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
 ]
 
 

@@ -8,18 +8,23 @@ Weight layouts (Hugging Face Transformers v5):
   up ``1::2``), ``gate_up_bias [E, 2I]``, ``down [E, I, H]``, ``down_bias [E, H]``.
 Internally both become GEMM views ``w_gu [E, H, 2I]`` and ``w_down [E, I, H]``, and the gate/up
 columns are two strided views of ``w_gu`` (``[..., :I]``/``[..., I:]`` or ``[..., ::2]``/``[..., 1::2]``).
+Non-gated experts (v5 ``has_gate=False``, e.g. Nemotron-H) pass their ``up_proj`` as ``gate_up``:
+``[E, I, H]`` (standard) or ``[E, H, I]`` (``transposed``), bias ``[E, I]``; ``w_gu`` is then
+``[E, H, I]``, all of it the up projection (``concatenated`` does not apply).
 
 Activations (``activation=``):
-- ``"swiglu"``: ``act = silu(gate) * up``;
-- ``"gpt_oss"``: ``g = min(gate, limit); u = clamp(up, -limit, limit);
-  act = (u + 1) * g * sigmoid(alpha * g)`` (alpha=1.702, limit=7.0); biases are added first.
+- ``"swiglu"`` (gated): ``act = silu(gate) * up``;
+- ``"gpt_oss"`` (gated): ``g = min(gate, limit); u = clamp(up, -limit, limit);
+  act = (u + 1) * g * sigmoid(alpha * g)`` (alpha=1.702, limit=7.0); biases are added first;
+- ``"relu2"`` (non-gated): ``act = relu(up)^2`` (v5's ``ACT2FN["relu2"]``), bias added first.
 
-Memory/recompute choice: the forward keeps only the pre-activation ``h = x @ w_gu (+ b) [S, 2I]``
-(in the input dtype, in the weights' column order) besides its inputs; the activation
-``act [S, I]`` that feeds the down GEMM is not saved. The backward's first kernel computes
-``d_act = dy @ w_down[e]^T`` and, in its epilogue, recomputes ``act`` from ``h`` and turns
-``d_act`` into ``dh [S, 2I]`` — so no GEMM is recomputed, only element-wise work. Then
-``dW_down = act^T dy``, ``dx = dh @ w_gu^T``, ``dW_gu = x^T dh`` (+ bias grads as row sums).
+Memory/recompute choice: the forward keeps only the pre-activation ``h = x @ w_gu (+ b)``
+(``[S, 2I]``, non-gated ``[S, I]``; in the input dtype, in the weights' column order) besides its
+inputs; the activation ``act [S, I]`` that feeds the down GEMM is not saved. The backward's first
+kernel computes ``d_act = dy @ w_down[e]^T`` and, in its epilogue, recomputes ``act`` from ``h``
+and turns ``d_act`` into ``dh`` (same shape as ``h``; relu2: ``dh = 2 * relu(h) * d_act``) — so
+no GEMM is recomputed, only element-wise work. Then ``dW_down = act^T dy``, ``dx = dh @ w_gu^T``,
+``dW_gu = x^T dh`` (+ bias grads as row sums).
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ from .grouped_gemm_tma import (  # the kernels' experimental USE_TMA path
 )
 from .permute import _check_slots, _reduce
 
-ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1}
+ACTIVATIONS = {"swiglu": 0, "gpt_oss": 1, "relu2": 2}
+FIRST_PLAIN = tl.constexpr(2)  # activation ids from here on are non-gated: act(h) of one up projection
 GPT_OSS_ALPHA = 1.702
 GPT_OSS_LIMIT = 7.0
 
@@ -90,6 +96,26 @@ def _act_bwd(g, u, da, ACT: tl.constexpr, alpha, limit):
     return a, dg, du
 
 
+@triton.jit
+def _plain_act_fwd(h, ACT: tl.constexpr):
+    """Non-gated activation (``ACT >= FIRST_PLAIN``) of an fp32 tile of the up projection ``h``, in
+    v5's order of operations. relu2: ``square(relu(h))``; relu keeps NaN, as torch's does."""
+    tl.static_assert(ACT == 2, "the only non-gated activation is relu2 (ACT == 2)")
+    r = tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return r * r
+
+
+@triton.jit
+def _plain_act_bwd(h, da, ACT: tl.constexpr):
+    """(act, dh) from fp32 tiles of the up projection and d_act, as autograd evaluates v5's
+    ``square(relu(h))``: square's backward ``da * (2 * r)``, then relu's mask (``r <= 0`` gets 0,
+    also where that product is NaN from an infinite ``da``; a NaN ``h`` passes NaN)."""
+    tl.static_assert(ACT == 2, "the only non-gated activation is relu2 (ACT == 2)")
+    r = tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    dh = tl.where(h <= 0.0, 0.0, da * (2.0 * r))
+    return r * r, dh
+
+
 def _gate_up_configs():
     """Tiles of the fused gate_up kernel (two accumulators, gate and up, per tile). Without the
     candidates that spill or exceed shared memory on sm_90 (``compile_check``: 128x256, 256x128,
@@ -127,21 +153,27 @@ def _gate_up_act_kernel(
     Optionally stores the pre-activations (gate into hg, up into hu). With GATHER, row r of the
     GEMM reads x[src[r]] (the token of a routed row): the permuted copy is never written. With
     USE_TMA (not with GATHER) the GEMM tiles move by tensor descriptors (``tma_tile_matmul``'s
-    conventions for ``W_KMAJOR`` and ``stride_w_outer``); the epilogue is the same."""
+    conventions for ``W_KMAJOR`` and ``stride_w_outer``); the epilogue is the same.
+    A non-gated ACT (``>= FIRST_PLAIN``) has no gate: one GEMM x @ wu[e] (+ bu[e]) and act = ACT(up);
+    wg, bg and hg are then never read or written (the launcher passes the up views for them)."""
+    GATED: tl.constexpr = ACT < FIRST_PLAIN
     expert, row0, row_end, n0, valid = program_tile(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
     if not valid:
         return
     rows, rmask, cols, cmask = tile_rows_cols(row0, row_end, n0, N, BLOCK_M, BLOCK_N)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if USE_TMA:
         start, count, m0 = tma_expert_span(offsets_ptr, expert, row0, row_end)
         x_desc = tma_rows_desc(x_ptr, start, count, stride_xs, K, BLOCK_M, BLOCK_K)
-        wg_desc = tma_weight_desc(wg_ptr, expert, stride_we, stride_w_outer, N, K, W_KMAJOR, BLOCK_N, BLOCK_K)
+        if GATED:
+            wg_desc = tma_weight_desc(wg_ptr, expert, stride_we, stride_w_outer, N, K, W_KMAJOR, BLOCK_N, BLOCK_K)
         wu_desc = tma_weight_desc(wu_ptr, expert, stride_we, stride_w_outer, N, K, W_KMAJOR, BLOCK_N, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             a = x_desc.load([m0, k0])
-            acc_g = mma(a, tma_load_weight(wg_desc, k0, n0, W_KMAJOR), acc_g, False, UPCAST)
+            if GATED:
+                acc_g = mma(a, tma_load_weight(wg_desc, k0, n0, W_KMAJOR), acc_g, False, UPCAST)
             acc_u = mma(a, tma_load_weight(wu_desc, k0, n0, W_KMAJOR), acc_u, False, UPCAST)
     else:
         ks = tl.arange(0, BLOCK_K)
@@ -151,33 +183,43 @@ def _gate_up_act_kernel(
             src = rows
         x_ptrs = x_ptr + src[:, None] * stride_xs + ks[None, :] * stride_xk
         w_off = expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-        wg_ptrs = wg_ptr + w_off
+        if GATED:
+            wg_ptrs = wg_ptr + w_off
         wu_ptrs = wu_ptr + w_off
         for k0 in range(0, K, BLOCK_K):
             kmask = (k0 + ks) < K
             a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             wmask = kmask[:, None] & cmask[None, :]
-            bg = tl.load(wg_ptrs, mask=wmask, other=0.0)
+            if GATED:
+                bg = tl.load(wg_ptrs, mask=wmask, other=0.0)
             bu = tl.load(wu_ptrs, mask=wmask, other=0.0)
-            acc_g = mma(a, bg, acc_g, IEEE, UPCAST)
+            if GATED:
+                acc_g = mma(a, bg, acc_g, IEEE, UPCAST)
             acc_u = mma(a, bu, acc_u, IEEE, UPCAST)
             x_ptrs += BLOCK_K * stride_xk
-            wg_ptrs += BLOCK_K * stride_wk
+            if GATED:
+                wg_ptrs += BLOCK_K * stride_wk
             wu_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         b_off = expert * stride_be + cols * stride_bn
-        acc_g += tl.load(bg_ptr + b_off, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_g += tl.load(bg_ptr + b_off, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(bu_ptr + b_off, mask=cmask, other=0.0).to(tl.float32)[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if STORE_H:
         h_off = rows[:, None] * stride_hs + cols[None, :] * stride_hn
-        tl.store(hg_ptr + h_off, acc_g.to(hg_ptr.dtype.element_ty), mask=omask)
+        if GATED:
+            tl.store(hg_ptr + h_off, acc_g.to(hg_ptr.dtype.element_ty), mask=omask)
         tl.store(hu_ptr + h_off, acc_u.to(hu_ptr.dtype.element_ty), mask=omask)
     # The activation sees h rounded to the input dtype, as an unfused GEMM -> activation would,
     # and as the backward (which recomputes act from the stored h) does.
-    acc_g = acc_g.to(a_ptr.dtype.element_ty).to(tl.float32)
+    if GATED:
+        acc_g = acc_g.to(a_ptr.dtype.element_ty).to(tl.float32)
     acc_u = acc_u.to(a_ptr.dtype.element_ty).to(tl.float32)
-    act = _act_fwd(acc_g, acc_u, ACT, alpha, limit)
+    if GATED:
+        act = _act_fwd(acc_g, acc_u, ACT, alpha, limit)
+    else:
+        act = _plain_act_fwd(acc_u, ACT)
     tl.store(a_ptr + rows[:, None] * stride_as + cols[None, :] * stride_an,
              act.to(a_ptr.dtype.element_ty), mask=omask)
 
@@ -202,15 +244,21 @@ _INTERPRET_DOWN_BWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64
 
 @triton.jit
 def _down_bwd_epilogue(acc, rows, rmask, cols, N, hg_ptr, hu_ptr, dhg_ptr, dhu_ptr, a_ptr,
-                       stride_hs, stride_hn, stride_as, stride_an, ACT: tl.constexpr, alpha, limit):
-    """For a [rows, cols] slice of d_act (fp32 ``acc``): recompute act from h, store act and dh."""
+                       stride_hs, stride_hn, stride_as, stride_an, alpha, limit, ACT: tl.constexpr):
+    """For a [rows, cols] slice of d_act (fp32 ``acc``): recompute act from h, store act and dh
+    (non-gated ACT: h and dh are the up parts alone; hg and dhg are not touched)."""
     omask = rmask[:, None] & (cols < N)[None, :]
     h_off = rows[:, None] * stride_hs + cols[None, :] * stride_hn
-    g = tl.load(hg_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
-    u = tl.load(hu_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
-    act, dg, du = _act_bwd(g, u, acc, ACT, alpha, limit)
-    tl.store(dhg_ptr + h_off, dg.to(dhg_ptr.dtype.element_ty), mask=omask)
-    tl.store(dhu_ptr + h_off, du.to(dhu_ptr.dtype.element_ty), mask=omask)
+    if ACT < FIRST_PLAIN:
+        g = tl.load(hg_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
+        u = tl.load(hu_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
+        act, dg, du = _act_bwd(g, u, acc, ACT, alpha, limit)
+        tl.store(dhg_ptr + h_off, dg.to(dhg_ptr.dtype.element_ty), mask=omask)
+        tl.store(dhu_ptr + h_off, du.to(dhu_ptr.dtype.element_ty), mask=omask)
+    else:
+        u = tl.load(hu_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
+        act, du = _plain_act_bwd(u, acc, ACT)
+        tl.store(dhu_ptr + h_off, du.to(dhu_ptr.dtype.element_ty), mask=omask)
     tl.store(a_ptr + rows[:, None] * stride_as + cols[None, :] * stride_an,
              act.to(a_ptr.dtype.element_ty), mask=omask)
 
@@ -235,8 +283,8 @@ def _down_bwd_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_SPLIT: tl.constexpr,
 ):
     """d_act = dy @ w[e] (w = w_down^T view [E, H, I]; K = H, N = I), then in the epilogue:
-    recompute act from h and store act [S, I] and dh (gate part to dhg, up part to dhu), in
-    ``EPI_SPLIT`` (1, 2 or 4) column slices. With USE_TMA the GEMM tiles move by tensor descriptors
+    recompute act from h and store act [S, I] and dh (gate part to dhg, up part to dhu; a
+    non-gated ACT has only the up part), in ``EPI_SPLIT`` (1, 2 or 4) column slices. With USE_TMA the GEMM tiles move by tensor descriptors
     (``tma_tile_matmul``)."""
     expert, row0, row_end, n0, valid = program_tile(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
     if not valid:
@@ -252,23 +300,24 @@ def _down_bwd_act_kernel(
         w_ptrs = w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
         acc = tile_matmul(d_ptrs, w_ptrs, BLOCK_K * stride_dk, BLOCK_K * stride_wk, rmask, cmask, K,
                           IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-    out = (hg_ptr, hu_ptr, dhg_ptr, dhu_ptr, a_ptr, stride_hs, stride_hn, stride_as, stride_an, ACT, alpha, limit)
+    # ACT goes to the epilogue outside this tuple: packed into it, it would arrive as a runtime scalar
+    out = (hg_ptr, hu_ptr, dhg_ptr, dhu_ptr, a_ptr, stride_hs, stride_hn, stride_as, stride_an, alpha, limit)
     if EPI_SPLIT == 1:
-        _down_bwd_epilogue(acc, rows, rmask, cols, N, *out)
+        _down_bwd_epilogue(acc, rows, rmask, cols, N, *out, ACT)
     elif EPI_SPLIT == 2:
         a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
-        _down_bwd_epilogue(a0, rows, rmask, n0 + tl.arange(0, BLOCK_N // 2), N, *out)
-        _down_bwd_epilogue(a1, rows, rmask, n0 + BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2), N, *out)
+        _down_bwd_epilogue(a0, rows, rmask, n0 + tl.arange(0, BLOCK_N // 2), N, *out, ACT)
+        _down_bwd_epilogue(a1, rows, rmask, n0 + BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2), N, *out, ACT)
     else:
         tl.static_assert(EPI_SPLIT == 4, "EPI_SPLIT must be 1, 2 or 4")
         QUARTER: tl.constexpr = BLOCK_N // 4
         a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
         a00, a01 = _halves(a0, BLOCK_M, BLOCK_N // 2)
         a10, a11 = _halves(a1, BLOCK_M, BLOCK_N // 2)
-        _down_bwd_epilogue(a00, rows, rmask, n0 + tl.arange(0, QUARTER), N, *out)
-        _down_bwd_epilogue(a01, rows, rmask, n0 + QUARTER + tl.arange(0, QUARTER), N, *out)
-        _down_bwd_epilogue(a10, rows, rmask, n0 + 2 * QUARTER + tl.arange(0, QUARTER), N, *out)
-        _down_bwd_epilogue(a11, rows, rmask, n0 + 3 * QUARTER + tl.arange(0, QUARTER), N, *out)
+        _down_bwd_epilogue(a00, rows, rmask, n0 + tl.arange(0, QUARTER), N, *out, ACT)
+        _down_bwd_epilogue(a01, rows, rmask, n0 + QUARTER + tl.arange(0, QUARTER), N, *out, ACT)
+        _down_bwd_epilogue(a10, rows, rmask, n0 + 2 * QUARTER + tl.arange(0, QUARTER), N, *out, ACT)
+        _down_bwd_epilogue(a11, rows, rmask, n0 + 3 * QUARTER + tl.arange(0, QUARTER), N, *out, ACT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,19 +331,30 @@ def _split_cols(t: torch.Tensor, concatenated: bool):
     return t[..., 0::2], t[..., 1::2]
 
 
+def _gated(act_id: int) -> bool:
+    return act_id < FIRST_PLAIN.value
+
+
+def _gate_up_views(t: torch.Tensor, act_id: int, concatenated: bool):
+    """(gate, up) views of the last dim of ``t``: its two halves (2I columns, gated), or ``t``
+    itself twice (I columns, non-gated: the kernels read and write only the up view)."""
+    return _split_cols(t, concatenated) if _gated(act_id) else (t, t)
+
+
 def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, store_h, src_rows=None):
-    """x [S, H] (or, with src_rows [S], x [T, H] gathered row by row in the prologue) -> act [S, I], h."""
+    """x [S, H] (or, with src_rows [S], x [T, H] gathered row by row in the prologue) -> act [S, I],
+    h [S, 2I] (gated) or [S, I] (non-gated)."""
     H = x.shape[1]
     S = x.shape[0] if src_rows is None else src_rows.shape[0]
-    E, _, two_i = w_gu.shape
-    I = two_i // 2
+    E, _, width = w_gu.shape
+    I = width // 2 if _gated(act_id) else width
     act = torch.empty((S, I), dtype=x.dtype, device=x.device)
-    h = torch.empty((S, two_i), dtype=x.dtype, device=x.device) if store_h else None
+    h = torch.empty((S, width), dtype=x.dtype, device=x.device) if store_h else None
     if S == 0 or I == 0:
         return act, h
-    wg, wu = _split_cols(w_gu, concatenated)
-    bg, bu = _split_cols(b_gu, concatenated) if b_gu is not None else (x, x)
-    hg, hu = _split_cols(h, concatenated) if h is not None else (act, act)
+    wg, wu = _gate_up_views(w_gu, act_id, concatenated)
+    bg, bu = _gate_up_views(b_gu, act_id, concatenated) if b_gu is not None else (x, x)
+    hg, hu = _gate_up_views(h, act_id, concatenated) if h is not None else (act, act)
     sb = (bg.stride(0), bg.stride(1)) if b_gu is not None else (0, 0)
     ieee, upcast = _gemm_flags(x.dtype)
     grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
@@ -323,8 +383,8 @@ def _down_bwd_act(dy, w_down, h, offsets, act_id, concatenated, alpha, limit):
     if S == 0 or I == 0:
         return dh, act
     w = w_down.transpose(1, 2)  # [E, H, I]
-    hg, hu = _split_cols(h, concatenated)
-    dhg, dhu = _split_cols(dh, concatenated)
+    hg, hu = _gate_up_views(h, act_id, concatenated)
+    dhg, dhu = _gate_up_views(dh, act_id, concatenated)
     ieee, upcast = _gemm_flags(dy.dtype)
     grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
     use_tma = tma_enabled() and rows_tma_eligible(dy) and weight_tma_eligible(w)
@@ -342,7 +402,8 @@ def _down_bwd_act(dy, w_down, h, offsets, act_id, concatenated, alpha, limit):
 
 
 class ExpertMLP(torch.autograd.Function):
-    """Autograd for the fused expert MLP on GEMM views ``w_gu [E, H, 2I]``, ``w_down [E, I, H]``."""
+    """Autograd for the fused expert MLP on GEMM views ``w_gu [E, H, 2I]`` (non-gated: the up
+    projection ``[E, H, I]``), ``w_down [E, I, H]``."""
 
     @staticmethod
     def forward(ctx, x, w_gu, w_down, offsets, b_gu, b_down, act_id, concatenated, alpha, limit):
@@ -412,21 +473,24 @@ class ExpertMLPGathered(torch.autograd.Function):
 
 
 def _checked_weights(who, x, gate_up, down, offsets, activation, transposed, concatenated):
-    """Validate the arguments shared by the MLP entry points; returns (w_gu [E, H, 2I] view,
-    w_down [E, I, H] view, concatenated with its default filled in)."""
+    """Validate the arguments shared by the MLP entry points; returns (w_gu [E, H, 2I] view (non-gated
+    activation: [E, H, I]), w_down [E, I, H] view, concatenated with its default filled in)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"{who}: unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
     if concatenated is None:
         concatenated = not transposed
-    w_gu = gate_up if transposed else gate_up.transpose(1, 2)  # [E, H, 2I]
+    w_gu = gate_up if transposed else gate_up.transpose(1, 2)  # [E, H, 2I] ([E, H, I] non-gated)
     w_down = down if transposed else down.transpose(1, 2)  # [E, I, H]
     H = x.shape[1]
-    E, H2, two_i = w_gu.shape
-    if H2 != H or two_i % 2 or w_down.shape != (E, two_i // 2, H):
+    E, H2, width = w_gu.shape
+    gated = _gated(ACTIVATIONS[activation])
+    if H2 != H or (gated and width % 2) or w_down.shape != (E, width // 2 if gated else width, H):
+        n = "2I" if gated else "I"
         raise ValueError(
             f"{who}: shapes do not match: x {tuple(x.shape)}, gate_up {tuple(gate_up.shape)}, "
-            f"down {tuple(down.shape)}, transposed={transposed} (expected gate_up "
-            f"{'[E, H, 2I]' if transposed else '[E, 2I, H]'} and down {'[E, I, H]' if transposed else '[E, H, I]'})")
+            f"down {tuple(down.shape)}, activation={activation!r}, transposed={transposed} (expected gate_up "
+            f"{f'[E, H, {n}]' if transposed else f'[E, {n}, H]'} and down "
+            f"{'[E, I, H]' if transposed else '[E, H, I]'})")
     if not (x.dtype == gate_up.dtype == down.dtype):
         raise TypeError(f"{who}: dtypes differ: x {x.dtype}, gate_up {gate_up.dtype}, down {down.dtype}")
     check_offsets(offsets, E, x.device)
@@ -454,7 +518,7 @@ def expert_mlp_gathered(
 
     x [T, H] token activations; sorted_slots [S] int64 (flat slot t*k+j of each expert-sorted row)
     and inv_slots [S] its inverse (``sort_by_expert(..., return_inverse=True)``); other arguments
-    as ``expert_mlp``. Returns [S, H] in expert order; differentiable w.r.t. x, weights and biases.
+    as ``expert_mlp`` (non-gated "relu2": ``gate_up`` is the up projection). Returns [S, H] in expert order; differentiable w.r.t. x, weights and biases.
     """
     _check_slots(sorted_slots, x.shape[0] * top_k, "expert_mlp_gathered")
     w_gu, w_down, concatenated = _checked_weights("expert_mlp_gathered", x, gate_up, down, offsets, activation,
@@ -481,15 +545,16 @@ def expert_mlp(
 
     Args:
         x: [S, H] rows sorted by expert.
-        gate_up: [E, 2I, H] (standard) or [E, H, 2I] (``transposed=True``, GPT-OSS).
+        gate_up: [E, 2I, H] (standard) or [E, H, 2I] (``transposed=True``, GPT-OSS); for a
+            non-gated activation ("relu2") the up projection [E, I, H] or [E, H, I] (``transposed``).
         down: [E, H, I] (standard) or [E, I, H] (``transposed=True``).
         offsets: int32 [E] cumulative end offsets, ``offsets[-1] == S``.
-        activation: "swiglu" or "gpt_oss" (uses ``alpha``, ``limit``).
-        gate_up_bias: optional [E, 2I] in the same column order as gate_up's 2I dim.
+        activation: "swiglu", "gpt_oss" (uses ``alpha``, ``limit``) or "relu2" (non-gated).
+        gate_up_bias: optional [E, 2I] in the same column order as gate_up's 2I dim ([E, I] non-gated).
         down_bias: optional [E, H].
         transposed: HF ``is_transposed`` (GPT-OSS layout).
         concatenated: gate/up halves ``[gate; up]`` (True) or interleaved (False); default
-            ``not transposed`` (the HF models' conventions).
+            ``not transposed`` (the HF models' conventions); ignored for a non-gated activation.
     Returns:
         [S, H] in x.dtype; differentiable w.r.t. x, gate_up, down and the biases.
     """

@@ -41,9 +41,18 @@ def gpt_oss_act_ref(gate, up, alpha=1.702, limit=7.0):
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+def relu2_ref(up):
+    """Transformers' ACT2FN["relu2"] (ReLUSquaredActivation): square(relu(up)), non-gated."""
+    return torch.square(F.relu(up))
+
+
+NON_GATED = {"relu2": relu2_ref}  # activations of one up projection (gate_up is then up_proj)
+
+
 def expert_mlp_ref(x, gate_up, down, offsets, activation="swiglu", gate_up_bias=None, down_bias=None,
                    transposed=False, concatenated=None, alpha=1.702, limit=7.0):
-    """The per-expert loop, in HF v5 layouts (see expert_mlp). x [S, H] -> [S, H]."""
+    """The per-expert loop, in HF v5 layouts (see expert_mlp). x [S, H] -> [S, H]. For a non-gated
+    activation ("relu2") gate_up is the up projection [E, I, H] ([E, H, I] transposed)."""
     if concatenated is None:
         concatenated = not transposed
     outs = []
@@ -53,9 +62,12 @@ def expert_mlp_ref(x, gate_up, down, offsets, activation="swiglu", gate_up_bias=
         h = x[s:t] @ w_gu
         if gate_up_bias is not None:
             h = h + gate_up_bias[e]
-        i = h.shape[-1] // 2
-        gate, up = (h[:, :i], h[:, i:]) if concatenated else (h[:, 0::2], h[:, 1::2])
-        a = swiglu_ref(gate, up) if activation == "swiglu" else gpt_oss_act_ref(gate, up, alpha, limit)
+        if activation in NON_GATED:
+            a = NON_GATED[activation](h)
+        else:
+            i = h.shape[-1] // 2
+            gate, up = (h[:, :i], h[:, i:]) if concatenated else (h[:, 0::2], h[:, 1::2])
+            a = swiglu_ref(gate, up) if activation == "swiglu" else gpt_oss_act_ref(gate, up, alpha, limit)
         y = a @ w_d
         outs.append(y + down_bias[e] if down_bias is not None else y)
     return torch.cat(outs, 0) if outs else x.new_zeros(0, x.shape[1])

@@ -8,7 +8,8 @@ Weights stay in Transformers v5's 3D layouts, read straight from the v5 experts 
 
 `experts_loop` (one expert at a time) is the reference; `experts_grouped_mm` is the same function
 through `torch.nn.functional.grouped_mm`; then the fused Triton expert MLP (activation in the GEMM
-epilogue; `triton_gather` also gathers token rows in its prologue) and TE's GroupedLinear.
+epilogue: SwiGLU, GPT-OSS's clamped SwiGLU, or non-gated squared ReLU; `triton_gather` also gathers
+token rows in its prologue) and TE's GroupedLinear.
 
 Every experts implementation: (x [S, H] rows in expert order, counts [E], offsets [E] int32,
 experts_module, ExpertsSpec) -> y [S, H]. Shapes: S rows, H hidden, I expert width, E experts (the
@@ -192,8 +193,10 @@ def experts_grouped_mm(x: torch.Tensor, counts: torch.Tensor, offsets: torch.Ten
 
 
 # ---- Triton: the fused expert MLP ------------------------------------------------------------
-# ExpertsSpec.activation_key -> the fused kernels' activation; the registry declares these keys
-_KERNEL_ACTIVATION = {"glu:silu": "swiglu", "glu:swish": "swiglu", "gpt_oss": "gpt_oss"}
+# ExpertsSpec.activation_key -> the fused kernels' activation; the registry declares these keys.
+# "plain:relu2": non-gated experts (Nemotron-H), whose up_proj goes where gate_up_proj would
+# (first_weight / first_bias), squared ReLU in the epilogue.
+_KERNEL_ACTIVATION = {"glu:silu": "swiglu", "glu:swish": "swiglu", "gpt_oss": "gpt_oss", "plain:relu2": "relu2"}
 TRITON_ACTIVATIONS = tuple(_KERNEL_ACTIVATION)
 
 
@@ -207,7 +210,8 @@ def _fused_activation(spec: ExpertsSpec) -> str:
 
 
 def _mlp_weights(module, spec: ExpertsSpec, activation: str) -> dict:
-    """The keyword arguments of triton_kernels' expert MLPs for a v5 experts module."""
+    """The keyword arguments of triton_kernels' expert MLPs for a v5 experts module, besides the
+    weights (``first_weight``: gate_up_proj, or up_proj for non-gated experts; down_proj)."""
     return dict(
         activation=activation,
         gate_up_bias=first_bias(module, spec),
