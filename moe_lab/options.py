@@ -54,7 +54,8 @@ class Options:
     fused_cross_entropy: the training loss as a chunked LM-head + cross-entropy (no full logits, so
         off by default: a training forward with labels returns no logits).
     fused_norm: every RMSNorm as one Triton kernel each way.
-    fused_rope: the rotary embedding of q and k as one Triton kernel each way.
+    fused_rope: the rotary embedding of q and k as one Triton kernel each way (the rotate-half form,
+        GPT-OSS's half-width form, DeepSeek-V3's interleaved pairs).
         For these two, None (the default) decides per model: on where a CUDA GPU and Triton are
         there and the model's norms / rotary are what the kernel computes (the same function as v5's,
         held to it by tests), else off; `model.moe_lab_defaults` says what was decided and why.

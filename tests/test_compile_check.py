@@ -61,6 +61,23 @@ def test_split_epilogue_keeps_the_down_backward_tile_in_registers():
     assert split["spill"] == 0 and split["verdict"] == "ok", split
 
 
+def test_every_form_of_the_rotary_kernel_compiles_without_spilling():
+    """The rotary kernel's three forms (rotate-half; GPT-OSS's half-width cos/sin; DeepSeek-V3's
+    interleaved pairs, strided reads forward and strided writes backward), both directions, at the
+    real models' q and k layouts: each compiles for sm_90 with the tile its launch picks, no spills."""
+    from triton_kernels import compile_check as cc
+
+    cases = [c for c in cc.CASES if c.module == "rope"]
+    forms = {(c.flags["SHARED_TRIG"], c.flags["INTERLEAVED"], c.flags["BACKWARD"]) for c in cases}
+    assert forms == {(shared, interleaved, backward) for shared, interleaved in
+                     ((False, False), (True, False), (True, True)) for backward in (False, True)}
+    reports = compile_reports(*[(c.name, c.configs[0].kwargs, c.configs[0].num_warps, c.configs[0].num_stages)
+                                for c in cases])
+    for r in reports:
+        assert r["error"] is None, f"{r['case']}: {r['error']}"
+        assert r["spill"] == 0 and r["verdict"] == "ok", r
+
+
 def test_non_gated_relu2_kernels_compile_without_spills():
     """The relu2 (non-gated) forms of the fused kernels compile for sm_90: the activation id must
     reach the down-backward epilogue as a constant (the interpreter runs it either way), and the

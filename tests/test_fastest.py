@@ -137,12 +137,22 @@ def test_emulated_cuda_graphs_through_fastest(tmp_path, emulated_cuda_graphs):
     _assert_same_training(plain, trainer)
 
 
+def _rotates_backwards(q, k, cos, sin, unsqueeze_dim=1):
+    """A rotary function of none of the fused kernel's forms (rotate-half by the negated angles)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import rotate_half
+
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos - rotate_half(q) * sin, k * cos - rotate_half(k) * sin
+
+
 @needs_interpreter
-@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
-def test_what_cannot_apply_is_skipped_with_the_reason(tmp_path, family, caplog):
-    """GPT-OSS's and DeepSeek-V3's rotary is not the fused kernel's: skipped, warned, recorded, and left
-    off in the options; the rest applies. The torch backend cannot be graphed: recorded with why."""
-    model = _model(family)
+def test_what_cannot_apply_is_skipped_with_the_reason(tmp_path, caplog, monkeypatch):
+    """A modeling file whose rotary is none of the fused kernel's forms: skipped, warned, recorded, and
+    left off in the options; the rest applies. The torch backend cannot be graphed: recorded with why."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    monkeypatch.setattr(modeling_qwen3_moe, "apply_rotary_pos_emb", _rotates_backwards)
+    model = _model()
     fastest(_trainer(model, tmp_path, max_grad_norm=0.0))
     record = model.moe_lab_fastest
     assert record["fused_rope"].startswith("off: fused_rope: ")
@@ -150,6 +160,16 @@ def test_what_cannot_apply_is_skipped_with_the_reason(tmp_path, family, caplog):
     assert record["fused_norm"] == record["fused_cross_entropy"] == "on"
     assert record["moe_backend"] == "torch"
     assert not model.moe_lab_options.fused_rope and model.moe_lab_options.fused_norm
+
+
+@needs_interpreter
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_gpt_oss_and_deepseek_get_the_fused_rotary(tmp_path, family):
+    """GPT-OSS's half-width rotary and DeepSeek-V3's interleaved pairs are forms of the fused kernel:
+    fastest switches it on for them as for the rotate-half families."""
+    model = _model(family)
+    fastest(_trainer(model, tmp_path, max_grad_norm=0.0))
+    assert model.moe_lab_fastest["fused_rope"] == "on" and model.moe_lab_options.fused_rope
 
 
 def test_cuda_graph_refusals_are_recorded(tmp_path, emulated_cuda_graphs):

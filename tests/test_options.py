@@ -69,20 +69,38 @@ def test_patch_model_takes_the_same_options():
         moe_lab.patch_model(transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe")), "torch", fused=True)
 
 
-@pytest.mark.parametrize("family, rope", [("qwen3_moe", "on"), ("gpt_oss", "off: fused_rope")])
+def _rotates_backwards(q, k, cos, sin, unsqueeze_dim=1):
+    """A rotary function of none of the kernel's forms (rotate-half by the negated angles)."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import rotate_half
+
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos - rotate_half(q) * sin, k * cos - rotate_half(k) * sin
+
+
+@pytest.mark.parametrize("family, rope", [("qwen3_moe", "on"), ("gpt_oss", "on"), ("deepseek_v3", "on"),
+                                          ("qwen3_moe-other-rotary", "off: fused_rope")])
 def test_default_kernel_options_turn_on_where_they_compute_v5s_function(monkeypatch, family, rope):
     """With a Triton device (here: the interpreter, standing in for a GPU), fused_norm and fused_rope
-    default to on where the model's norms and rotary are what the kernels compute; a model the kernel
-    refuses keeps v5's function, and the plan of defaults says why. Outputs match v5's either way."""
+    default to on where the model's norms and rotary are what the kernels compute (the rotate-half
+    form, GPT-OSS's half-width form, DeepSeek-V3's interleaved pairs); a model the kernel refuses (here
+    a modeling file whose rotary function is none of these) keeps v5's function, and the plan of
+    defaults says why. Outputs match v5's either way."""
     import transformers
     from tiny_models import tiny_config
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
 
     monkeypatch.setattr(moe_lab.hf, "_why_no_triton_device", lambda: None)
+    if family.endswith("-other-rotary"):
+        family = family.removesuffix("-other-rotary")
+        monkeypatch.setattr(modeling_qwen3_moe, "apply_rotary_pos_emb", _rotates_backwards)
     config = tiny_config(family)
     torch.manual_seed(0)
     model = moe_lab.AutoModelForCausalLM.from_config(config, moe_backend="torch")
     assert model.moe_lab_defaults["fused_norm"] == "on"
     assert model.moe_lab_defaults["fused_rope"].startswith(rope)
+    opted_in = [hasattr(m, "_moe_lab_rope_plain_forward") for m in model.modules()
+                if type(m).__name__.endswith("Attention")]
+    assert opted_in and all(flag == (rope == "on") for flag in opted_in)
     torch.manual_seed(0)
     vanilla = transformers.AutoModelForCausalLM.from_config(config)
     tokens = torch.randint(0, config.vocab_size, (1, 6))

@@ -3,7 +3,8 @@
 `TritonAdamW` against `torch.optim.AdamW(fused=True)` (both float32 arithmetic over bf16 storage, so
 equal up to rounding order), the chunked linear + cross-entropy's Triton row kernels against its
 float32 PyTorch path (loss and both gradients), the fused RMSNorm against v5's modules, and the fused
-rotary embedding against v5's apply_rotary_pos_emb (bit for bit).
+rotary embedding against v5's rotary functions (bit for bit): Qwen3-MoE's rotate-half, GPT-OSS's
+half-width form and DeepSeek-V3's interleaved pairs.
 
 Run on the GPU machine: `python -m pytest -q -m gpu tests/test_step_kernels_gpu.py`.
 """
@@ -136,6 +137,84 @@ def test_fused_rope_equals_v5_bit_for_bit_in_bf16():
         assert torch.equal(a, b), f"{name}: {int((a != b).sum())} elements differ, max {float((a - b).abs().max()):.2e}"
 
 
+def _rotary_module(family: str):
+    """(the modeling file, its rotary module on the GPU, q heads, k heads, rotated width, q's full head
+    width) at GPT-OSS-20B's (YaRN) and Moonlight-16B-A3B's (MLA: 64 of 192 rotated) geometries."""
+    import importlib
+
+    import transformers
+
+    file = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    if family == "gpt_oss":
+        config = transformers.GptOssConfig(hidden_size=2880, num_attention_heads=64, num_key_value_heads=8,
+                                           head_dim=64)
+        return file, file.GptOssRotaryEmbedding(config).to("cuda"), 64, 8, 64, 64
+    config = transformers.DeepseekV3Config(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
+                                           qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                                           kv_lora_rank=512, q_lora_rank=None,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
+    return file, file.DeepseekV3RotaryEmbedding(config).to("cuda"), 16, 1, 64, 192
+
+
+@pytest.mark.parametrize("family, name, form", [("gpt_oss", "apply_rotary_pos_emb", "half_width"),
+                                                ("deepseek_v3", "apply_rotary_pos_emb_interleave", "interleaved")])
+def test_fused_rope_forms_equal_v5_bit_for_bit_in_bf16(family, name, form):
+    """GPT-OSS-20B's q/k (64 and 8 heads x 64, transposed views) and Moonlight's MLA q_rot (the last 64
+    of 192 per head) and single-head k_rot, 4096 tokens, cos/sin from the family's rotary module: the
+    kernel's form equals the installed v5's function in forward and both input gradients, bit for bit."""
+    from triton_kernels.rope import rope
+
+    torch.manual_seed(0)
+    file, rotary, hq, hk, width, full = _rotary_module(family)
+    fn = getattr(file, name)
+    fn = getattr(fn, "_moe_lab_original", fn)
+    seq = 4096
+    base_q = torch.randn(1, seq, hq, full, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    base_k = torch.randn(1, seq, hk, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rotary(base_q, torch.arange(seq, device="cuda")[None])
+    q, k = base_q.transpose(1, 2)[..., full - width:], base_k.transpose(1, 2)
+    grads = [torch.randn(1, h, seq, width, device="cuda", dtype=torch.bfloat16) for h in (hq, hk)]
+    want = fn(q, k, cos, sin)
+    got = (rope(q, cos, sin, form), rope(k, cos, sin, form))
+    want_grads = torch.autograd.grad(want, [base_q, base_k], grads)
+    got_grads = torch.autograd.grad(got, [base_q, base_k], grads)
+    for what, a, b in zip(("q", "k", "dq", "dk"), (*got, *got_grads), (*want, *want_grads)):
+        assert torch.equal(a, b), f"{what}: {int((a != b).sum())} elements differ, max {float((a - b).abs().max()):.2e}"
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_fused_rope_gpt_oss_and_deepseek_models_on_gpu_equal_v5(family, monkeypatch):
+    """A tiny bf16 GPT-OSS and DeepSeek-V3 (interleaved) with fused_rope=True against the same moe_lab
+    model without it on the GPU: the loss is bit-equal, gradients equal up to attention's backward,
+    and every layer's q and k go through the kernel in the family's form."""
+    import copy
+
+    import moe_lab
+    import triton_kernels.rope as rope_module
+    from tiny_models import assert_same_grads, tiny_config
+
+    calls = []
+    launch = rope_module._launch
+    monkeypatch.setattr(rope_module, "_launch", lambda *a, **k: calls.append((k["backward"], k["form"]))
+                        or launch(*a, **k))
+    config = tiny_config(family)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        reference, ours = (moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), moe_backend="torch",
+                                                                    fused_rope=fused, dtype=torch.bfloat16)
+                           for fused in (False, True))
+    ours.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, config.vocab_size, (2, 32), device="cuda")
+    want, got = reference(ids, labels=ids).loss, ours(ids, labels=ids).loss
+    assert torch.equal(got, want)
+    want.backward()
+    got.backward()
+    form = "half_width" if family == "gpt_oss" else "interleaved"
+    layers = config.num_hidden_layers
+    assert calls == [(False, form)] * 2 * layers + [(True, form)] * 2 * layers
+    assert_same_grads(ours, reference, rtol=2e-2, atol=1e-3)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fused_rope_model_on_gpu_equals_v5(checkpointing, monkeypatch):
     """End to end on the GPU (the dispatcher, the CUDA device check, autograd's device thread,
@@ -155,7 +234,7 @@ def test_fused_rope_model_on_gpu_equals_v5(checkpointing, monkeypatch):
     torch.manual_seed(0)
     with torch.device("cuda"):
         reference = moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), moe_backend="torch",
-                                                             dtype=torch.bfloat16)
+                                                             fused_rope=False, dtype=torch.bfloat16)
         ours = moe_lab.AutoModelForCausalLM.from_config(copy.deepcopy(config), moe_backend="torch", fused_rope=True,
                                                         dtype=torch.bfloat16)
     ours.load_state_dict(reference.state_dict())

@@ -1,5 +1,6 @@
-"""Compile the GEMM kernels for a Hopper GPU on any machine, without one, and report what each
-autotune candidate costs: shared memory, registers, spilled bytes, software-pipelined loads.
+"""Compile the GEMM kernels (and the rotary kernel's forms) for a Hopper GPU on any machine, without
+one, and report what each autotune candidate costs: shared memory, registers, spilled bytes,
+software-pipelined loads.
 
     python -m triton_kernels.compile_check                 # every candidate of every GEMM kernel
     python -m triton_kernels.compile_check --only down_bwd  # kernels whose case name contains it
@@ -9,7 +10,10 @@ Why: a candidate that spills registers or cannot pipeline its loads loses on the
 constexpr branch the interpreter accepts may not compile at all; both show here in seconds, on the
 CPU, before device time is spent. The argument specialisation is the one Triton's JIT would derive
 at the Qwen3-30B-A3B layer geometry (bf16, H=2048, I=768, E=128, 32768 routed rows): integer
-arguments equal to 1 become constants, multiples of 16 and pointers get 16-divisibility.
+arguments equal to 1 become constants, multiples of 16 and pointers get 16-divisibility. The rotary
+kernel (no autotuner, no K loop to pipeline) is compiled with the one tile its launch picks, at the
+q and k of Qwen3-30B-A3B, GPT-OSS-20B and Moonlight-16B-A3B (4096 tokens), one case per form and
+direction.
 Registers and spills come from ``ptxas -v`` (the one bundled with Triton); shared memory from the
 compiled kernel; pipelined loads count ``cp.async`` and TMA copies in the TritonGPU IR.
 
@@ -49,6 +53,9 @@ class Case:
     kernel: str
     args: dict  # name -> int value, "*bf16"/"*i32" pointer, or float for fp32 scalars
     flags: dict  # constexpr flags besides the tile sizes of the config
+    configs: list | None = None  # the launch's configs where the kernel has no autotuner
+    options: dict = dataclasses.field(default_factory=dict)  # compile options of the launch
+    pipelined: bool = True  # whether the kernel loops over K, so its loads should be pipelined
 
 
 def _gemm_args(kind: str, K: int, N: int, stride_w: tuple) -> dict:
@@ -147,6 +154,7 @@ class Report:
     spill_bytes: int | None = None  # spill stores + spill loads
     pipelined_loads: int | None = None  # cp.async + TMA copies in the IR
     error: str | None = None
+    expects_pipelining: bool = True  # False for a loop-free (elementwise) kernel
 
     @property
     def verdict(self) -> str:
@@ -156,9 +164,55 @@ class Report:
             return "too much shared memory"
         if self.spill_bytes:
             return "spills"
-        if not self.pipelined_loads:
+        if self.expects_pipelining and not self.pipelined_loads:
             return "loads not pipelined"
         return "ok"
+
+
+def _rope_case(model: str, which: str, heads: int, head_dim: int, form: str, backward: bool,
+               x_strides: tuple, out_strides: tuple) -> Case:
+    """The rotary kernel on one of q/k [1, heads, S, head_dim] of ``model``, as ``rope._launch`` calls it."""
+    from triton_kernels.rope import block_sizes, launch_flags, trig_width
+
+    width = trig_width(head_dim, form)
+    args = dict(x_ptr=BF16, cos_ptr=BF16, sin_ptr=BF16, out_ptr=BF16, R=heads * S_ROPE, H=heads, S=S_ROPE,
+                sxb=x_strides[0], sxh=x_strides[1], sxs=x_strides[2], sob=out_strides[0], soh=out_strides[1],
+                sos=out_strides[2], scb=0, scs=width, scd=1)
+    name = f"rope {form} {model} {which} {'bwd' if backward else 'fwd'}"
+    return Case(name, "rope", "_rope_kernel", args,
+                dict(BACKWARD=backward, HALF=head_dim // 2, **launch_flags(form)),
+                configs=[triton.Config(block_sizes(head_dim), num_warps=4, num_stages=3)],
+                options=dict(enable_fp_fusion=False), pipelined=False)
+
+
+def _rope_cases() -> list:
+    """q as v5 passes it: a transposed view of the projection [1, S, heads, D] (dense: the output
+    keeps its strides); Moonlight's q_rot the last 64 of each 192-wide head (not dense: the output
+    and, backward, the gradient of the rotated part are contiguous); its k_rot a single head."""
+    def dense(heads, d):  # [1, S, heads, d] transposed
+        return (S_ROPE * heads * d, d, heads * d)
+
+    def contiguous(heads, d):
+        return (heads * S_ROPE * d, S_ROPE * d, d)
+
+    cases = []
+    for backward in (False, True):
+        cases.append(_rope_case("qwen3-30b-a3b", "q", 32, 128, "rotate_half", backward, dense(32, 128), dense(32, 128)))
+        cases.append(_rope_case("gpt-oss-20b", "q", 64, 64, "half_width", backward, dense(64, 64), dense(64, 64)))
+        cases.append(_rope_case("gpt-oss-20b", "k", 8, 64, "half_width", backward, dense(8, 64), dense(8, 64)))
+    mla = (S_ROPE * 16 * 192, 192, 16 * 192)  # q_rot: a slice of [1, S, 16, 192] transposed
+    cases.append(_rope_case("moonlight-16b-a3b", "q", 16, 64, "interleaved", False, mla, contiguous(16, 64)))
+    cases.append(_rope_case("moonlight-16b-a3b", "q", 16, 64, "interleaved", True, contiguous(16, 192),
+                            contiguous(16, 64)))
+    cases.append(_rope_case("moonlight-16b-a3b", "k", 1, 64, "interleaved", False, (S_ROPE * 576, S_ROPE * 576, 576),
+                            contiguous(1, 64)))  # k_rot: the last 64 of kv_a_proj's 576 per token
+    cases.append(_rope_case("moonlight-16b-a3b", "k", 1, 64, "interleaved", True, contiguous(1, 64),
+                            contiguous(1, 64)))
+    return cases
+
+
+S_ROPE = 4096  # tokens of the rotary cases
+CASES += _rope_cases()
 
 
 def _jit_function(module: str, kernel: str):
@@ -224,11 +278,12 @@ def _reason(e: BaseException) -> str:
 def check(case: Case, config: triton.Config) -> Report:
     """Compile ``case`` with ``config`` for sm_90 and measure it; a failure (the compiler's or
     ptxas') becomes the report's ``error``."""
-    report = Report(case.name, str(config))
+    report = Report(case.name, str(config), expects_pipelining=case.pipelined)
     fn = _jit_function(case.module, case.kernel)
     try:
         compiled = triton.compile(_source(fn, case, config.kwargs), target=HOPPER,
-                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages,
+                                               **case.options))
         ir = compiled.asm["ttgir"]
         report.shared_bytes = compiled.metadata.shared
         report.pipelined_loads = ir.count("async_copy_global_to_local") + ir.count("async_tma_copy_global_to_local")
@@ -239,7 +294,9 @@ def check(case: Case, config: triton.Config) -> Report:
 
 
 def candidates(case: Case) -> list:
-    """The autotune candidates of the case's kernel."""
+    """The autotune candidates of the case's kernel (the launch's configs where it has no autotuner)."""
+    if case.configs is not None:
+        return list(case.configs)
     tuner = getattr(importlib.import_module(f"triton_kernels.{case.module}"), case.kernel)
     return list(tuner.configs)
 

@@ -27,8 +27,9 @@ What a v5 user can observe, item by item:
   ``outputs.logits`` must not use this mode. Off the devices where Triton runs, the loss is chunked
   in PyTorch (still no full logits).
 * ``fused_norm``, ``fused_rope``: RMSNorm and rotary embedding as Triton kernels; outputs equal v5's
-  up to rounding. Need Triton on the training device. ``fused_rope`` refuses files whose rotary is
-  not the rotate-half form over whole heads (GPT-OSS, DeepSeek-V3).
+  up to rounding. Need Triton on the training device. ``fused_rope`` takes the rotate-half form,
+  GPT-OSS's half-width form and DeepSeek-V3's interleaved pairs (over whole heads, or MLA's rotary
+  part); it refuses files whose rotary is none of these, and partial rotary factors.
 * ``cuda_graphs``: every decoder layer replayed from CUDA graphs captured at the first training step
   (see `moe_lab.training.cuda_graphs`). Needs CUDA, one process, graph-safe MoE stages
   (``"auto"`` before the first forward, ``"triton"`` or ``"triton_gather"``), no gradient checkpointing, no
