@@ -552,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep runs already finished in --work")
     parser.add_argument("--fail-on-regression", action="store_true", help="exit 1 when there is a regression")
     args = parser.parse_args(argv)
+    # SIGTERM stops the running pytest's whole process group too (run_one's cleanup), as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     tests_dir = args.tests.resolve()
     unknown = [m for m in args.models if not test_file(tests_dir, m).is_file()]

@@ -32,6 +32,7 @@ import ast
 import importlib
 import json
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -373,14 +374,32 @@ def pytest_runtest_makereport(item, call):
         report.user_properties.append(("moe_lab_contract", COUNTERS.as_dict()))
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Unsupported|Interrupt|Exit)\b.*:")
+_GOT = re.compile(r"\bgot (\w+(Error|Exception)\(.*\))\s*$")
+
+
 def _short_message(report) -> str:
-    """The first line that says what went wrong (or why it was skipped), at most 300 characters."""
+    """What went wrong (or why the test was skipped), in one line of at most 300 characters: the
+    crash's first line, and where that says little, the line that does (the exception a spawned
+    rank raised; the explanation of a torch.compile graph break)."""
     if report.skipped and isinstance(report.longrepr, tuple):
         return str(report.longrepr[2])[:300]
     crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", None)
     text = crash if crash else str(report.longrepr or "")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return (lines[0] if lines else "")[:300]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and set(ln.strip()) - set("^~ ")]
+    if not lines:
+        return ""
+    head, detail = lines[0], ""
+    if head.endswith(":") and len(lines) > 1:  # e.g. ProcessRaisedException: <a rank's traceback>
+        detail = next((ln for ln in reversed(lines[1:]) if _EXCEPTION_LINE.match(ln)), lines[-1])
+    else:
+        explanation = next((ln for ln in lines[1:] if ln.startswith("Explanation:")), "")
+        if explanation:
+            got = _GOT.search(explanation)
+            detail = got.group(1) if got else explanation[len("Explanation:"):].strip()
+    if detail and not head.endswith(":"):
+        head += " --"
+    return (f"{head} {detail}" if detail else head)[:300]
 
 
 class _Recorder:

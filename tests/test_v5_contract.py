@@ -239,6 +239,27 @@ def test_bridge_finds_definitions_and_imports(tmp_path):
     assert plugin._top_level_definition(src / "testing_utils.py", "C") is None
 
 
+class _Crash:
+    def __init__(self, message):
+        self.skipped, self.longrepr = False, type("L", (), {"reprcrash": type("C", (), {"message": message})()})()
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("AssertionError: 1 not greater than 1\nmore", "AssertionError: 1 not greater than 1"),
+    ("torch.multiprocessing.spawn.ProcessRaisedException: \n\n-- Process 0 terminated with the following error:\n"
+     "Traceback (most recent call last):\n  File x\n    f()\n    ^^^\nRuntimeError: mixed torch.Tensor and DTensor",
+     "torch.multiprocessing.spawn.ProcessRaisedException: RuntimeError: mixed torch.Tensor and DTensor"),
+    ("torch._dynamo.exc.TorchRuntimeError: RuntimeError when making fake tensor call\n  Explanation: Dynamo failed "
+     "to run FX node: call_function f(*(x,)): got RuntimeError('Expected inputs of BF16 type')\n  Hint: h",
+     "torch._dynamo.exc.TorchRuntimeError: RuntimeError when making fake tensor call -- "
+     "RuntimeError('Expected inputs of BF16 type')"),
+    ("torch._dynamo.exc.Unsupported: Unsupported method call\n  Explanation: Dynamo does not know how\n  Hint: h",
+     "torch._dynamo.exc.Unsupported: Unsupported method call -- Dynamo does not know how"),
+])
+def test_failure_messages_say_what_went_wrong(message, expected):
+    assert plugin._short_message(_Crash(message)) == expected
+
+
 def test_shadowing_transformers_paths_are_dropped(tmp_path, monkeypatch):
     (tmp_path / "transformers").mkdir()
     (tmp_path / "transformers" / "__init__.py").write_text("")
