@@ -47,7 +47,9 @@ def test_candidates_follow_capabilities():
     assert _labels(graph_safe) == ["triton_gather", "triton"]
     assert "not CUDA-graph safe" in graph_safe.excluded["torch"]
     relu2 = LayerNeeds("nemotron_h", frozenset({"sigmoid"}), "plain:relu2", "cuda", torch.bfloat16)
-    plain = auto.candidates_for(relu2, None, graph_safe_only=False)
+    assert _labels(auto.candidates_for(relu2, None, graph_safe_only=False)) == [label for label, _ in auto.CANDIDATES]
+    gelu = LayerNeeds("olmoe", frozenset({"softmax"}), "plain:gelu", "cuda", torch.bfloat16)
+    plain = auto.candidates_for(gelu, None, graph_safe_only=False)
     assert _labels(plain) == ["triton_routing+torch_experts", "torch"]
     assert "computes activations" in plain.excluded["triton"]
     fp64 = LayerNeeds("qwen3_moe", frozenset({"softmax"}), "glu:silu", "cuda", torch.float64)
