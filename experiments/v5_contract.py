@@ -62,40 +62,55 @@ SKIPPED_WITH_MOE_LAB, RAN_WITH_MOE_LAB_ONLY, NOT_RUN_VANILLA = ("skipped with mo
 
 
 # ---- exclusions ---------------------------------------------------------------------------------
+def _wildcard(pattern: str) -> re.Pattern:
+    """`*` and `?` are wildcards; everything else, brackets included, is literal."""
+    return re.compile(re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".") + r"\Z", re.DOTALL)
+
+
 @dataclasses.dataclass(frozen=True)
 class Exclusion:
-    """A known moe_lab failure that is not moe_lab's business: `test` is a pattern on the test's id
-    within its file ("Class::test_name[params]") or on its bare name ("test_name[params]"), where `*`
-    and `?` are wildcards and everything else, brackets included, is literal."""
+    """A known moe_lab failure that is not moe_lab's business. `test`: a pattern on the test's id
+    within its file ("Class::test_name[params]") or on its bare name ("test_name[params]");
+    `message` (optional): a pattern the moe_lab failure's message must match, so that the same test
+    failing for another reason is still a regression. In both, `*` and `?` are wildcards and
+    everything else, brackets included, is literal."""
     model: str
     test: str
     reason: str
+    message: str | None = None
 
-    def matches(self, model: str, test_id: str) -> bool:
+    def matches(self, model: str, test_id: str, message: str | None = None) -> bool:
         if self.model not in ("*", model):
             return False
-        pattern = re.compile(re.escape(self.test).replace(r"\*", ".*").replace(r"\?", ".") + r"\Z", re.DOTALL)
-        return bool(pattern.match(test_id) or pattern.match(test_id.rsplit("::", 1)[-1]))
+        pattern = _wildcard(self.test)
+        if not (pattern.match(test_id) or pattern.match(test_id.rsplit("::", 1)[-1])):
+            return False
+        return self.message is None or bool(_wildcard(self.message).match(message or ""))
 
 
 def load_exclusions(path: str | os.PathLike) -> list[Exclusion]:
-    """The exclusions file: a mapping with key `exclusions`, a list of {model, test, reason}."""
+    """The exclusions file: a mapping with key `exclusions`, a list of {model, test, reason[, message]}."""
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict) or not isinstance(data.get("exclusions", []), list):
         raise ValueError(f"{path}: expected a mapping with a list under 'exclusions'")
     out = []
+    required, allowed = {"model", "test", "reason"}, {"model", "test", "reason", "message"}
     for i, entry in enumerate(data.get("exclusions") or []):
-        if not isinstance(entry, dict) or set(entry) != {"model", "test", "reason"}:
-            raise ValueError(f"{path}: exclusion {i}: exactly the keys model, test, reason (got {entry!r})")
-        if not all(isinstance(entry[k], str) and entry[k].strip() for k in ("model", "test", "reason")):
-            raise ValueError(f"{path}: exclusion {i}: model, test and reason must be non-empty strings")
-        out.append(Exclusion(entry["model"].strip(), entry["test"].strip(), " ".join(entry["reason"].split())))
+        if not isinstance(entry, dict) or not required <= set(entry) <= allowed:
+            raise ValueError(f"{path}: exclusion {i}: the keys model, test, reason and optionally message "
+                             f"(got {entry!r})")
+        if not all(isinstance(entry[k], str) and entry[k].strip() for k in entry):
+            raise ValueError(f"{path}: exclusion {i}: every value must be a non-empty string")
+        message = entry.get("message")
+        out.append(Exclusion(entry["model"].strip(), entry["test"].strip(), " ".join(entry["reason"].split()),
+                             None if message is None else message.strip()))
     return out
 
 
-def matching_exclusion(model: str, test_id: str, exclusions: list[Exclusion]) -> Exclusion | None:
-    return next((e for e in exclusions if e.matches(model, test_id)), None)
+def matching_exclusion(model: str, test_id: str, exclusions: list[Exclusion],
+                       message: str | None = None) -> Exclusion | None:
+    return next((e for e in exclusions if e.matches(model, test_id, message)), None)
 
 
 # ---- outcomes -----------------------------------------------------------------------------------
@@ -190,14 +205,14 @@ def compare(model: str, vanilla: dict[str, dict], moe_lab: dict[str, dict],
     for test_id in sorted(set(vanilla) | set(moe_lab)):
         v = vanilla.get(test_id, {"outcome": "not run", "message": "not in this run", "moe_lab": None})
         m = moe_lab.get(test_id, {"outcome": "not run", "message": "not in this run", "moe_lab": None})
-        exclusion = matching_exclusion(model, test_id, exclusions)
+        exclusion = matching_exclusion(model, test_id, exclusions, m["message"])
         entry = {"vanilla": v["outcome"], "moe_lab": m["outcome"],
                  "verdict": verdict(v["outcome"], m["outcome"], exclusion is not None)}
         if BUCKET[v["outcome"]] in ("failed", "not run") and v["message"]:
             entry["vanilla_message"] = v["message"]
         if BUCKET[m["outcome"]] in ("failed", "not run") and m["message"]:
             entry["moe_lab_message"] = m["message"]
-        if m.get("moe_lab"):
+        if m.get("moe_lab") and any(m["moe_lab"].values()):
             entry["moe_lab_counters"] = m["moe_lab"]
         if entry["verdict"] == EXCLUDED:
             entry["exclusion"] = dataclasses.asdict(exclusion)
@@ -222,13 +237,13 @@ def summarize(tests: dict[str, dict]) -> dict:
     }
 
 
-_NUMBER = re.compile(r"0x[0-9a-fA-F]+|\d+(\.\d+)?(e-?\d+)?")
+_NUMBER = re.compile(r"\b(0x[0-9a-fA-F]+|\d+(\.\d+)?(e-?\d+)?)\b")  # not the digits of a name: bf16, float32
 
 
 def message_key(message: str) -> str:
-    """A failure message reduced to what groups alike failures: numbers masked, at most 160 characters."""
+    """A failure message reduced to what groups alike failures: numbers masked, at most 200 characters."""
     first = (message or "(no message)").strip().splitlines()[0] if (message or "").strip() else "(no message)"
-    return _NUMBER.sub("#", first)[:160]
+    return _NUMBER.sub("#", first)[:200]
 
 
 def regression_groups(tests: dict[str, dict], which: str = REGRESSION) -> list[tuple[str, list[str]]]:
@@ -242,9 +257,9 @@ def regression_groups(tests: dict[str, dict], which: str = REGRESSION) -> list[t
 
 
 def unused_exclusions(result_models: dict, exclusions: list[Exclusion]) -> list[Exclusion]:
-    used = {(e["model"], e["test"]) for m in result_models.values() for t in m["tests"].values()
+    used = {(e["model"], e["test"], e.get("message")) for m in result_models.values() for t in m["tests"].values()
             for e in [t.get("exclusion")] if e}
-    return [e for e in exclusions if (e.model, e.test) not in used]
+    return [e for e in exclusions if (e.model, e.test, e.message) not in used]
 
 
 # ---- the table ----------------------------------------------------------------------------------
@@ -328,9 +343,10 @@ def render_table(result: dict) -> str:
                 for t, x in m["tests"].items() if x["verdict"] == EXCLUDED]
     by_reason = defaultdict(list)
     for model, t, e in excluded:
-        by_reason[(e["model"], e["test"], e["reason"])].append(f"{model}::{t}")
-    for (em, et, reason), ids in sorted(by_reason.items()):
-        lines.append(f"- `{et}` ({em}; {len(ids)} tests): {_md(reason)}")
+        by_reason[(e["model"], e["test"], e.get("message") or "", e["reason"])].append(f"{model}::{t}")
+    for (em, et, message, reason), ids in sorted(by_reason.items()):
+        failing = f"; failing with `{_md(message)}`" if message else ""
+        lines.append(f"- `{et}` ({em}; {len(ids)} tests{failing}): {_md(reason)}")
     if not by_reason:
         lines.append("None.")
     unused = result.get("unused_exclusions") or []
@@ -344,12 +360,17 @@ def render_table(result: dict) -> str:
         if groups:
             lines.append(f"- {model}: " + "; ".join(f"{len(ids)} `{_md(key[:90])}`" for key, ids in groups[:6]) +
                          (f"; {sum(len(i) for _, i in groups[6:])} others" if len(groups) > 6 else ""))
-    lines += ["", "## Runs", "", "| model | mode | wall s | exit | note |", "|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "Exit 1: some test failed. Spawned ranks: processes started by the tests "
+              "(distributed tests' ranks) that put moe_lab in place.", "",
+              "| model | mode | wall s | exit | spawned ranks with moe_lab | note |", "|---|---|---|---|---|---|"]
     for model, m in result["models"].items():
         for mode in MODES:
             r = m["runs"][mode]
-            lines.append(f"| {model} | {mode} | {r.get('wall_s', 0):.0f} | {r.get('returncode')} | "
+            ranks = r.get("spawned_processes_with_moe_lab") if mode == "moe_lab" else "-"
+            lines.append(f"| {model} | {mode} | {r.get('wall_s', 0):.0f} | {r.get('returncode')} | {ranks} | "
                          f"{_md(r.get('note', '')) or ''} |")
+    if p.get("runs_wall_s"):
+        lines += ["", f"The {2 * len(result['models'])} pytest runs took {p['runs_wall_s'] / 60:.0f} min in all."]
     bridged = p.get("bridged") or []
     if bridged:
         lines += ["", "Skew bridge (names the tests import that the installed transformers lacks, defined from "
@@ -479,7 +500,9 @@ def run_one(tests_dir: Path, work: Path, model: str, mode: str, args) -> dict:
             raise
     wall = time.monotonic() - start
     processes = read_records(process_log)
+    git = provenance.git_state()
     record = {"model": model, "mode": mode, "command": cmd, "returncode": returncode, "timed_out": timed_out,
+              "moe_lab_commit": git["commit"], "moe_lab_dirty": git["dirty"],
               "wall_s": round(wall, 1), "finished": True, "tests_commit": args.tests_commit,
               "log": str(log_path), "outcomes": str(out_jsonl),
               "spawned_processes_with_moe_lab": len({r["pid"] for r in processes if r.get("spawned")}),
@@ -507,6 +530,12 @@ def build_result(models: list[str], work: Path, runs: dict, exclusions: list[Exc
                     for mode in MODES}
         result["models"][model] = {"summary": summarize(tests), "runs": run_info, "tests": tests}
     prov["bridged"], prov["unresolved"] = sorted(bridged), sorted(unresolved)
+    ran_at = {(r.get("moe_lab_commit"), r.get("moe_lab_dirty")) for m in runs.values() for r in m.values()
+              if r.get("moe_lab_commit")}
+    if len(ran_at) == 1:  # the runs' own commit (reused runs may predate this checkout's)
+        prov["moe_lab_commit"], prov["moe_lab_dirty"] = ran_at.pop()
+    elif ran_at:
+        prov["moe_lab_commit"] = "mixed: " + ", ".join(sorted(c[:12] for c, _ in ran_at))
     result["unused_exclusions"] = [dataclasses.asdict(e) for e in unused_exclusions(result["models"], exclusions)]
     return result
 

@@ -116,6 +116,10 @@ def test_exclusions_match_by_model_and_pattern(tmp_path):
           - model: olmoe
             test: "OlmoeModelTest::test_x[*]"
             reason: only here
+          - model: mixtral
+            test: "test_y"
+            message: "AssertionError: Expected 'mock'*"
+            reason: only for that failure
         """))
     ex = vc.load_exclusions(path)
     assert ex[0].reason == "v5's own implementations compared with each other"
@@ -124,19 +128,22 @@ def test_exclusions_match_by_model_and_pattern(tmp_path):
     assert vc.matching_exclusion("olmoe", "OlmoeModelTest::test_x[a]", ex) is ex[1]
     assert vc.matching_exclusion("mixtral", "MixtralModelTest::test_x[a]", ex) is None  # another model
     assert vc.matching_exclusion("olmoe", "OlmoeModelTest::test_x", ex) is None
+    assert vc.matching_exclusion("mixtral", "M::test_y", ex, "AssertionError: Expected 'mock' to be called") is ex[2]
+    assert vc.matching_exclusion("mixtral", "M::test_y", ex, "AssertionError: Tensor-likes are not close!") is None
     vanilla = vc.test_outcomes(passed("test_eager_matches_batched_1") + passed("test_other"))
     moe_lab = vc.test_outcomes(failed("test_eager_matches_batched_1") + failed("test_other"))
     out = vc.compare("m", vanilla, moe_lab, ex)
     assert out["T::test_eager_matches_batched_1"]["verdict"] == vc.EXCLUDED
     assert out["T::test_eager_matches_batched_1"]["exclusion"]["model"] == "*"
     assert out["T::test_other"]["verdict"] == vc.REGRESSION
-    assert vc.unused_exclusions({"m": {"tests": out}}, ex) == [ex[1]]
+    assert vc.unused_exclusions({"m": {"tests": out}}, ex) == [ex[1], ex[2]]
 
 
 @pytest.mark.parametrize("text", [
     "exclusions:\n  - {model: '*', test: 'x'}\n",                       # no reason
     "exclusions:\n  - {model: '*', test: 'x', reason: '  '}\n",          # an empty reason
     "exclusions:\n  - {model: '*', test: 'x', reason: r, extra: 1}\n",   # an unknown key
+    "exclusions:\n  - {model: '*', test: 'x', reason: r, message: ''}\n",  # an empty message pattern
     "exclusions: {model: '*'}\n",
 ])
 def test_malformed_exclusions_are_refused(tmp_path, text):
@@ -169,13 +176,19 @@ def _result(tmp_path):
                  + failed("test_b", "torch._dynamo.exc.Unsupported: call 7", moe_lab=in_place)
                  + passed("test_c", moe_lab=in_place) + failed("test_d", "AttributeError: no _is_stateful")
                  + skipped("test_e") + failed("test_eager_matches_batched_0", "AssertionError: mock", moe_lab=in_place))
-    runs = {"m": {mode: {"returncode": 1, "timed_out": False, "wall_s": 12.0, "note": ""} for mode in vc.MODES}}
+    runs = {"m": {mode: {"returncode": 1, "timed_out": False, "wall_s": 12.0, "note": "", "moe_lab_commit": "f" * 40,
+                         "moe_lab_dirty": False} for mode in vc.MODES}}
     prov = {"date": "2026-12-07 12:00 UTC", "transformers": "5.25.0", "torch": "2.13.0", "moe_lab_commit": "abc" * 14,
             "moe_lab_dirty": False, "moe_backend": "default", "tests_source": "a tree", "machine": "2 CPU cores",
             "pytest_options": "-n 2"}
     ex = [vc.Exclusion("*", "test_eager_matches_batched*", "v5's own implementations compared"),
           vc.Exclusion("m", "test_never*", "matches nothing")]
     return vc.build_result(["m"], work, runs, ex, prov)
+
+
+def test_message_keys_mask_numbers_not_names():
+    assert vc.message_key("RuntimeError: BF16 expected, got float32 at 0x7f3a (12 of 1.5e-3)\nmore") == \
+        "RuntimeError: BF16 expected, got float32 at # (# of #)"
 
 
 def test_build_result_and_table(tmp_path):
@@ -186,6 +199,7 @@ def test_build_result_and_table(tmp_path):
     assert m["summary"]["verdicts"] == {vc.BOTH_FAILED: 1, vc.EXCLUDED: 1, vc.REGRESSION: 2, vc.SAME: 2}
     assert m["summary"]["moe_lab_in_place"] == 4
     assert result["provenance"]["bridged"] == ["transformers.testing_utils._X"]
+    assert result["provenance"]["moe_lab_commit"] == "f" * 40  # the runs' commit, not the checkout's
     assert [e["test"] for e in result["unused_exclusions"]] == ["test_never*"]
     # the two compile failures are one group: numbers are masked
     assert vc.regression_groups(m["tests"]) == [("torch._dynamo.exc.Unsupported: call #", ["T::test_a", "T::test_b"])]
