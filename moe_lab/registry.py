@@ -181,11 +181,13 @@ class StageChoice:
     requested: str | None = None  # what the user wrote (a backend word or stage=name pairs), for messages
     auto: AutoSettings | None = None
 
-    def __getattr__(self, stage):  # choice.router, choice.experts, ...
-        impls = object.__getattribute__(self, "impls")
-        if stage in impls:
-            return impls[stage].fn
-        raise AttributeError(stage)
+    # choice.router, choice.experts, ...: plain properties (torch.compile traces them; a __getattr__
+    # reading the instance dict through object.__getattribute__ breaks its graph)
+    router = property(lambda self: self.impls["router"].fn)
+    permutation = property(lambda self: self.impls["permutation"].fn)
+    dispatch = property(lambda self: self.impls["dispatch"].fn)
+    experts = property(lambda self: self.impls["experts"].fn)
+    combine = property(lambda self: self.impls["combine"].fn)
 
     def caps(self, stage: str) -> Capabilities:
         return self.impls[stage].caps

@@ -149,11 +149,56 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
     pad_k, pad_n = _alignment_pad(x.shape[1], x.dtype), _alignment_pad(weight.shape[2], x.dtype)
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[2])
+    # torch.compile's fake grouped_mm takes bf16 only; other dtypes (float32 on the CPU, which eager
+    # runs) go through an opaque op of the same math when traced
+    mm = _grouped_mm_op if torch.compiler.is_compiling() and x.dtype != torch.bfloat16 else _grouped_mm_eager
     if pad_k or pad_n or not (_grouped_mm_layout_ok(x) and _grouped_mm_layout_ok(weight)):
         xp = F.pad(x, (0, pad_k))
         wp = F.pad(weight, (0, pad_n, 0, pad_k))
-        return F.grouped_mm(xp, wp, offs=offsets)[:, : weight.shape[2]]
+        return mm(xp, wp, offsets)[:, : weight.shape[2]]
+    return mm(x, weight, offsets)
+
+
+def _grouped_mm_eager(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return F.grouped_mm(x, weight, offs=offsets)
+
+
+@torch.library.custom_op("moe_lab::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`F.grouped_mm` as an op torch.compile does not look into: x [S, K], weight [E, K, N] -> [S, N]."""
+    return F.grouped_mm(x, weight, offs=offsets)
+
+
+@torch.library.custom_op("moe_lab::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad_op(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per expert x_e^T @ grad_e: x [S, K], grad [S, N] -> [E, K, N]."""
+    return F.grouped_mm(x.t(), grad, offs=offsets)
+
+
+@_grouped_mm_op.register_fake
+def _(x, weight, offsets):
+    return x.new_empty(x.shape[0], weight.shape[2])
+
+
+@_grouped_mm_weight_grad_op.register_fake
+def _(x, grad, offsets):
+    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x, weight, offsets = inputs
+    ctx.save_for_backward(x, weight, offsets)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, weight, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = _grouped_mm_op(grad, weight.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = _grouped_mm_weight_grad_op(x, grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
