@@ -33,11 +33,27 @@ def _ids(shape=(2, 13), seed=1):
     return torch.randint(0, 61, shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _weight_multiplied_before_the_cast() -> bool:
+    """What this transformers' NemotronHRMSNorm computes, by hand: weight * normed in float32, cast
+    last (5.25), or the normed states cast first, then times the weight (5.17)."""
+    norm = nemotron.NemotronHRMSNorm(8)
+    norm.weight.data = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    with torch.no_grad():
+        out = norm(x)
+        last = (norm.weight * normed).to(torch.bfloat16)
+        first = norm.weight * normed.to(torch.bfloat16)
+    assert (out.dtype == last.dtype and torch.equal(out, last)) != (out.dtype == first.dtype and torch.equal(out, first))
+    return out.dtype == last.dtype and torch.equal(out, last)
+
+
 def test_norm_formula_is_found_by_probing_it():
-    """NemotronHRMSNorm multiplies by the weight in float32 and casts last: the weight-last formula."""
+    """The probe finds the formula this transformers' NemotronHRMSNorm has (it changed between releases)."""
     from moe_lab.training.fused_norm import formula_of
 
-    assert formula_of(nemotron.NemotronHRMSNorm) is True
+    assert formula_of(nemotron.NemotronHRMSNorm) is _weight_multiplied_before_the_cast()
 
 
 @needs_interpreter
@@ -53,11 +69,13 @@ def test_fused_norm_trains_like_v5_and_leaves_the_gated_norm_alone(latent, monke
     norms = [m for m in ours.modules() if type(m) is nemotron.NemotronHRMSNorm]
     assert len(norms) == 5  # one per block (4) and the final norm
     assert all(hasattr(m, "_moe_lab_plain_forward") for m in norms)
-    gated = [m for m in ours.modules() if type(m) is nemotron.NemotronHRMSNormGated]
+    # the Mamba mixer's gated norm: NemotronHRMSNormGated (5.25) or Zamba2RMSNormGated (5.17)
+    gated = [m for m in ours.modules() if type(m).__name__.endswith("RMSNormGated")]
     assert len(gated) == 1 and "forward" not in vars(gated[0]) and not hasattr(gated[0], "_moe_lab_plain_forward")
     ids = _ids()
     want, got = reference(ids, labels=ids), ours(ids, labels=ids)
-    assert len(calls) == len(norms) and set(calls) == {True}, "every NemotronHRMSNorm runs the kernel, weight last"
+    assert len(calls) == len(norms) and set(calls) == {_weight_multiplied_before_the_cast()}, \
+        "every NemotronHRMSNorm runs the kernel, with v5's formula"
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
     want.loss.backward()
