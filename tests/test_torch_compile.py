@@ -13,7 +13,7 @@ from tiny_models import FAMILIES, NEMOTRON_H, assert_same_grads, family_config, 
 def test_fullgraph_compile_equals_eager(family):
     torch._dynamo.reset()
     config = family_config(family, layers=1) if family != NEMOTRON_H else family_config(family)
-    v5, ours = v5_and_moe_lab(config)
+    _, ours = v5_and_moe_lab(config)
     compiled_twin = v5_and_moe_lab(config)[1]
     ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     eager = ours(ids, labels=ids)
