@@ -330,16 +330,19 @@ def _mlp_inputs(E, S, H, I, transposed, bias, seed, dtype=torch.float32, act="sw
 @FAST
 @given(E=st.integers(1, 7), S=st.integers(0, 70), H=st.integers(1, 70), I=st.integers(1, 40),
        act=st.sampled_from(["swiglu", "gpt_oss"]), transposed=st.booleans(), bias=st.booleans(),
-       mode=shape_modes, seed=st.integers(0, 2**16))
-@example(E=3, S=0, H=9, I=5, act="gpt_oss", transposed=True, bias=True, mode="random", seed=0)
-@example(E=4, S=66, H=67, I=33, act="swiglu", transposed=False, bias=False, mode="one", seed=1)
-@example(E=5, S=50, H=31, I=37, act="gpt_oss", transposed=True, bias=True, mode="random", seed=2)
-def test_expert_mlp_fp32(E, S, H, I, act, transposed, bias, mode, seed):
+       concatenated=st.sampled_from([None, True, False]), mode=shape_modes, seed=st.integers(0, 2**16))
+@example(E=3, S=0, H=9, I=5, act="gpt_oss", transposed=True, bias=True, concatenated=None, mode="random", seed=0)
+@example(E=4, S=66, H=67, I=33, act="swiglu", transposed=False, bias=False, concatenated=None, mode="one", seed=1)
+@example(E=5, S=50, H=31, I=37, act="gpt_oss", transposed=True, bias=True, concatenated=None, mode="random", seed=2)
+@example(E=3, S=70, H=33, I=37, act="swiglu", transposed=False, bias=True, concatenated=False, mode="random", seed=3)
+def test_expert_mlp_fp32(E, S, H, I, act, transposed, bias, concatenated, mode, seed):
+    """Both column orders of gate/up (halves, and interleaved: the kernels' PAIRS tiles) in both
+    weight layouts; concatenated=None is each layout's v5 default."""
     counts = make_counts(E, S, seed, mode)
     offsets = offsets_of(counts)
     tensors = [leaf(t) if t is not None else None for t in _mlp_inputs(E, S, H, I, transposed, bias, seed, act=act)]
     x, gate_up, down, bgu, bd = tensors
-    kw = dict(activation=act, gate_up_bias=bgu, down_bias=bd, transposed=transposed)
+    kw = dict(activation=act, gate_up_bias=bgu, down_bias=bd, transposed=transposed, concatenated=concatenated)
     with poisoned():
         y = tk.expert_mlp(x, gate_up, down, offsets, **kw)
     y_ref = ref.expert_mlp_ref(x, gate_up, down, offsets, **kw)

@@ -79,14 +79,19 @@ def _dw_args(kind: str, K: int, N: int) -> dict:
     return args
 
 
-def _gate_up_args(gated: bool = True) -> dict:
+def _gate_up_args(gated: bool = True, pairs: bool = False) -> dict:
     # w_gu [E, H, 2I] is the transpose view of the HF [E, 2I, H]: K (= H) contiguous; non-gated
-    # (relu2): the up projection [E, H, I], the view of the HF up_proj [E, I, H], and h [S, I]
+    # (relu2): the up projection [E, H, I], the view of the HF up_proj [E, I, H], and h [S, I].
+    # pairs (GPT-OSS): the HF [E, H, 2I] itself, gate/up columns interleaved and contiguous, biases [E, 2I]
     width = 2 * I if gated else I
+    if pairs:
+        w_strides = dict(stride_we=width * H, stride_wk=width, stride_wn=1, stride_w_outer=width,
+                         stride_be=width, stride_bn=1)
+    else:
+        w_strides = dict(stride_we=width * H, stride_wk=1, stride_wn=H, stride_w_outer=H, stride_be=0, stride_bn=0)
     return dict(x_ptr=BF16, wg_ptr=BF16, wu_ptr=BF16, bg_ptr=BF16, bu_ptr=BF16, a_ptr=BF16, hg_ptr=BF16,
                 hu_ptr=BF16, offsets_ptr="*i32", src_ptr="*i64", N=I, K=H, E=E, S_BUCKET=S, alpha=1.0, limit=7.0,
-                stride_xs=H, stride_xk=1, stride_we=width * H, stride_wk=1, stride_wn=H, stride_w_outer=H,
-                stride_be=0, stride_bn=0, stride_as=I, stride_an=1, stride_hs=width, stride_hn=1)
+                stride_xs=H, stride_xk=1, **w_strides, stride_as=I, stride_an=1, stride_hs=width, stride_hn=1)
 
 
 def _down_bwd_args(gated: bool = True) -> dict:
@@ -116,32 +121,41 @@ CASES = [
     Case("dw gate_up tma", "grouped_gemm_tma", "_grouped_mm_dw_tma_kernel", _dw_args("tma", H, 2 * I),
          dict(HAS_DBIAS=False, UPCAST=False)),
     Case("gate_up_act", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(),
-         dict(ACT=0, HAS_BIAS=False, STORE_H=True, GATHER=False, USE_TMA=False, W_KMAJOR=True, IEEE=False,
-              UPCAST=False, BLOCK_E=E)),
+         dict(ACT=0, HAS_BIAS=False, STORE_H=True, GATHER=False, USE_TMA=False, W_KMAJOR=True, PAIRS=False,
+              IEEE=False, UPCAST=False, BLOCK_E=E)),
     Case("gate_up_act gather", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(),
-         dict(ACT=0, HAS_BIAS=False, STORE_H=True, GATHER=True, USE_TMA=False, W_KMAJOR=True, IEEE=False,
-              UPCAST=False, BLOCK_E=E)),
+         dict(ACT=0, HAS_BIAS=False, STORE_H=True, GATHER=True, USE_TMA=False, W_KMAJOR=True, PAIRS=False,
+              IEEE=False, UPCAST=False, BLOCK_E=E)),
     Case("gate_up_act tma", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(),
-         dict(ACT=0, HAS_BIAS=False, STORE_H=True, GATHER=False, USE_TMA=True, W_KMAJOR=True, IEEE=False,
-              UPCAST=False, BLOCK_E=E)),
+         dict(ACT=0, HAS_BIAS=False, STORE_H=True, GATHER=False, USE_TMA=True, W_KMAJOR=True, PAIRS=False,
+              IEEE=False, UPCAST=False, BLOCK_E=E)),
     Case("down_bwd", "expert_mlp", "_down_bwd_act_kernel", _down_bwd_args(),
-         dict(ACT=0, USE_TMA=False, W_KMAJOR=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
+         dict(ACT=0, USE_TMA=False, W_KMAJOR=False, PAIRS=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
     Case("down_bwd tma", "expert_mlp", "_down_bwd_act_kernel", _down_bwd_args(),
-         dict(ACT=0, USE_TMA=True, W_KMAJOR=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
+         dict(ACT=0, USE_TMA=True, W_KMAJOR=False, PAIRS=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
     # non-gated relu2 experts (Nemotron-H): one up projection, ACT=2
     Case("gate_up_act relu2", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(gated=False),
-         dict(ACT=2, HAS_BIAS=False, STORE_H=True, GATHER=False, USE_TMA=False, W_KMAJOR=True, IEEE=False,
-              UPCAST=False, BLOCK_E=E)),
+         dict(ACT=2, HAS_BIAS=False, STORE_H=True, GATHER=False, USE_TMA=False, W_KMAJOR=True, PAIRS=False,
+              IEEE=False, UPCAST=False, BLOCK_E=E)),
     Case("gate_up_act relu2 gather", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(gated=False),
-         dict(ACT=2, HAS_BIAS=False, STORE_H=True, GATHER=True, USE_TMA=False, W_KMAJOR=True, IEEE=False,
-              UPCAST=False, BLOCK_E=E)),
+         dict(ACT=2, HAS_BIAS=False, STORE_H=True, GATHER=True, USE_TMA=False, W_KMAJOR=True, PAIRS=False,
+              IEEE=False, UPCAST=False, BLOCK_E=E)),
     Case("gate_up_act relu2 tma", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(gated=False),
-         dict(ACT=2, HAS_BIAS=False, STORE_H=True, GATHER=False, USE_TMA=True, W_KMAJOR=True, IEEE=False,
-              UPCAST=False, BLOCK_E=E)),
+         dict(ACT=2, HAS_BIAS=False, STORE_H=True, GATHER=False, USE_TMA=True, W_KMAJOR=True, PAIRS=False,
+              IEEE=False, UPCAST=False, BLOCK_E=E)),
     Case("down_bwd relu2", "expert_mlp", "_down_bwd_act_kernel", _down_bwd_args(gated=False),
-         dict(ACT=2, USE_TMA=False, W_KMAJOR=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
+         dict(ACT=2, USE_TMA=False, W_KMAJOR=False, PAIRS=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
     Case("down_bwd relu2 tma", "expert_mlp", "_down_bwd_act_kernel", _down_bwd_args(gated=False),
-         dict(ACT=2, USE_TMA=True, W_KMAJOR=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
+         dict(ACT=2, USE_TMA=True, W_KMAJOR=False, PAIRS=False, IEEE=False, UPCAST=False, BLOCK_E=E)),
+    # GPT-OSS: interleaved gate/up columns read as one tile (PAIRS), its clamped SwiGLU (ACT=1), biases
+    Case("gate_up_act pairs", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(pairs=True),
+         dict(ACT=1, HAS_BIAS=True, STORE_H=True, GATHER=False, USE_TMA=False, W_KMAJOR=False, PAIRS=True,
+              IEEE=False, UPCAST=False, BLOCK_E=E)),
+    Case("gate_up_act pairs gather", "expert_mlp", "_gate_up_act_kernel", _gate_up_args(pairs=True),
+         dict(ACT=1, HAS_BIAS=True, STORE_H=True, GATHER=True, USE_TMA=False, W_KMAJOR=False, PAIRS=True,
+              IEEE=False, UPCAST=False, BLOCK_E=E)),
+    Case("down_bwd pairs", "expert_mlp", "_down_bwd_act_kernel", _down_bwd_args(),
+         dict(ACT=1, USE_TMA=False, W_KMAJOR=False, PAIRS=True, IEEE=False, UPCAST=False, BLOCK_E=E)),
 ]
 
 

@@ -134,7 +134,7 @@ def _gate_up_configs():
 _INTERPRET_GATE_UP = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4)
 
 
-@triton.autotune(configs=_gate_up_configs(), key=["N", "K", "S_BUCKET", "USE_TMA"])
+@triton.autotune(configs=_gate_up_configs(), key=["N", "K", "S_BUCKET", "USE_TMA", "PAIRS"])
 @triton.jit
 def _gate_up_act_kernel(
     x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, a_ptr, hg_ptr, hu_ptr, offsets_ptr, src_ptr,
@@ -145,7 +145,7 @@ def _gate_up_act_kernel(
     stride_as, stride_an,
     stride_hs, stride_hn,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_H: tl.constexpr, GATHER: tl.constexpr,
-    USE_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
+    USE_TMA: tl.constexpr, W_KMAJOR: tl.constexpr, PAIRS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -155,8 +155,13 @@ def _gate_up_act_kernel(
     USE_TMA (not with GATHER) the GEMM tiles move by tensor descriptors (``tma_tile_matmul``'s
     conventions for ``W_KMAJOR`` and ``stride_w_outer``); the epilogue is the same.
     A non-gated ACT (``>= FIRST_PLAIN``) has no gate: one GEMM x @ wu[e] (+ bu[e]) and act = ACT(up);
-    wg, bg and hg are then never read or written (the launcher passes the up views for them)."""
+    wg, bg and hg are then never read or written (the launcher passes the up views for them).
+    With PAIRS (interleaved gate/up columns, GPT-OSS), wg, bg and hg are the whole tensors
+    ([E, H, 2I], [E, 2I], [S, 2I]; wu, bu, hu unused): one contiguous [BLOCK_K, 2 * BLOCK_N] weight
+    tile per step feeds one accumulator, split into gate (even) and up (odd) columns afterwards, so
+    the loads stay vectorised instead of reading two stride-2 views."""
     GATED: tl.constexpr = ACT < FIRST_PLAIN
+    tl.static_assert(not PAIRS or (GATED and not USE_TMA), "PAIRS: gated activations, pointer loads only")
     expert, row0, row_end, n0, valid = program_tile(offsets_ptr, N, E, BLOCK_M, BLOCK_N, BLOCK_E)
     if not valid:
         return
@@ -175,6 +180,30 @@ def _gate_up_act_kernel(
             if GATED:
                 acc_g = mma(a, tma_load_weight(wg_desc, k0, n0, W_KMAJOR), acc_g, False, UPCAST)
             acc_u = mma(a, tma_load_weight(wu_desc, k0, n0, W_KMAJOR), acc_u, False, UPCAST)
+    elif PAIRS:
+        ks = tl.arange(0, BLOCK_K)
+        if GATHER:
+            src = tl.load(src_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        else:
+            src = rows
+        cols2 = 2 * n0 + tl.arange(0, 2 * BLOCK_N)  # gate and up columns of this tile, alternating
+        cmask2 = cols2 < 2 * N
+        x_ptrs = x_ptr + src[:, None] * stride_xs + ks[None, :] * stride_xk
+        w_ptrs = wg_ptr + expert * stride_we + ks[:, None] * stride_wk + cols2[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + ks) < K
+            a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=kmask[:, None] & cmask2[None, :], other=0.0)
+            acc = mma(a, b, acc, IEEE, UPCAST)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            acc += tl.load(bg_ptr + expert * stride_be + cols2 * stride_bn, mask=cmask2, other=0.0).to(tl.float32)[None, :]
+        if STORE_H:
+            tl.store(hg_ptr + rows[:, None] * stride_hs + cols2[None, :] * stride_hn, acc.to(hg_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & cmask2[None, :])
+        acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     else:
         ks = tl.arange(0, BLOCK_K)
         if GATHER:
@@ -200,13 +229,13 @@ def _gate_up_act_kernel(
             if GATED:
                 wg_ptrs += BLOCK_K * stride_wk
             wu_ptrs += BLOCK_K * stride_wk
-    if HAS_BIAS:
+    if HAS_BIAS and not PAIRS:
         b_off = expert * stride_be + cols * stride_bn
         if GATED:
             acc_g += tl.load(bg_ptr + b_off, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(bu_ptr + b_off, mask=cmask, other=0.0).to(tl.float32)[None, :]
     omask = rmask[:, None] & cmask[None, :]
-    if STORE_H:
+    if STORE_H and not PAIRS:
         h_off = rows[:, None] * stride_hs + cols[None, :] * stride_hn
         if GATED:
             tl.store(hg_ptr + h_off, acc_g.to(hg_ptr.dtype.element_ty), mask=omask)
@@ -243,19 +272,33 @@ _INTERPRET_DOWN_BWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64
 
 
 @triton.jit
-def _down_bwd_epilogue(acc, rows, rmask, cols, N, hg_ptr, hu_ptr, dhg_ptr, dhu_ptr, a_ptr,
-                       stride_hs, stride_hn, stride_as, stride_an, alpha, limit, ACT: tl.constexpr):
-    """For a [rows, cols] slice of d_act (fp32 ``acc``): recompute act from h, store act and dh
-    (non-gated ACT: h and dh are the up parts alone; hg and dhg are not touched)."""
+def _down_bwd_epilogue(acc, rows, rmask, c0, N, hg_ptr, hu_ptr, dhg_ptr, dhu_ptr, a_ptr,
+                       stride_hs, stride_hn, stride_as, stride_an, alpha, limit, ACT: tl.constexpr,
+                       PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, W: tl.constexpr):
+    """For the [rows, c0 : c0 + W] slice of d_act (fp32 ``acc`` [BLOCK_M, W]): recompute act from h,
+    store act and dh (non-gated ACT: h and dh are the up parts alone; hg and dhg are not touched).
+    With PAIRS, hg and dhg are the whole interleaved ``h`` / ``dh`` [S, 2I]: their 2W columns are
+    read and written as one contiguous tile."""
+    cols = c0 + tl.arange(0, W)
     omask = rmask[:, None] & (cols < N)[None, :]
-    h_off = rows[:, None] * stride_hs + cols[None, :] * stride_hn
-    if ACT < FIRST_PLAIN:
+    if PAIRS:
+        cols2 = 2 * c0 + tl.arange(0, 2 * W)
+        h_off2 = rows[:, None] * stride_hs + cols2[None, :] * stride_hn
+        mask2 = rmask[:, None] & (cols2 < 2 * N)[None, :]
+        h2 = tl.load(hg_ptr + h_off2, mask=mask2, other=0.0).to(tl.float32)
+        g, u = tl.split(tl.reshape(h2, (BLOCK_M, W, 2)))
+        act, dg, du = _act_bwd(g, u, acc, ACT, alpha, limit)
+        dh2 = tl.reshape(tl.join(dg, du), (BLOCK_M, 2 * W))
+        tl.store(dhg_ptr + h_off2, dh2.to(dhg_ptr.dtype.element_ty), mask=mask2)
+    elif ACT < FIRST_PLAIN:
+        h_off = rows[:, None] * stride_hs + cols[None, :] * stride_hn
         g = tl.load(hg_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
         u = tl.load(hu_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
         act, dg, du = _act_bwd(g, u, acc, ACT, alpha, limit)
         tl.store(dhg_ptr + h_off, dg.to(dhg_ptr.dtype.element_ty), mask=omask)
         tl.store(dhu_ptr + h_off, du.to(dhu_ptr.dtype.element_ty), mask=omask)
     else:
+        h_off = rows[:, None] * stride_hs + cols[None, :] * stride_hn
         u = tl.load(hu_ptr + h_off, mask=omask, other=0.0).to(tl.float32)
         act, du = _plain_act_bwd(u, acc, ACT)
         tl.store(dhu_ptr + h_off, du.to(dhu_ptr.dtype.element_ty), mask=omask)
@@ -269,7 +312,7 @@ def _halves(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
 
 
-@triton.autotune(configs=_down_bwd_configs(), key=["N", "K", "S_BUCKET", "USE_TMA"])
+@triton.autotune(configs=_down_bwd_configs(), key=["N", "K", "S_BUCKET", "USE_TMA", "PAIRS"])
 @triton.jit
 def _down_bwd_act_kernel(
     dy_ptr, w_ptr, hg_ptr, hu_ptr, dhg_ptr, dhu_ptr, a_ptr, offsets_ptr,
@@ -278,7 +321,7 @@ def _down_bwd_act_kernel(
     stride_we, stride_wk, stride_wn, stride_w_outer,
     stride_hs, stride_hn,
     stride_as, stride_an,
-    ACT: tl.constexpr, USE_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
+    ACT: tl.constexpr, USE_TMA: tl.constexpr, W_KMAJOR: tl.constexpr, PAIRS: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_SPLIT: tl.constexpr,
 ):
@@ -303,21 +346,22 @@ def _down_bwd_act_kernel(
     # ACT goes to the epilogue outside this tuple: packed into it, it would arrive as a runtime scalar
     out = (hg_ptr, hu_ptr, dhg_ptr, dhu_ptr, a_ptr, stride_hs, stride_hn, stride_as, stride_an, alpha, limit)
     if EPI_SPLIT == 1:
-        _down_bwd_epilogue(acc, rows, rmask, cols, N, *out, ACT)
+        _down_bwd_epilogue(acc, rows, rmask, n0, N, *out, ACT, PAIRS, BLOCK_M, BLOCK_N)
     elif EPI_SPLIT == 2:
+        HALF: tl.constexpr = BLOCK_N // 2
         a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
-        _down_bwd_epilogue(a0, rows, rmask, n0 + tl.arange(0, BLOCK_N // 2), N, *out, ACT)
-        _down_bwd_epilogue(a1, rows, rmask, n0 + BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2), N, *out, ACT)
+        _down_bwd_epilogue(a0, rows, rmask, n0, N, *out, ACT, PAIRS, BLOCK_M, HALF)
+        _down_bwd_epilogue(a1, rows, rmask, n0 + HALF, N, *out, ACT, PAIRS, BLOCK_M, HALF)
     else:
         tl.static_assert(EPI_SPLIT == 4, "EPI_SPLIT must be 1, 2 or 4")
         QUARTER: tl.constexpr = BLOCK_N // 4
         a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
         a00, a01 = _halves(a0, BLOCK_M, BLOCK_N // 2)
         a10, a11 = _halves(a1, BLOCK_M, BLOCK_N // 2)
-        _down_bwd_epilogue(a00, rows, rmask, n0 + tl.arange(0, QUARTER), N, *out, ACT)
-        _down_bwd_epilogue(a01, rows, rmask, n0 + QUARTER + tl.arange(0, QUARTER), N, *out, ACT)
-        _down_bwd_epilogue(a10, rows, rmask, n0 + 2 * QUARTER + tl.arange(0, QUARTER), N, *out, ACT)
-        _down_bwd_epilogue(a11, rows, rmask, n0 + 3 * QUARTER + tl.arange(0, QUARTER), N, *out, ACT)
+        _down_bwd_epilogue(a00, rows, rmask, n0, N, *out, ACT, PAIRS, BLOCK_M, QUARTER)
+        _down_bwd_epilogue(a01, rows, rmask, n0 + QUARTER, N, *out, ACT, PAIRS, BLOCK_M, QUARTER)
+        _down_bwd_epilogue(a10, rows, rmask, n0 + 2 * QUARTER, N, *out, ACT, PAIRS, BLOCK_M, QUARTER)
+        _down_bwd_epilogue(a11, rows, rmask, n0 + 3 * QUARTER, N, *out, ACT, PAIRS, BLOCK_M, QUARTER)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,10 +379,18 @@ def _gated(act_id: int) -> bool:
     return act_id < FIRST_PLAIN.value
 
 
+def _pairs(act_id: int, concatenated: bool) -> bool:
+    """Gate and up columns alternate (gated, interleaved): the kernels read them as one tile."""
+    return _gated(act_id) and not concatenated
+
+
 def _gate_up_views(t: torch.Tensor, act_id: int, concatenated: bool):
-    """(gate, up) views of the last dim of ``t``: its two halves (2I columns, gated), or ``t``
-    itself twice (I columns, non-gated: the kernels read and write only the up view)."""
-    return _split_cols(t, concatenated) if _gated(act_id) else (t, t)
+    """(gate, up) views of the last dim of ``t``: its two halves (2I columns, gated, concatenated),
+    or ``t`` itself twice (non-gated: the kernels touch only the up view; interleaved: the kernels
+    read both from the whole tensor, ``PAIRS``)."""
+    if _gated(act_id) and concatenated:
+        return _split_cols(t, concatenated)
+    return t, t
 
 
 def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, store_h, src_rows=None):
@@ -358,8 +410,9 @@ def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, sto
     sb = (bg.stride(0), bg.stride(1)) if b_gu is not None else (0, 0)
     ieee, upcast = _gemm_flags(x.dtype)
     grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
-    use_tma = (tma_enabled() and src_rows is None and rows_tma_eligible(x) and weight_tma_eligible(wg)
-               and weight_tma_eligible(wu))  # wg, wu: views of one tensor, the same strides
+    pairs = _pairs(act_id, concatenated)
+    use_tma = (tma_enabled() and not pairs and src_rows is None and rows_tma_eligible(x)
+               and weight_tma_eligible(wg) and weight_tma_eligible(wu))  # wg, wu: views of one tensor, the same strides
     kmajor, outer = tma_weight_args(use_tma, wg)
     _gate_up_act_kernel[grid](
         x, wg, wu, bg, bu, act, hg, hu, offsets, src_rows if src_rows is not None else offsets,
@@ -370,7 +423,7 @@ def _gate_up_act(x, w_gu, b_gu, offsets, act_id, concatenated, alpha, limit, sto
         act.stride(0), act.stride(1),
         hg.stride(0), hg.stride(1),
         ACT=act_id, HAS_BIAS=b_gu is not None, STORE_H=store_h, GATHER=src_rows is not None,
-        USE_TMA=use_tma, W_KMAJOR=kmajor, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
+        USE_TMA=use_tma, W_KMAJOR=kmajor, PAIRS=pairs, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
     )
     return act, h
 
@@ -387,6 +440,7 @@ def _down_bwd_act(dy, w_down, h, offsets, act_id, concatenated, alpha, limit):
     dhg, dhu = _gate_up_views(dh, act_id, concatenated)
     ieee, upcast = _gemm_flags(dy.dtype)
     grid = lambda meta: ((triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(I, meta["BLOCK_N"]),)
+    pairs = _pairs(act_id, concatenated)
     use_tma = tma_enabled() and rows_tma_eligible(dy) and weight_tma_eligible(w)
     kmajor, outer = tma_weight_args(use_tma, w)
     _down_bwd_act_kernel[grid](
@@ -396,7 +450,7 @@ def _down_bwd_act(dy, w_down, h, offsets, act_id, concatenated, alpha, limit):
         w.stride(0), w.stride(1), w.stride(2), outer,
         hg.stride(0), hg.stride(1),
         act.stride(0), act.stride(1),
-        ACT=act_id, USE_TMA=use_tma, W_KMAJOR=kmajor, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
+        ACT=act_id, USE_TMA=use_tma, W_KMAJOR=kmajor, PAIRS=pairs, IEEE=ieee, UPCAST=upcast, BLOCK_E=next_pow2(E),
     )
     return dh, act
 
