@@ -18,6 +18,7 @@ import torch.nn as nn
 from .families import Family
 from .registry import LayerNeeds, StageChoice, fused_pair, plan_layer
 from .stages.experts import ExpertsSpec, first_weight
+from .lora import unwrap_peft_experts, with_lora
 from .stages.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
@@ -119,11 +120,15 @@ class LayerPlanner:
         if self.asked.auto is not None and self.decision is not None and self.latest is not None and self.latest[0]:
             out = {stage: str(p) for stage, p in self.decision.chosen.planned.items()}
             out["auto"] = self.decision.describe()
+            if getattr(self, "lora", None):  # the last forward ran PEFT's LoRA on the experts (moe_lab.lora)
+                out["lora"] = self.lora
             return out
         planned = self._plans[self.latest][0] if self.latest in self._plans else next(iter(self._plans.values()))[0]
         out = {stage: str(p) for stage, p in planned.items()}
         if self.asked.auto is not None:
             out["auto"] = "not decided yet: each layer chooses at its first forward on a device"
+        if getattr(self, "lora", None):
+            out["lora"] = self.lora
         return out
 
 
@@ -341,10 +346,11 @@ class MoELayer(nn.Module):
             hidden = hidden * torch.empty_like(hidden).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         latent = None if self.family.latent_attrs is None else [getattr(self, a) for a in self.family.latent_attrs]
         expert_hidden = hidden if latent is None else latent[0](hidden)  # [T, H'] the rows the routed experts take
-        weight = first_weight(self.experts, self.experts_spec)
-        backward = torch.is_grad_enabled() and weight.requires_grad
+        experts, lora = unwrap_peft_experts(self.experts, self.experts_spec)  # PEFT's LoRA wrappers (moe_lab.lora)
+        weight = first_weight(experts, self.experts_spec)
+        backward = torch.is_grad_enabled() and (weight.requires_grad or lora is not None and lora.requires_grad)
         choice = self.planner.choice_for(weight, hidden.shape[0], backward, trial=lambda c: auto_trial(
-            hidden, self.experts, self.experts_spec, backward, self.dispatcher, router=self.router_module,
+            hidden, experts, self.experts_spec, backward, self.dispatcher, router=self.router_module,
             routing=self.routing, expert_hidden=None if expert_hidden is hidden else expert_hidden)(c))
         if choice is not self.choice:  # moved to another device or dtype since the last forward
             if choice.names["dispatch"] != self.choice.names["dispatch"]:
@@ -353,7 +359,8 @@ class MoELayer(nn.Module):
             self.choice = choice
             self.router_module.moe_lab_route = choice.router
         _, weights, ids = self.router_module(hidden)
-        out = run_routed_experts(expert_hidden, ids, weights, self.experts, self.experts_spec, self.choice,
+        run_experts, run_choice = with_lora(experts, lora, self.choice, self.planner)
+        out = run_routed_experts(expert_hidden, ids, weights, run_experts, self.experts_spec, run_choice,
                                  self.dispatcher)
         if latent is not None:
             out = latent[1](out)

@@ -23,7 +23,7 @@ from pathlib import Path
 import triton
 from triton.runtime.autotuner import Autotuner
 
-_MODULES = ("grouped_gemm", "grouped_gemm_tma", "expert_mlp", "permute", "router", "rmsnorm", "rope", "cross_entropy", "adamw")
+_MODULES = ("grouped_gemm", "grouped_gemm_tma", "expert_mlp", "lora_gemm", "permute", "router", "rmsnorm", "rope", "cross_entropy", "adamw")
 
 
 # kernels recorded under the module they lived in before (records stay pinnable)
