@@ -118,8 +118,9 @@ _BACKENDS: dict[str, dict[str, str]] = {}
 
 
 def register_stage(stage: str, name: str, fn, why_unavailable=None, description: str = "",
-                   caps: Capabilities | None = None, fused=None) -> None:
-    """Register `fn` as implementation `name` of `stage`. `why_unavailable()` returns None when it can
+                   caps: Capabilities | None = None, fused=None) -> StageImpl:
+    """Register `fn` as implementation `name` of `stage`; returns the `StageImpl`, which a `moe_backend`
+    mapping also takes as a stage's value. `why_unavailable()` returns None when it can
     run on this machine, else a sentence saying why not and what to install; `caps` says what it
     computes (default: everything, exactly); `fused` is the combined function of a `caps.fuses_with` pair."""
     if stage not in STAGES:
@@ -127,7 +128,8 @@ def register_stage(stage: str, name: str, fn, why_unavailable=None, description:
     caps = caps or Capabilities()
     if (caps.fuses_with is None) != (fused is None):
         raise ValueError(f"{stage} {name!r}: caps.fuses_with and fused= go together")
-    _IMPLS[stage][name] = StageImpl(stage, name, fn, why_unavailable or (lambda: None), description, caps, fused)
+    impl = _IMPLS[stage][name] = StageImpl(stage, name, fn, why_unavailable or (lambda: None), description, caps, fused)
+    return impl
 
 
 def register_backend(word: str, per_stage: Mapping[str, str]) -> None:
@@ -233,8 +235,9 @@ def resolve_backend(moe_backend: str | Mapping[str, str] | StageChoice | None = 
 
     None | "auto": the "auto" backend (see StageChoice; its floor is the torch backend).
     "torch" | "eager" | "triton" | ...: every stage from that backend.
-    {"experts": "triton", "router": "torch"}: stages named explicitly, each value a backend word
-    or an implementation name; unnamed stages come from "torch".
+    {"experts": "triton", "router": "torch"}: stages named explicitly, each value a backend word,
+    an implementation name or a registered `StageImpl` (e.g. `moe_lab.jax.router(fn)`); unnamed
+    stages come from "torch".
     """
     if isinstance(moe_backend, StageChoice):
         return moe_backend
@@ -255,7 +258,9 @@ def resolve_backend(moe_backend: str | Mapping[str, str] | StageChoice | None = 
             raise ValueError(f"moe_backend names unknown stages {sorted(unknown)}; stages are {', '.join(STAGES)}")
         per_stage = dict(_BACKENDS[MAPPING_BASE])
         for stage, value in moe_backend.items():
-            if value not in _IMPLS[stage] and value in _BACKENDS:
+            if isinstance(value, StageImpl):  # an implementation object (moe_lab.jax.router(fn)): its name
+                value = _registered_name(stage, value)
+            elif value not in _IMPLS[stage] and value in _BACKENDS:
                 value = _BACKENDS[value][stage]  # a backend word: that backend's choice for this stage
             per_stage[stage] = value
     else:
@@ -264,11 +269,19 @@ def resolve_backend(moe_backend: str | Mapping[str, str] | StageChoice | None = 
     return StageChoice(per_stage, impls, requested=requested)
 
 
+def _registered_name(stage: str, impl: StageImpl) -> str:
+    if impl.stage != stage or _IMPLS[stage].get(impl.name) is not impl:
+        raise ValueError(f"moe_backend: the {stage} stage was given {impl.stage} implementation {impl.name!r}, "
+                         f"which is not registered for the {stage} stage (register_stage returns the objects it takes)")
+    return impl.name
+
+
 def _requested_label(moe_backend) -> str:
     if isinstance(moe_backend, str):
         return moe_backend
     if isinstance(moe_backend, Mapping):
-        return ",".join(f"{stage}={moe_backend[stage]}" for stage in STAGES if stage in moe_backend)
+        return ",".join(f"{stage}={getattr(moe_backend[stage], 'name', moe_backend[stage])}"
+                        for stage in STAGES if stage in moe_backend)
     return str(moe_backend)
 
 
