@@ -419,6 +419,7 @@ def run(spec: dict) -> dict:
         "world": world,
         "device": device.type,
         "params_approx": n_params,
+        "trainable_params": sum(_local(p).numel() for p in model.parameters() if p.requires_grad),
         "moe_lab_stages": ({"backend": getattr(model, "moe_lab_backend", None),
                             "plan": {name: dict(stages) for name, stages in getattr(model, "moe_lab_plan", {}).items()}}
                            if hasattr(model, "moe_lab_backend") else None),

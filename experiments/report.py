@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = REPO_ROOT / "results"  # results/runs, results/report, results/summary.json
 USER_RUNS = Path("runs")  # under the current directory: where experiments.sweep writes by default
-BASELINES = ("v5-grouped_mm", "v5-eager", "v5-fsdp2-grouped_mm", "v5-ep", "v5-trainer")
+BASELINES = ("v5-grouped_mm", "v5-eager", "v5-fsdp2-grouped_mm", "v5-ep", "v5-trainer", "v5-peft-lora")
 # the systems that run the unmodified Trainer script (systems.TRAINER_NAMES): their first loss is
 # compared with v5-trainer's (same weights, same data), the harness's rows' with the harness's v5
 TRAINER_SYSTEMS = tuple(systems.TRAINER_NAMES.values())

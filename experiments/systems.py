@@ -39,6 +39,12 @@ reads it back into the same spec. Names:
 * ``ep<N>-<dispatcher>-<backend>[-<variant>...][+<option>...]``: moe_lab expert parallelism over N
   ranks (``from_config(..., moe_backend=<backend's stages with dispatch=<dispatcher>>, ep_size=N)``);
   every rank trains on its own batch; moe_lab reduces the gradients inside backward.
+* ``v5-peft-lora``, ``lora`` (``adapter: lora``): LoRA fine-tuning with PEFT, one process, the
+  harness's loop: ``peft.get_peft_model(model, LoraConfig(**PEFT_LORA))`` (attention projections and
+  the experts' 3D weights through ``target_parameters``, as PEFT's documentation shows) on vanilla
+  v5 with its default experts (``grouped_mm``), and on moe_lab with its defaults (no backend named,
+  default Options); only the adapters train. As mappings: ``{library: v5, adapter: lora}``,
+  ``{adapter: lora}``; they take no other key.
 * ``v5-trainer``, ``trainer``, ``trainer-max`` (``loop: trainer``): not the harness's training loop
   but an unmodified ``transformers.Trainer`` script (``experiments/trainer_script.py``, run by
   ``experiments/trainer_cell.py``), one process: ``v5-trainer`` imports
@@ -72,6 +78,10 @@ LIBRARIES = ("moe_lab", "v5")
 LOOPS = ("harness", "trainer")
 # the names of the Trainer-script systems: (library, fastest) -> name
 TRAINER_NAMES = {("v5", False): "v5-trainer", ("moe_lab", False): "trainer", ("moe_lab", True): "trainer-max"}
+# the PEFT adapter systems: (library, adapter) -> name; the one adapter configuration they train
+ADAPTER_NAMES = {("v5", "lora"): "v5-peft-lora", ("moe_lab", "lora"): "lora"}
+PEFT_LORA = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                 target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
 V5_PARALLEL = ("none", "fsdp2", "ep")
 PLACEMENTS = ("step", "backward", "stream")  # optimizer.step() after backward | inside backward | on a side stream
 # the variant word of each optimizer placement but "step" (one process only)
@@ -118,6 +128,8 @@ class SystemSpec:
         script of experiments/trainer_script.py, with the library's default arguments: every field
         above keeps its default).
     fastest: a trainer system whose script calls ``moe_lab.fastest(trainer)`` (``trainer-max``).
+    adapter: "lora": the model is wrapped by ``peft.get_peft_model`` with ``PEFT_LORA`` (``v5-peft-lora``,
+        ``lora``; the library's defaults otherwise).
     """
 
     library: str = "moe_lab"
@@ -131,6 +143,7 @@ class SystemSpec:
     fsdp: bool = False
     loop: str = "harness"
     fastest: bool = False
+    adapter: str | None = None
 
     # ---- the canonical short name ----
     @property
@@ -288,6 +301,9 @@ def _parse_name(name: str) -> SystemSpec:
     for (library, fastest), trainer_name in TRAINER_NAMES.items():
         if name == trainer_name:
             return SystemSpec(library=library, loop="trainer", fastest=fastest)
+    for (library, adapter), adapter_name in ADAPTER_NAMES.items():
+        if name == adapter_name:
+            return _adapter_spec(library, adapter)
     if name == "v5-ep":
         return _checked(what, SystemSpec(library="v5", experts_implementation="grouped_mm", v5_parallel="ep"))
     if name.startswith("v5-fsdp2-"):
@@ -420,6 +436,12 @@ def from_mapping(mapping: Mapping) -> SystemSpec:
     library = mapping.get("library", "moe_lab")
     if library not in LIBRARIES:
         raise ValueError(f"{what}: library must be one of {', '.join(LIBRARIES)}, got {library!r}")
+    if mapping.get("adapter") is not None:
+        spec = _adapter_spec(library, mapping["adapter"]) if (library, mapping["adapter"]) in ADAPTER_NAMES else None
+        if spec is None or any(spec.as_mapping().get(k) != v for k, v in mapping.items() if k != "library"):
+            raise ValueError(f"{what}: an adapter system is {{adapter: lora}} or {{library: v5, adapter: lora}} "
+                             "(the library's defaults with PEFT_LORA); it takes no other key")
+        return spec
     loop, fastest = mapping.get("loop", "harness"), mapping.get("fastest", False)
     if loop not in LOOPS:
         raise ValueError(f"{what}: loop must be one of {', '.join(LOOPS)}, got {loop!r}")
@@ -494,10 +516,19 @@ def _checked(what: str, spec: SystemSpec) -> SystemSpec:
     return spec
 
 
+def _adapter_spec(library: str, adapter: str) -> SystemSpec:
+    """``v5-peft-lora`` / ``lora``: v5 with its default experts, moe_lab with its defaults, under PEFT."""
+    if library == "v5":
+        return SystemSpec(library="v5", experts_implementation="grouped_mm", adapter=adapter)
+    return SystemSpec(library="moe_lab", adapter=adapter)
+
+
 def _name(spec: SystemSpec) -> str:
     """The canonical short name of a spec (see the module docstring)."""
     if spec.loop == "trainer":
         return TRAINER_NAMES[(spec.library, spec.fastest)]
+    if spec.adapter is not None:
+        return ADAPTER_NAMES[(spec.library, spec.adapter)]
     if spec.library == "v5":
         if spec.v5_parallel == "ep":
             return "v5-ep"
@@ -548,8 +579,8 @@ def check_known(system) -> SystemSpec:
     the reason."""
     spec = parse(system)
     name = spec.name
-    if spec.loop == "trainer":  # the libraries' defaults: no name to look up (trainer-max's moe_lab.fastest
-        return spec             # is looked for when its cell runs: not_implemented without it)
+    if spec.loop == "trainer" or spec.adapter is not None:  # the libraries' defaults: no name to look up
+        return spec             # (trainer-max's moe_lab.fastest is looked for when its cell runs)
     if spec.library == "v5":
         impls = v5_experts_implementations()
         if spec.experts_implementation not in impls:
@@ -600,7 +631,7 @@ def moe_lab_options(system, environ=None):
         return None
     from moe_lab.options import Options
 
-    if spec.loop == "trainer":
+    if spec.loop == "trainer" or spec.adapter is not None:
         return Options()
 
     words_off = {f: False for f in OPTION_WORDS.values()}  # a variant word switches its option on
@@ -633,6 +664,8 @@ def build_model(system, config, *, dtype, attn: str, device, world: int, options
     if spec.loop == "trainer":
         raise ValueError(f"{spec.name}: a trainer system's model is built by its script (experiments/trainer_cell.py)")
     kw = dict(attn_implementation=attn, dtype=dtype)
+    if spec.adapter is not None:  # v5-peft-lora, lora: the library's defaults, then PEFT
+        return with_adapter(_build_plain(spec, config, kw, device, world, options), spec)
     if spec.library == "v5":
         check_known(spec)
         if spec.kind == "v5" and world > 1:
@@ -675,3 +708,27 @@ def build_model(system, config, *, dtype, attn: str, device, world: int, options
     moe_lab.resolve_backend(spec.moe_backend)
     with torch.device(device):
         return moe_lab.AutoModelForCausalLM.from_config(config, moe_backend=spec.moe_backend, options=options, **kw)
+
+
+def _build_plain(spec: SystemSpec, config, kw: dict, device, world: int, options):
+    """An adapter system's model before PEFT: v5's default experts, or moe_lab with no backend named."""
+    import torch
+    import transformers
+
+    if world > 1:
+        raise ValueError(f"{spec.name} is a one-GPU system, the cell has {world} processes")
+    with torch.device(device):
+        if spec.library == "v5":
+            return transformers.AutoModelForCausalLM.from_config(config, experts_implementation=spec.experts_impl, **kw)
+        import moe_lab
+
+        return moe_lab.AutoModelForCausalLM.from_config(config, options=options, **kw)
+
+
+def with_adapter(model, spec: SystemSpec):
+    """``model`` wrapped by ``peft.get_peft_model`` with ``PEFT_LORA`` (only the adapters train)."""
+    try:
+        import peft
+    except ImportError as e:
+        raise NotImplementedYet(f"{spec.name} needs PEFT: pip install 'moe_lab[peft]' ({e})") from e
+    return peft.get_peft_model(model, peft.LoraConfig(**PEFT_LORA))
