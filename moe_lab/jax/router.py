@@ -250,14 +250,14 @@ def router(fn, *, name: str | None = None) -> StageImpl:
     if another function holds it)."""
     if not callable(fn):
         raise TypeError(f"moe_lab.jax.router takes a JAX function fn(params, hidden) -> (weights, ids); got {type(fn).__name__}")
+    for impl in _IMPLS["router"].values():  # the same function again: the same implementation
+        if isinstance(impl.fn, JaxRouter) and impl.fn.fn is fn and (name is None or impl.name == name):
+            return impl
     base = name or f"jax:{getattr(fn, '__name__', type(fn).__name__)}"
+    if base in _IMPLS["router"] and not isinstance(_IMPLS["router"][base].fn, JaxRouter):
+        raise ValueError(f"router name {base!r} is taken by a built-in router implementation")
     name = base
     while name in _IMPLS["router"]:
-        held = _IMPLS["router"][name].fn
-        if isinstance(held, JaxRouter) and held.fn is fn:
-            return _IMPLS["router"][name]  # the same function again: the same implementation
-        if not isinstance(held, JaxRouter) and name == base and name.split(":")[0] != "jax":
-            raise ValueError(f"router name {name!r} is taken by a built-in router implementation")
         name = f"{base}#{next(_COUNTER)}"
     devices = jax_devices()
     caps = Capabilities(devices=devices, dtypes={d: FLOATS for d in devices}, exact=False, graph_safe=False,
