@@ -7,6 +7,7 @@ own loading (per-expert or fused keys, weight conversion) and saving apply uncha
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Mapping
@@ -19,7 +20,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from .stages.dispatch import LocalDispatcher
 from .families import FAMILIES, UnsupportedModelError, experts_spec_of, is_v5_experts_module
 from .stages.experts import first_weight
-from .layer import LayerPlanner, ModelPlan, MoELayer, adapt_experts, auto_trial, run_routed_experts
+from .layer import (LayerPlanner, ModelPlan, MoELayer, adapt_experts, auto_trial, run_routed_experts,
+                    run_v5_parallel_experts)
 from .options import Options, apply_process_settings
 from .registry import StageChoice, available_backends, resolve_backend
 
@@ -144,6 +146,31 @@ def _patch_moe_blocks(model: nn.Module, moe_backend: MoeBackend, ep_size: int = 
     return model
 
 
+# from_pretrained arguments with which transformers applies its own tensor / expert parallel plan
+V5_PARALLEL_ARGUMENTS = ("distributed_config", "tp_plan", "device_mesh")
+
+
+@contextlib.contextmanager
+def _patched_when_built(choice: StageChoice, substitute: bool):
+    """Within the block, every model transformers builds has its MoE blocks patched at the end of its
+    construction (`PreTrainedModel.post_init`), before transformers loads weights and applies a
+    parallel plan; a model around an already patched one (the causal LM around its base model) is
+    left as it is. Not thread-safe: it swaps `post_init` on the class for the duration."""
+    original = transformers.PreTrainedModel.post_init
+
+    def post_init(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if not any(isinstance(m, MoELayer) or hasattr(m, "moe_lab_spec") for m in self.modules()):
+            _patch_moe_blocks(self, choice, substitute=substitute)
+        return result
+
+    transformers.PreTrainedModel.post_init = post_init
+    try:
+        yield
+    finally:
+        transformers.PreTrainedModel.post_init = original
+
+
 def _split_options(options, kwargs: dict) -> tuple[Options, dict]:
     """(Options from ``options`` and any of its field names in ``kwargs``, the remaining kwargs for v5)."""
     fields = {f.name for f in dataclasses.fields(Options)}
@@ -175,6 +202,15 @@ class AutoModelForCausalLM(transformers.AutoModelForCausalLM):
             if model is not None:  # only this rank's experts were read
                 return _finish(model, choice, ep_size, fsdp, options, patched=True)
             logger.info("moe_lab: loading %s in full, then keeping this rank's experts", pretrained_model_name_or_path)
+        if ep_size == 1 and any(kwargs.get(name) is not None for name in V5_PARALLEL_ARGUMENTS):
+            # transformers applies its parallel plan while it builds the model: patch the blocks first,
+            # so the forward its plan installs on each experts module is moe_lab's
+            substitute = options.substitute or choice.requested is None
+            with _patched_when_built(choice, substitute):
+                model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                                          **kwargs)
+            model.moe_lab_backend, model.moe_lab_plan = choice.label, ModelPlan(model)
+            return _finish(model, choice, ep_size, fsdp, options, patched=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         return _finish(model, choice, ep_size, fsdp, options)
 
@@ -303,6 +339,8 @@ def _experts_forward_for(backend: str):
             self.__dict__["_moe_lab_registry_state"] = state
         _, spec, planner = state
         weight = first_weight(self, spec)
+        if "forward" in self.__dict__:  # transformers' parallel plan installed a forward: local ids, this rank's shards
+            return run_v5_parallel_experts(hidden_states, top_k_index, top_k_weights, self, spec, planner)
         backward = torch.is_grad_enabled() and weight.requires_grad
         dispatcher = LocalDispatcher()
         choice = planner.choice_for(weight, hidden_states.shape[0], backward, trial=lambda c: auto_trial(

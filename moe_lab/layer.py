@@ -48,6 +48,7 @@ class LayerPlanner:
         self._candidates: dict = {}  # auto: (device type, dtype) -> auto.CandidateSet
         self.latest: tuple | None = None  # the key of the plan the last forward ran
         self.decision = None  # auto: the AutoDecision the last forward ran
+        self.v5_parallel = False  # set at the first forward under transformers' own expert-parallel plan
 
     def restrict_to_graph_safe(self) -> None:
         """From now on "auto" chooses among the candidates a CUDA graph can replay (before any decision)."""
@@ -120,14 +121,14 @@ class LayerPlanner:
         if self.asked.auto is not None and self.decision is not None and self.latest is not None and self.latest[0]:
             out = {stage: str(p) for stage, p in self.decision.chosen.planned.items()}
             out["auto"] = self.decision.describe()
-            if getattr(self, "lora", None):  # the last forward ran PEFT's LoRA on the experts (moe_lab.lora)
-                out["lora"] = self.lora
-            return out
-        planned = self._plans[self.latest][0] if self.latest in self._plans else next(iter(self._plans.values()))[0]
-        out = {stage: str(p) for stage, p in planned.items()}
-        if self.asked.auto is not None:
-            out["auto"] = "not decided yet: each layer chooses at its first forward on a device"
-        if getattr(self, "lora", None):
+        else:
+            planned = self._plans[self.latest][0] if self.latest in self._plans else next(iter(self._plans.values()))[0]
+            out = {stage: str(p) for stage, p in planned.items()}
+            if self.asked.auto is not None:
+                out["auto"] = "not decided yet: each layer chooses at its first forward on a device"
+        if self.v5_parallel:
+            out["dispatch"] = V5_PARALLEL_DISPATCH
+        if getattr(self, "lora", None):  # the last forward ran PEFT's LoRA on the experts (moe_lab.lora)
             out["lora"] = self.lora
         return out
 
@@ -266,6 +267,35 @@ def run_local_experts(x, local_ids, local_weights, experts, spec, choice, num_lo
     return out.to(x.dtype)
 
 
+# ---- experts sharded by transformers' own expert-parallel plan -----------------------------------
+V5_PARALLEL_DISPATCH = ("transformers' expert-parallel plan (DistributedConfig(enable_expert_parallel=True)): "
+                        "transformers moves the tokens, moe_lab's stages run this rank's experts")
+
+
+def sharded_by_transformers(weight: torch.Tensor) -> bool:
+    """Whether transformers' own parallel plan has distributed this expert weight (a DTensor): its
+    experts module is then reached through the forward transformers installed on it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(weight, DTensor)
+
+
+def run_v5_parallel_experts(hidden, top_k_index, top_k_weights, experts, spec: ExpertsSpec,
+                            planner: LayerPlanner) -> torch.Tensor:
+    """The experts under transformers' expert-parallel plan, called by the forward it installed (the
+    weights are this rank's local shards then): hidden [R, H], top_k_index [R, k] local expert ids,
+    where the local count E_local marks a route to another rank's expert, top_k_weights [R, k] ->
+    [R, H], each row's weighted sum over its local experts (transformers sums the ranks' parts)."""
+    weight = first_weight(experts, spec)
+    num_local = weight.shape[0]
+    planner.v5_parallel = True
+    choice = planner.choice_for(weight)  # not measured: the rows each rank gets depend on the other ranks
+    local_ids = torch.where((top_k_index >= 0) & (top_k_index < num_local), top_k_index, -1)
+    return run_local_experts(hidden, local_ids, top_k_weights, experts, spec, choice, num_local)
+
+
 # ---- the router: v5's router module, its forward swapped for the chosen router stage -------------
 def _routed_forward(self, hidden_states: torch.Tensor):
     """hidden [..., H] -> RouterOutput(logits [T, E], weights [T, k], ids [T, k]), v5's tuple order."""
@@ -326,6 +356,7 @@ class MoELayer(nn.Module):
         self.dispatcher = self.choice.dispatch(ep=ep, num_experts=experts_spec.num_experts)
         self.jitter_noise = float(getattr(config, family.jitter_attr, 0.0) or 0.0) if family.jitter_attr else 0.0
         adapt_router(self.router_module, self.routing, self.choice.router)
+        adapt_layer_experts(self.experts, self)
 
     @property
     def plan(self) -> dict:
@@ -349,6 +380,10 @@ class MoELayer(nn.Module):
         experts, lora = unwrap_peft_experts(self.experts, self.experts_spec)  # PEFT's LoRA wrappers (moe_lab.lora)
         weight = first_weight(experts, self.experts_spec)
         backward = torch.is_grad_enabled() and (weight.requires_grad or lora is not None and lora.requires_grad)
+        if sharded_by_transformers(weight):
+            _, weights, ids = self.router_module(hidden)  # the router stage of the unplaced plan
+            out = self.experts(expert_hidden, ids, weights)  # transformers' forward, then run_v5_parallel_experts
+            return self._finish_output(out, latent, shape, hidden_states, weights)
         choice = self.planner.choice_for(weight, hidden.shape[0], backward, trial=lambda c: auto_trial(
             hidden, experts, self.experts_spec, backward, self.dispatcher, router=self.router_module,
             routing=self.routing, expert_hidden=None if expert_hidden is hidden else expert_hidden)(c))
@@ -362,6 +397,11 @@ class MoELayer(nn.Module):
         run_experts, run_choice = with_lora(experts, lora, self.choice, self.planner)
         out = run_routed_experts(expert_hidden, ids, weights, run_experts, self.experts_spec, run_choice,
                                  self.dispatcher)
+        return self._finish_output(out, latent, shape, hidden_states, weights)
+
+    def _finish_output(self, out, latent, shape, hidden_states, weights):
+        """The routed experts' sum [T, H'] -> the block's output as v5 returns it (latent projection
+        back, shared experts added, GPT-OSS's router scores beside it)."""
         if latent is not None:
             out = latent[1](out)
         out = out.view(shape)
@@ -374,7 +414,14 @@ class MoELayer(nn.Module):
 
 # ---- the generic path: v5's block and router untouched, the experts run through moe_lab ----------
 def _generic_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """v5's experts signature: hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+    """v5's experts signature: hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H].
+    The experts of a `MoELayer` have this forward too, reached only under transformers' own
+    expert-parallel plan (`moe_lab_layer_parts`: the layer's planner and spec)."""
+    parts = self.__dict__.get("moe_lab_layer_parts")
+    planner, spec = parts if parts is not None else (self.moe_lab_planner, self.moe_lab_spec)
+    if parts is not None or first_weight(self, spec).shape[0] != spec.num_experts and \
+            self.moe_lab_dispatcher.name == "local":  # local shards: transformers' plan reached us
+        return run_v5_parallel_experts(hidden_states, top_k_index, top_k_weights, self, spec, planner)
     weight = first_weight(self, self.moe_lab_spec)
     backward = torch.is_grad_enabled() and weight.requires_grad
     choice = self.moe_lab_planner.choice_for(weight, hidden_states.shape[0], backward, trial=lambda c: auto_trial(
@@ -387,9 +434,14 @@ def _generic_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 _ADAPTED_EXPERTS: dict[type, type] = {}
 
 
-def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep=None, substitute: bool = False,
-                  hint: str | None = None) -> None:
-    """Make a v5 experts module compute through moe_lab's stages (its weights and names unchanged)."""
+def adapt_layer_experts(experts: nn.Module, layer: "MoELayer") -> None:
+    """Give a `MoELayer`'s experts module moe_lab's experts forward, which transformers' own
+    expert-parallel plan captures and calls (the layer itself never calls it otherwise)."""
+    _adapt_experts_class(experts)
+    experts.moe_lab_layer_parts = (layer.planner, layer.experts_spec)
+
+
+def _adapt_experts_class(experts: nn.Module) -> None:
     base = type(experts)
     if base not in _ADAPTED_EXPERTS.values():
         if base not in _ADAPTED_EXPERTS:
@@ -398,6 +450,12 @@ def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep
             setattr(sys.modules[__name__], name, adapted)
             _ADAPTED_EXPERTS[base] = adapted
         experts.__class__ = _ADAPTED_EXPERTS[base]
+
+
+def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep=None, substitute: bool = False,
+                  hint: str | None = None) -> None:
+    """Make a v5 experts module compute through moe_lab's stages (its weights and names unchanged)."""
+    _adapt_experts_class(experts)
     model_type = str(getattr(getattr(experts, "config", None), "model_type", "?"))
     # v5's own router runs: the router stage is not used here (no routing features to check)
     experts.moe_lab_planner = LayerPlanner(choice, model_type, frozenset(), spec, substitute, expert_parallel=ep is not None,
