@@ -26,7 +26,8 @@ Inside `jax.jit` the torch stages run from the compiled program (the callback do
 Why not torchax or torch2jax (both installable here): they translate PyTorch programs into JAX
 operations (abstract interpretation), so the layer would run as XLA ops, not moe_lab's Triton
 kernels, and neither translates the torch backend's stages (experiments/jax_interop_probe.py
-records what each does on this layer, results/jax-interop/probe-cpu.json).
+records what each does on this layer, results/jax-interop/probe-cpu.json: torch2jax stops at
+torch.softmax(dtype=...), torchax at aten.prod.dim_Dimname, on the CPU, at the first stages).
 """
 from __future__ import annotations
 
