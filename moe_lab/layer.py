@@ -18,7 +18,7 @@ import torch.nn as nn
 from .families import Family
 from .registry import LayerNeeds, StageChoice, fused_pair, plan_layer
 from .stages.experts import ExpertsSpec, first_weight
-from .lora import unwrap_peft_experts, with_lora
+from .lora import note_peft_parametrized, unwrap_peft_experts, with_lora
 from .stages.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
@@ -423,6 +423,7 @@ def _generic_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             self.moe_lab_dispatcher.name == "local":  # local shards: transformers' plan reached us
         return run_v5_parallel_experts(hidden_states, top_k_index, top_k_weights, self, spec, planner)
     weight = first_weight(self, self.moe_lab_spec)
+    note_peft_parametrized(self, self.moe_lab_planner)  # PEFT's LoRA on a generic layer: said in the plan
     backward = torch.is_grad_enabled() and weight.requires_grad
     choice = self.moe_lab_planner.choice_for(weight, hidden_states.shape[0], backward, trial=lambda c: auto_trial(
         hidden_states, self, self.moe_lab_spec, backward, self.moe_lab_dispatcher, ids=top_k_index,

@@ -38,4 +38,19 @@ def with_lora(experts, lora: ExpertsLoRA | None, choice, planner):
 
 
 __all__ = ["ExpertsLoRA", "LoRAFactors", "LORA_EXPERTS", "UnsupportedAdapterError", "lora_choice",
-           "lora_experts_grouped_mm", "lora_experts_loop", "lora_experts_triton", "unwrap_peft_experts", "with_lora"]
+           "lora_experts_grouped_mm", "lora_experts_loop", "lora_experts_triton", "note_peft_parametrized",
+           "unwrap_peft_experts", "with_lora"]
+
+
+PEFT_MERGED_NOTE = ("PEFT's own path: each targeted expert weight runs as W + scale * B @ A, formed every forward "
+                    "(v5's generic experts under PEFT's parametrization; moe_lab's grouped LoRA path runs in the "
+                    "MoE layers of the families it replaces: Qwen3-MoE, Mixtral, GPT-OSS, DeepSeek-V3, NemotronH)")
+
+
+def note_peft_parametrized(experts, planner) -> None:
+    """Record in the plan that PEFT's parametrization (not moe_lab's LoRA path) adapts these experts:
+    a v5 experts module moe_lab computes through its generic path, wrapped by PEFT's ParamWrapper."""
+    if getattr(experts, "parametrizations", None) is not None:
+        planner.lora = PEFT_MERGED_NOTE
+    elif getattr(planner, "lora", None) is not None:
+        planner.lora = None
