@@ -9,3 +9,5 @@ Note: `moe_lab.jax.router` is the function; its module is reached with
 """
 from .router import expert_choice, router, sparsemax_topk  # noqa: F401  (router.py imports JAX lazily)
 from .layer import moe_layer  # noqa: F401  (layer.py imports JAX lazily)
+
+__all__ = ["expert_choice", "moe_layer", "router", "sparsemax_topk"]

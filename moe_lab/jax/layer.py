@@ -105,8 +105,6 @@ def _from_numpy(a) -> torch.Tensor:
 
 
 def _to_numpy(t: torch.Tensor, dtype):
-    import numpy as np
-
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(dtype)

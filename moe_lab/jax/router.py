@@ -51,7 +51,6 @@ parameters the v5 module does not have is not supported (the fn gets exactly the
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 
