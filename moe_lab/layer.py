@@ -49,6 +49,8 @@ class LayerPlanner:
         self.latest: tuple | None = None  # the key of the plan the last forward ran
         self.decision = None  # auto: the AutoDecision the last forward ran
         self.v5_parallel = False  # set at the first forward under transformers' own expert-parallel plan
+        self.v5_implementation = None  # the model's experts_implementation when moe_lab took the layer
+        self.switched_to = None  # the one set_experts_implementation chose since, while it differs
 
     def restrict_to_graph_safe(self) -> None:
         """From now on "auto" chooses among the candidates a CUDA graph can replay (before any decision)."""
@@ -128,6 +130,9 @@ class LayerPlanner:
                 out["auto"] = "not decided yet: each layer chooses at its first forward on a device"
         if self.v5_parallel:
             out["dispatch"] = V5_PARALLEL_DISPATCH
+        if self.switched_to is not None:
+            out["experts"] = (f"transformers' {self.switched_to!r} experts implementation (set_experts_implementation; "
+                              f"moe_lab's stages run again when it is set back to {self.v5_implementation!r})")
         if getattr(self, "lora", None):  # the last forward ran PEFT's LoRA on the experts (moe_lab.lora)
             out["lora"] = self.lora
         return out
@@ -267,6 +272,21 @@ def run_local_experts(x, local_ids, local_weights, experts, spec, choice, num_lo
     return out.to(x.dtype)
 
 
+# ---- transformers' own experts implementations, chosen after moe_lab took the layer --------------
+def switched_implementation(experts: nn.Module, planner: LayerPlanner) -> str | None:
+    """The experts implementation a user chose with transformers' `set_experts_implementation` since
+    moe_lab took this layer (the experts then run transformers' code for it), or None (moe_lab's)."""
+    current = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    planner.switched_to = current if current != planner.v5_implementation else None
+    return planner.switched_to
+
+
+def v5_experts_class(experts: nn.Module) -> type:
+    """The transformers class an experts module had before moe_lab adapted it."""
+    cls = type(experts)
+    return cls.__mro__[1] if cls in _ADAPTED_EXPERTS.values() else cls
+
+
 # ---- experts sharded by transformers' own expert-parallel plan -----------------------------------
 V5_PARALLEL_DISPATCH = ("transformers' expert-parallel plan (DistributedConfig(enable_expert_parallel=True)): "
                         "transformers moves the tokens, moe_lab's stages run this rank's experts")
@@ -380,9 +400,11 @@ class MoELayer(nn.Module):
         experts, lora = unwrap_peft_experts(self.experts, self.experts_spec)  # PEFT's LoRA wrappers (moe_lab.lora)
         weight = first_weight(experts, self.experts_spec)
         backward = torch.is_grad_enabled() and (weight.requires_grad or lora is not None and lora.requires_grad)
-        if sharded_by_transformers(weight):
+        if sharded_by_transformers(weight) or switched_implementation(experts, self.planner) is not None:
+            # transformers' parallel plan (its installed forward moves the tokens, then run_v5_parallel_experts),
+            # or the experts implementation a user chose with set_experts_implementation
             _, weights, ids = self.router_module(hidden)  # the router stage of the unplaced plan
-            out = self.experts(expert_hidden, ids, weights)  # transformers' forward, then run_v5_parallel_experts
+            out = self.experts(expert_hidden, ids, weights)
             return self._finish_output(out, latent, shape, hidden_states, weights)
         choice = self.planner.choice_for(weight, hidden.shape[0], backward, trial=lambda c: auto_trial(
             hidden, experts, self.experts_spec, backward, self.dispatcher, router=self.router_module,
@@ -419,6 +441,8 @@ def _generic_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     expert-parallel plan (`moe_lab_layer_parts`: the layer's planner and spec)."""
     parts = self.__dict__.get("moe_lab_layer_parts")
     planner, spec = parts if parts is not None else (self.moe_lab_planner, self.moe_lab_spec)
+    if switched_implementation(self, planner) is not None:  # set_experts_implementation: transformers' code runs
+        return v5_experts_class(self).forward(self, hidden_states, top_k_index, top_k_weights)
     if parts is not None or first_weight(self, spec).shape[0] != spec.num_experts and \
             self.moe_lab_dispatcher.name == "local":  # local shards: transformers' plan reached us
         return run_v5_parallel_experts(hidden_states, top_k_index, top_k_weights, self, spec, planner)
@@ -440,6 +464,7 @@ def adapt_layer_experts(experts: nn.Module, layer: "MoELayer") -> None:
     expert-parallel plan captures and calls (the layer itself never calls it otherwise)."""
     _adapt_experts_class(experts)
     experts.moe_lab_layer_parts = (layer.planner, layer.experts_spec)
+    layer.planner.v5_implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
 
 
 def _adapt_experts_class(experts: nn.Module) -> None:
@@ -462,5 +487,6 @@ def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep
     experts.moe_lab_planner = LayerPlanner(choice, model_type, frozenset(), spec, substitute, expert_parallel=ep is not None,
                                            hint=hint)
     experts.moe_lab_choice = experts.moe_lab_planner.plan_unplaced(first_weight(experts, spec))[1]  # refuses here
+    experts.moe_lab_planner.v5_implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
     experts.moe_lab_spec = spec
     experts.moe_lab_dispatcher = experts.moe_lab_choice.dispatch(ep=ep, num_experts=spec.num_experts)

@@ -34,3 +34,21 @@ def test_bad_expert_ids_still_refused_when_compiled():
     assert plan(torch.tensor([[0, 3], [1, 2]])).tolist() == [1, 1, 1, 1]
     with pytest.raises(RuntimeError, match=r"expert ids must lie in \[0, 4\)"):
         plan(torch.tensor([[0, 4], [1, 2]]))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "olmoe"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_equals_eager(family, strict):
+    """torch.export (strict: through dynamo; non-strict: the Python runs, tensors are traced) of a
+    moe_lab model: no data-dependent guard in the MoE path, and the exported program's logits are the
+    eager model's (a MoELayer family, GPT-OSS's biases and clamped experts, the generic path)."""
+    from tiny_models import tiny_config
+
+    torch._dynamo.reset()
+    _, ours = v5_and_moe_lab(tiny_config(family, num_experts=4, layers=1))
+    ours.eval()
+    ids = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(2))
+    program = torch.export.export(ours, (ids,), {"use_cache": False}, strict=strict)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(ids, use_cache=False).logits, ours(ids, use_cache=False).logits,
+                                   rtol=1e-5, atol=1e-6)
