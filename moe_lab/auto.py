@@ -138,6 +138,16 @@ def forget_decisions() -> None:
     _DECISIONS.clear()
 
 
+def traced_decision(candidate_set: CandidateSet) -> "AutoDecision":
+    """What a layer runs in a forward torch.compile or torch.export traces (nothing is measured
+    there): the first traceable candidate, else the floor (the torch stages)."""
+    for candidate in candidate_set.candidates:
+        if not candidate.choice.untraceable:
+            return AutoDecision(candidate, "rule: traced by torch.compile: the first traceable candidate (the Triton, "
+                                "TE and DeepEP stages are not traced yet)", excluded=candidate_set.excluded)
+    return AutoDecision(candidate_set.floor, "rule: traced by torch.compile: the floor", excluded=candidate_set.excluded)
+
+
 def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, dtype: torch.dtype, tokens: int,
            backward: bool, run: Callable[[StageChoice], Callable[[], None]]) -> AutoDecision:
     """The decision for one layer shape; measured once per key with `run(choice)`, which returns a
@@ -151,7 +161,7 @@ def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, d
     decision = _DECISIONS.get(key)
     if decision is not None:
         return decision
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_available()
+    if (device.type == "cuda" and torch.cuda.is_available()
                                          and torch.cuda.is_current_stream_capturing()):
         return AutoDecision(candidates[0], "rule: first preference (this forward is traced or captured; "
                             "nothing measured)", excluded=excluded)

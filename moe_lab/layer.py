@@ -92,7 +92,10 @@ class LayerPlanner:
         key = (None if weight.device.type == "meta" else weight.device.type, weight.dtype)
         self.latest = key
         if self.asked.auto is None or key[0] is None:
-            return self._plan(*key)[1]
+            choice = self._plan(*key)[1]
+            if choice.untraceable and torch.compiler.is_compiling():
+                raise_untraceable(self.model_type, choice)
+            return choice
         self.decision = self._decide(weight, tokens, backward, trial)
         return self.decision.chosen.choice
 
@@ -108,6 +111,8 @@ class LayerPlanner:
             dispatch = self.asked.names["dispatch"] if self.expert_parallel else None
             candidate_set = self._candidates[key] = auto.candidates_for(
                 self._needs(*key), dispatch, self.asked.auto.graph_safe_only)
+        if torch.compiler.is_compiling():
+            return auto.traced_decision(candidate_set)
         if self.expert_parallel and candidate_set.candidates:
             return auto.AutoDecision(candidate_set.candidates[0], "rule: first preference under expert parallelism "
                                      "(not measured)", excluded=candidate_set.excluded)
@@ -135,7 +140,16 @@ class LayerPlanner:
                               f"moe_lab's stages run again when it is set back to {self.v5_implementation!r})")
         if getattr(self, "lora", None):  # the last forward ran PEFT's LoRA on the experts (moe_lab.lora)
             out["lora"] = self.lora
+        if getattr(self, "balancing", None):  # router options of moe_lab.stages.balancing.Balancer
+            out["balancing"] = self.balancing
         return out
+
+
+def raise_untraceable(model_type: str, choice: StageChoice):
+    raise RuntimeError(
+        f"moe_lab: torch.compile / torch.export cannot trace the {', '.join(choice.untraceable)} stage(s) of this "
+        f"{model_type} MoE layer (their kernels are not registered as custom ops yet). Build the model with "
+        "moe_backend='torch', or with the default 'auto', which runs the torch stages in traced forwards.")
 
 
 def _detached_experts(experts: nn.Module, spec: ExpertsSpec, requires_grad: bool) -> nn.Module:

@@ -14,6 +14,7 @@ allowed substitution, run by the stage's reference and recorded in the layer's p
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -67,7 +68,9 @@ class Capabilities:
     `RoutingSpec.features()` it implements (router stage); exact: equal to the reference up to
     float rounding (the tests hold it there); token_level: a dispatcher that moves tokens and runs
     permutation/combine itself (DeepEP); graph_safe: no host synchronisation and static shapes, so
-    a CUDA graph can replay it; expert_parallel: runs on expert shards under `ep_size > 1`;
+    a CUDA graph can replay it; traceable: torch.compile / torch.export trace it (torch operations,
+    or custom ops with fake implementations; Triton, TE and DeepEP launches are not traced yet);
+    expert_parallel: runs on expert shards under `ep_size > 1`;
     fuses_with: an experts implementation that also does this permutation's gather (and is then
     called once for permutation + experts + combine through `fused`).
     """
@@ -79,6 +82,7 @@ class Capabilities:
     exact: bool = True
     token_level: bool = False
     graph_safe: bool = False
+    traceable: bool = True
     expert_parallel: bool = True
     fuses_with: str | None = None
 
@@ -128,6 +132,9 @@ def register_stage(stage: str, name: str, fn, why_unavailable=None, description:
     caps = caps or Capabilities()
     if (caps.fuses_with is None) != (fused is None):
         raise ValueError(f"{stage} {name!r}: caps.fuses_with and fused= go together")
+    if not caps.traceable:  # torch.compile runs it eagerly (a graph break; a full graph is refused by the planner)
+        fn = torch.compiler.disable(fn) if isinstance(fn, types.FunctionType) else fn  # classes, callables: their own
+        fused = None if fused is None else torch.compiler.disable(fused)
     impl = _IMPLS[stage][name] = StageImpl(stage, name, fn, why_unavailable or (lambda: None), description, caps, fused)
     return impl
 
@@ -198,6 +205,11 @@ class StageChoice:
     def graph_safe(self) -> bool:
         """Whether a CUDA graph can replay every local stage of this choice."""
         return all(self.impls[s].caps.graph_safe for s in STAGES)
+
+    @property
+    def untraceable(self) -> list[str]:
+        """The stages torch.compile / torch.export cannot trace, as "stage 'name'"."""
+        return [f"{s} {self.names[s]!r}" for s in STAGES if not self.impls[s].caps.traceable]
 
     def with_stage(self, stage: str, name: str) -> "StageChoice":
         """This choice with `stage` run by implementation `name` (what was requested is kept)."""

@@ -52,3 +52,36 @@ def test_torch_export_equals_eager(family, strict):
     with torch.no_grad():
         torch.testing.assert_close(program.module()(ids, use_cache=False).logits, ours(ids, use_cache=False).logits,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_untraceable_stages_refused_in_a_full_graph_and_eager_otherwise():
+    """The Triton stages are not traced (no custom ops yet): a full graph is refused with the reason,
+    and a plain torch.compile breaks the graph there and runs the layer eagerly (the same logits)."""
+    from tiny_models import tiny_config
+
+    torch._dynamo.reset()
+    _, ours = v5_and_moe_lab(tiny_config("qwen3_moe", num_experts=4, layers=1), moe_backend="triton")
+    ids = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(4))
+    eager = ours(ids).logits
+    with pytest.raises(Exception, match=r"cannot trace the router 'triton'.*moe_backend='torch'"):
+        torch.compile(ours, fullgraph=True)(ids)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(ours)(ids).logits, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_takes_a_traceable_candidate_when_traced():
+    """Under torch.compile, auto's rule skips the candidates with untraceable stages (nothing is
+    measured in a traced forward)."""
+    from moe_lab import auto
+    from moe_lab.registry import LayerNeeds, plan_layer, resolve_backend
+
+    needs = LayerNeeds("qwen3_moe", frozenset({"softmax", "renormalize"}), "glu:silu", "cpu", torch.float32, False)
+    candidates = []
+    for label in ("triton", "torch"):
+        planned, choice = plan_layer(resolve_backend(label), needs, substitute=False)
+        candidates.append(auto.Candidate(label, planned, choice))
+    floor = candidates[1]
+    decision = auto.traced_decision(auto.CandidateSet(candidates, {}, floor))
+    assert decision.chosen.label == "torch" and "traced by torch.compile" in decision.describe()
+    assert candidates[0].choice.untraceable and not candidates[1].choice.untraceable
+    assert auto.traced_decision(auto.CandidateSet(candidates[:1], {}, floor)).chosen is floor

@@ -260,7 +260,7 @@ def router(fn, *, name: str | None = None) -> StageImpl:
         name = f"{base}#{next(_COUNTER)}"
     devices = jax_devices()
     caps = Capabilities(devices=devices, dtypes={d: FLOATS for d in devices}, exact=False, graph_safe=False,
-                        expert_parallel=False)
+                        traceable=False, expert_parallel=False)
     doc = (getattr(fn, "__doc__", None) or "").strip().splitlines()
     impl = register_stage("router", name, JaxRouter(fn, name), caps=caps,
                           description=f"JAX router {name} (replaces the family's routing)" + (f": {doc[0]}" if doc else ""))

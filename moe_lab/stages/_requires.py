@@ -14,8 +14,9 @@ FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16})
 # Triton decides at import whether it interprets (its own TRITON_INTERPRET, read once here): then
 # its kernels run on CPU tensors too (tests), else on CUDA tensors only
 TRITON_INTERPRETS = os.environ.get("TRITON_INTERPRET") == "1"
-TRITON = Capabilities(devices=frozenset({"cuda", "cpu"} if TRITON_INTERPRETS else {"cuda"}), graph_safe=True)
-TE = Capabilities(devices=frozenset({"cuda"}))
+TRITON = Capabilities(devices=frozenset({"cuda", "cpu"} if TRITON_INTERPRETS else {"cuda"}), graph_safe=True,
+                      traceable=False)
+TE = Capabilities(devices=frozenset({"cuda"}), traceable=False)
 
 
 def why_triton_unavailable() -> str | None:

@@ -122,4 +122,4 @@ register_stage("dispatch", "all2all", AllToAllDispatcher, description="torch.dis
 register_stage("dispatch", "deepep", DeepEPDispatcher, why_deepep_unavailable,
                description="DeepEP fused NVLink all-to-all (token-level: moves tokens, the other stages run on what arrives)",
                caps=Capabilities(devices=frozenset({"cuda"}), dtypes={"cuda": frozenset({torch.bfloat16})},
-                                 token_level=True))
+                                 token_level=True, traceable=False))
