@@ -85,3 +85,24 @@ def test_auto_takes_a_traceable_candidate_when_traced():
     assert decision.chosen.label == "torch" and "traced by torch.compile" in decision.describe()
     assert candidates[0].choice.untraceable and not candidates[1].choice.untraceable
     assert auto.traced_decision(auto.CandidateSet(candidates[:1], {}, floor)).chosen is floor
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_default_model_compiles_on_the_gpu(family):
+    """On a GPU the default (auto) decides eagerly among Triton candidates; a full-graph compile of the
+    same model then runs the torch stages and equals the eager forward (bf16 tolerance)."""
+    from tiny_models import tiny_config
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch._dynamo.reset()
+    _, ours = v5_and_moe_lab(tiny_config(family, num_experts=8, layers=2))
+    ours = ours.to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    eager = ours(ids, labels=ids)
+    compiled = torch.compile(ours, fullgraph=True)(ids, labels=ids)
+    compiled.loss.backward()
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=2e-2, atol=2e-2)
+    layer = next(iter(ours.moe_lab_plan))
+    assert "traced by torch.compile" in ours.moe_lab_plan[layer]["auto"]
