@@ -335,7 +335,7 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
                              {"params": other, "weight_decay": 0.0}], lr=spec["lr"], betas=(0.9, 0.95))
     n_params = sum(p.numel() for p in model.parameters())
-    tracer = RoutingTracer(model, logits=True, auto_step=False) if spec["trace_steps"] else None
+    tracer = RoutingTracer(model, logits=True, logits_dtype="float16", auto_step=False) if spec["trace_steps"] else None
     cols = {k: [] for k in ("step", "loss", "aux_loss", "lr", "step_s", "tokens_per_s", "grad_norm",
                             "max_over_mean", "cv", "dropped_frac", "entropy", "bias_absmax")}
     evals = []
@@ -615,14 +615,15 @@ def report_markdown(manifest: dict, records: list[dict], run_name: str) -> str:
     hw, ver, git = prov.get("hardware", {}), prov.get("versions", {}), prov.get("git", {})
     ok = [r for r in records if r["status"] == "ok"]
     s = ok[0]["spec"] if ok else (records[0]["spec"] if records else {})
-    device = "CPU" if not hw.get("gpu") else f"{hw.get('gpu_count', 1)}x {hw.get('gpu_name')}"
+    on_gpu = bool(hw.get("gpu_count")) and any(r.get("device", "").startswith("cuda") for r in ok)
+    device = f"{hw.get('gpu_count')}x {hw.get('gpu_name')}" if on_gpu else f"CPU ({hw.get('cpu_count')} cores)"
     data = ok[0]["data"] if ok else {}
     lines = [
         f"## {run_name}: routing ablation, {s.get('family')} L{s.get('layers')} H{s.get('hidden')}, "
         f"{s.get('steps')} steps x {s.get('batch')} x {s.get('seq')} bytes, {device}",
         "",
-        ("**CPU run**: a small smoke-size ablation, not a result to cite as a finding." if not hw.get("gpu") else
-         "GPU run."),
+        ("GPU run." if on_gpu else
+         "**CPU run**: a small smoke-size ablation, not a result to cite as a finding."),
         f"Data: Python {data.get('python')} standard library sources as bytes ({data.get('train_bytes')} train / "
         f"{data.get('heldout_bytes')} held-out bytes, digest {data.get('digest')}); seeds {manifest.get('seeds')}; "
         f"held-out loss at the last step, the other columns averaged over the last 10% of steps and all MoE layers; "
