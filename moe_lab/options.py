@@ -8,13 +8,13 @@ The same fields may be given as keyword arguments of ``from_pretrained`` / ``fro
 
 - model options change what this model runs (fused loss, norms, rotary, CUDA graphs, substitution);
 - process settings steer code shared by every model of the process (input checks on the host, the
-  Triton kernels' TF32 / TMA / autotuning and pinned tiles). Building a model applies them; a later
+  Triton kernels' TF32 / TMA / autotuning, pinned tiles and weight-gradient kernel). Building a model applies them; a later
   model with other settings replaces them, with a warning.
 
 The library reads no environment variable. ``Options.from_environment()`` is the one place the
 documented ``MOE_LAB_*`` overrides are read (benchmarks use it: ``experiments.cell``):
-``MOE_LAB_HOST_CHECKS``, ``MOE_LAB_TRITON_TF32``, ``MOE_LAB_TRITON_TMA``, ``MOE_LAB_TRITON_AUTOTUNE``
-(on/off: unset keeps the default, "", "0", "false" are off, anything else on) and
+``MOE_LAB_HOST_CHECKS``, ``MOE_LAB_TRITON_TF32``, ``MOE_LAB_TRITON_TMA``, ``MOE_LAB_TRITON_AUTOTUNE``,
+``MOE_LAB_TRITON_DW`` (on/off: unset keeps the default, "", "0", "false" are off, anything else on) and
 ``MOE_LAB_TRITON_PIN`` (a path).
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ ENVIRONMENT_OVERRIDES = {
     "tma": "MOE_LAB_TRITON_TMA",
     "autotune": "MOE_LAB_TRITON_AUTOTUNE",
     "autotune_pin": "MOE_LAB_TRITON_PIN",
+    "triton_weight_grad": "MOE_LAB_TRITON_DW",
 }
-PROCESS_SETTINGS = ("host_checks", "tf32", "tma", "autotune", "autotune_pin")
+PROCESS_SETTINGS = ("host_checks", "tf32", "tma", "autotune", "autotune_pin", "triton_weight_grad")
 # model options whose default (None) is decided per model: on where they run and keep v5's results
 AUTOMATIC = ("fused_norm", "fused_rope")
 
@@ -68,6 +69,9 @@ class Options:
     tma: the experimental tensor-descriptor (TMA) GEMM tiles where the tensors allow them.
     autotune: time every candidate tile per shape; off: the first candidate of each kernel.
     autotune_pin: a JSON of recorded autotune choices (a block.json or a cell record) to re-use.
+    triton_weight_grad: the Triton kernel computes the bf16 experts' weight gradients of the Triton
+        stages (off: torch's grouped_mm, faster on every geometry measured; gathered rows always
+        take the Triton kernel).
     """
 
     fused_cross_entropy: bool = False
@@ -80,6 +84,7 @@ class Options:
     tma: bool = False
     autotune: bool = True
     autotune_pin: str | None = None
+    triton_weight_grad: bool = False
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -151,13 +156,15 @@ def apply_process_settings(options: Options) -> None:
     _applied = wanted
     kernel_defaults = Options()
     if ("triton_kernels" not in sys.modules and not options.autotune_pin
-            and all(getattr(options, k) == getattr(kernel_defaults, k) for k in ("tf32", "tma", "autotune"))):
+            and all(getattr(options, k) == getattr(kernel_defaults, k)
+                    for k in ("tf32", "tma", "autotune", "triton_weight_grad"))):
         return  # the kernels start with these settings: no need to import them for a model that may not use them
     try:
         from triton_kernels import settings as kernel_settings
     except ImportError:  # Triton is optional; its settings matter only to its stages
         return
-    kernel_settings.configure(tf32=options.tf32, tma=options.tma, autotune=options.autotune)
+    kernel_settings.configure(tf32=options.tf32, tma=options.tma, autotune=options.autotune,
+                              weight_grad="triton" if options.triton_weight_grad else "torch")
     if options.autotune_pin:
         from triton_kernels.autotune_choices import pin_autotune_choices
 

@@ -257,7 +257,7 @@ def test_weight_grad_kernels_agree_with_the_reference(gather, transposed_like):
     ends = offsets.tolist()
     want = torch.stack([rows[a:b].double().T @ dy[a:b].double() for a, b in zip([0] + ends[:-1], ends)])
     want_db = torch.stack([dy[a:b].double().sum(0) for a, b in zip([0] + ends[:-1], ends)])
-    impls = [i for i in grouped_gemm.DW_IMPLS if not (gather and i == "tma")]
+    impls = [i for i in grouped_gemm.DW_IMPLS if not (gather and i in ("tma", "torch"))]
     for impl in impls:
         with poisoned():
             dw, db = grouped_gemm.grouped_mm_weight_grad(x, dy, offsets, like, with_bias=True,
@@ -267,10 +267,28 @@ def test_weight_grad_kernels_agree_with_the_reference(gather, transposed_like):
         assert_close_rel(db, want_db, 1e-2, f"{impl}: dbias")
         assert_close_rel(dw[0], want[0], 0.0, f"{impl}: dw of an empty expert")
     if gather:
-        with pytest.raises(ValueError, match="without a gather"):
-            grouped_gemm.grouped_mm_weight_grad(x, dy, offsets, like, src_rows=src, impl="tma")
+        for impl in ("tma", "torch"):
+            with pytest.raises(ValueError, match="without a gather"):
+                grouped_gemm.grouped_mm_weight_grad(x, dy, offsets, like, src_rows=src, impl=impl)
     with pytest.raises(ValueError, match="impl must be one of"):
         grouped_gemm.grouped_mm_weight_grad(x, dy, offsets, like, impl="cutlass")
+
+
+def test_weight_grad_default_follows_the_setting(monkeypatch):
+    """bf16 rows without a gather go to torch's grouped_mm unless ``weight_grad="triton"``; float32
+    rows and gathered rows always to the pointer kernel; a bad setting is refused."""
+    from triton_kernels import grouped_gemm
+
+    x16, x32 = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8)
+    src = torch.zeros(4, dtype=torch.int64)
+    monkeypatch.setattr(kernel_settings, "_current", kernel_settings.KernelSettings())
+    assert grouped_gemm.default_dw_impl(x16, x16, None) == "torch"
+    assert grouped_gemm.default_dw_impl(x32, x32, None) == "pointer"
+    assert grouped_gemm.default_dw_impl(x16, x16, src) == "pointer"
+    monkeypatch.setattr(kernel_settings, "_current", kernel_settings.KernelSettings(weight_grad="triton"))
+    assert grouped_gemm.default_dw_impl(x16, x16, None) == "pointer"
+    with pytest.raises(ValueError, match="weight_grad must be"):
+        kernel_settings.KernelSettings(weight_grad="cutlass")
 
 
 def test_grouped_mm_tma_store_stops_at_the_experts_last_row():
@@ -827,12 +845,12 @@ def test_recorded_autotune_choices_pin_back_into_the_autotuners(monkeypatch, tmp
     with pytest.raises(ValueError, match="not an autotuned kernel"):
         pin_autotune_choices({"grouped_gemm._no_such_kernel": {key: str(config)}})
     # choices recorded by older forms of a kernel are skipped, with a warning: a key without the
-    # down-backward kernel's USE_TMA value, a config without its EPI_SPLIT
+    # down-backward kernel's USE_TMA and PAIRS values, a config without its EPI_SPLIT
     down_bwd = "expert_mlp._down_bwd_act_kernel"
     old_key = "(768, 2048, 32768, 'torch.bfloat16', 'torch.int32')"
-    new_key = "(768, 2048, 32768, False, 'torch.bfloat16', 'torch.int32')"
+    new_key = "(768, 2048, 32768, False, False, 'torch.bfloat16', 'torch.int32')"
     tiles = "BLOCK_M: 64, BLOCK_N: 64, BLOCK_K: 64, num_warps: 4, num_ctas: 1, num_stages: 4, maxnreg: None"
-    with pytest.warns(UserWarning, match="autotune key 4"):
+    with pytest.warns(UserWarning, match="autotune key 5"):
         assert pin_autotune_choices({down_bwd: {old_key: tiles + ", EPI_SPLIT: 1"}}) == 0
     with pytest.warns(UserWarning, match="EPI_SPLIT"):
         assert pin_autotune_choices({down_bwd: {new_key: tiles}}) == 0

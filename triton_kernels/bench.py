@@ -357,7 +357,7 @@ def bench_dw(tab, geo, device, dtype, seed):
         th = lambda x=x, dy=dy: _torch_weight_grad(x, dy, offsets)
         tab.add("dw", op, shape, "torch", timings(th), flops=flops)
         fns = {impl: (lambda x=x, dy=dy, like=like, impl=impl: gg.grouped_mm_weight_grad(x, dy, offsets, like, impl=impl)[0])
-               for impl in gg.DW_IMPLS if impl != "tma" or gg.rows_tma_eligible(x, dy)}
+               for impl in gg.DW_IMPLS if impl != "torch" and (impl != "tma" or gg.rows_tma_eligible(x, dy))}
         for impl, fn in fns.items():
             tab.add("dw", op, shape, impl, timings(fn), flops=flops, note=_check(fn, th))
             tab.ratio("dw", op, shape, fast=impl)

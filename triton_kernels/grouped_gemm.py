@@ -308,7 +308,33 @@ def grouped_mm_forward(
 
 
 
-DW_IMPLS = ("pointer", "tma")
+DW_IMPLS = ("pointer", "tma", "torch")
+
+
+def default_dw_impl(x: torch.Tensor, dy: torch.Tensor, src_rows: Optional[torch.Tensor]) -> str:
+    """``settings.weight_grad``'s choice for these rows: torch's ragged-K ``grouped_mm`` for bf16 rows
+    without a gather, else the pointer kernel."""
+    from .settings import current
+
+    torch_ok = (current().weight_grad == "torch" and src_rows is None and x.dtype == dy.dtype == torch.bfloat16
+                and hasattr(torch.nn.functional, "grouped_mm"))
+    return "torch" if torch_ok else "pointer"
+
+
+def _weight_grad_torch(x, dy, offsets, dw, db):
+    """dw [E, K, N] (written in its own layout) and db [E, N] by torch's ragged-K grouped_mm: the
+    product is computed in whichever orientation makes its output land in ``dw``'s memory order."""
+    F = torch.nn.functional
+    if dw.stride(1) == 1:  # a transpose view ([E, N, K] in memory), as the experts' v5 weights give
+        dw.copy_(F.grouped_mm(dy.t(), x, offs=offsets).transpose(1, 2))
+    else:
+        dw.copy_(F.grouped_mm(x.t(), dy, offs=offsets))
+    if db is not None:
+        counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
+        expert_of_row = torch.repeat_interleave(torch.arange(dw.shape[0], device=dy.device), counts,
+                                                output_size=dy.shape[0])
+        sums = torch.zeros(db.shape, dtype=torch.float32, device=dy.device).index_add_(0, expert_of_row, dy.float())
+        db.copy_(sums)
 
 
 def grouped_mm_weight_grad(
@@ -319,12 +345,15 @@ def grouped_mm_weight_grad(
 
     x [S, K] (or, with src_rows [S] int64, x [T, K] read as x[src_rows]), dy [S, N], offsets int32
     [E], like: the weight [E, K, N] whose layout dw copies. ``impl`` picks the kernel (``DW_IMPLS``):
-    ``pointer`` (the default, also with ``settings.tma``), or ``tma`` (rows without a gather).
+    ``pointer``, ``tma`` (rows without a gather), or ``torch`` (``torch.nn.functional.grouped_mm``:
+    bf16 rows without a gather); by default ``default_dw_impl`` (``settings.weight_grad``).
     Returns dw [E, K, N] (and dbias [E, N] = per-expert row sums of dy when with_bias).
     """
-    impl = impl or "pointer"
+    impl = impl or default_dw_impl(x, dy, src_rows)
     if impl not in DW_IMPLS:
         raise ValueError(f"grouped_mm_weight_grad: impl must be one of {DW_IMPLS}, got {impl!r}")
+    if impl == "torch" and not (src_rows is None and x.dtype == dy.dtype == torch.bfloat16):
+        raise ValueError("grouped_mm_weight_grad: impl='torch' needs bf16 rows without a gather (src_rows=None)")
     if impl == "tma" and not (src_rows is None and x.dtype == dy.dtype and rows_tma_eligible(x, dy)):
         raise ValueError("grouped_mm_weight_grad: impl='tma' needs rows without a gather (src_rows=None), "
                          "one dtype and unit column strides")
@@ -343,6 +372,9 @@ def grouped_mm_weight_grad(
     dbp = db if db is not None else dw
     sb = (db.stride(0), db.stride(1)) if db is not None else (0, 0)
     grid = lambda meta: (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    if impl == "torch":
+        _weight_grad_torch(x, dy, offsets, dw, db)
+        return dw, db
     if impl == "tma":
         launch_dw_tma(grid, x, dy, dw, dbp, offsets, sb, with_bias, upcast)
         return dw, db

@@ -10,6 +10,11 @@ compiled kernels).
   (experimental; the pointer kernels are the default; see ``triton_kernels.grouped_gemm_tma``).
 - ``autotune``: time every candidate tile per shape key; off: the first candidate of each list
   (GPU tests over many shapes, where tuning each would compile dozens of kernels).
+- ``weight_grad``: who computes the experts' weight gradients (``dw[e] = x[rows of e]^T dy[rows of
+  e]``) where the rows are not gathered: ``"torch"`` (``torch.nn.functional.grouped_mm``, ragged K;
+  bf16 only, CUTLASS on the GPU: faster than this package's kernel on every geometry measured, see
+  ``results/NOTES.md``) or ``"triton"`` (the pointer kernel). Other dtypes and gathered rows always
+  take the Triton kernel.
 """
 from __future__ import annotations
 
@@ -22,6 +27,11 @@ class KernelSettings:
     tf32: bool = False
     tma: bool = False
     autotune: bool = True
+    weight_grad: str = "torch"
+
+    def __post_init__(self):
+        if self.weight_grad not in ("torch", "triton"):
+            raise ValueError(f"weight_grad must be 'torch' or 'triton', got {self.weight_grad!r}")
 
 
 _current = KernelSettings()
@@ -36,7 +46,7 @@ def configure(**changes) -> KernelSettings:
     global _current
     unknown = set(changes) - {f.name for f in dataclasses.fields(KernelSettings)}
     if unknown:
-        raise TypeError(f"unknown kernel settings {sorted(unknown)}; known: tf32, tma, autotune")
+        raise TypeError(f"unknown kernel settings {sorted(unknown)}; known: tf32, tma, autotune, weight_grad")
     previous, _current = _current, dataclasses.replace(_current, **changes)
     if previous.autotune != _current.autotune:
         _apply_autotune(_current.autotune)
