@@ -64,11 +64,18 @@ CSV_FIELDS = ("key", "run", "cell_id", "status", "gpu", "gpu_count", "model", "s
 
 # ---- loading -----------------------------------------------------------------------------------
 def find_runs(root: Path) -> list[Path]:
-    """Run directories (holding manifest.json or cells/) under ``root``, or ``root`` itself."""
+    """Run directories (holding manifest.json or cells/) under ``root``, or ``root`` itself; routing
+    ablations (``experiments.ablation``: manifest ``"kind": "ablation"``) have their own report."""
     root = Path(root)
     if (root / "cells").is_dir():
-        return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "cells").is_dir()) if root.is_dir() else []
+        return [] if _is_ablation(root) else [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "cells").is_dir() and not _is_ablation(p)) \
+        if root.is_dir() else []
+
+
+def _is_ablation(run_dir: Path) -> bool:
+    manifest = run_dir / "manifest.json"
+    return manifest.exists() and store.read_json(manifest).get("kind") == "ablation"
 
 
 def load_records(run_dir: Path) -> list[dict]:
