@@ -4,7 +4,7 @@
     python -m experiments.ablation --preset h100x1-ablation --out $OUT/runs/h100x1-ablation
     python -m experiments.ablation --list                            # the cells of a preset
     python -m experiments.ablation --report runs/cpu-ablation         # table + curves of a run -> <run>/report/
-    python -m experiments.ablation --report results/runs/X --results  # maintainers: -> results/report/ablation-X.md|png
+    python -m experiments.ablation --report results/runs/X --results  # maintainers: -> results/report/ablation-X.md, ablation/X.png
 
 Data: the Python standard library's own sources as bytes (``text_data.py``: no download, a
 deterministic train / held-out split by file). Model: a tiny v5 Qwen3-MoE (softmax family) or
@@ -674,7 +674,8 @@ def plot(records: list[dict], path=None, smooth: int = 0):
 
 
 def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, name: str | None = None) -> list[Path]:
-    """``ablation-<run>.md`` and ``.png`` for the run at ``run_dir`` under ``out_dir`` (default <run>/report)."""
+    """``ablation-<run>.md`` and ``ablation/<run>.png`` for the run at ``run_dir`` under ``out_dir``
+    (default <run>/report)."""
     run_dir = Path(run_dir)
     name = name or run_dir.name
     out_dir = Path(out_dir) if out_dir else run_dir / "report"
@@ -682,11 +683,12 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     md = out_dir / f"ablation-{name}.md"
     text = report_markdown(manifest, records, name)
     store.write_text(md, f"# Routing ablation `{name}` (`python -m experiments.ablation --report`)\n\n"
-                         f"Generated from `{run_dir.as_posix()}` (do not edit).\n\n{text}")
-    png = out_dir / f"ablation-{name}.png"
+                         f"Generated from `{run_dir.as_posix()}` (do not edit). Curves: `ablation/{name}.png`.\n\n{text}")
+    png = out_dir / "ablation" / f"{name}.png"  # a folder of its own: experiments.report owns report/*.png
+    png.parent.mkdir(parents=True, exist_ok=True)
     import tempfile
 
-    with tempfile.NamedTemporaryFile(suffix=".png", dir=out_dir, delete=False) as tmp:
+    with tempfile.NamedTemporaryFile(suffix=".png", dir=png.parent, delete=False) as tmp:
         pass
     fig = plot(records, tmp.name)
     os.replace(tmp.name, png)
