@@ -75,7 +75,7 @@ DEFAULTS = {
     "balancing": "none", "aux_loss_coef": 0.01, "bias_update_rate": 0.001,
     "capacity_factor": None, "capacity_priority": "slot",
     "batch": 8, "seq": 128, "steps": 100, "lr": 3.0e-3, "warmup_steps": 10, "weight_decay": 0.0, "grad_clip": 1.0,
-    "eval_every": 0, "eval_batches": 4, "trace_steps": [],
+    "eval_every": 0, "eval_batches": 4, "trace_steps": [], "trace_logits": True,
     "seed": 0, "device": "auto", "dtype": "fp32", "backend": "auto", "matmul_precision": "highest",
     "max_train_bytes": 4_000_000, "max_heldout_bytes": 400_000,
     "fail_at": None,  # test hook: "build" / "step" raise there, "crash" exits without a record
@@ -116,6 +116,7 @@ CHECKS = {
     "grad_clip": (_num, "a number >= 0 (0: no clipping)"),
     "eval_every": (_nonneg_int, "an integer >= 0 (0: only at the end)"), "eval_batches": (_pos_int, "an integer >= 1"),
     "trace_steps": (lambda v: isinstance(v, list) and all(_nonneg_int(s) for s in v), "a list of step indices"),
+    "trace_logits": (lambda v: isinstance(v, bool), "true or false (keep the router logits in traces, float16)"),
     "seed": (_nonneg_int, "an integer >= 0"), "device": (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     "dtype": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
     "backend": (lambda v: isinstance(v, str) and v, "a moe_lab backend word (auto, torch, eager, triton, ...)"),
@@ -335,7 +336,7 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
                              {"params": other, "weight_decay": 0.0}], lr=spec["lr"], betas=(0.9, 0.95))
     n_params = sum(p.numel() for p in model.parameters())
-    tracer = RoutingTracer(model, logits=True, logits_dtype="float16", auto_step=False) if spec["trace_steps"] else None
+    tracer = RoutingTracer(model, logits=spec["trace_logits"], logits_dtype="float16", auto_step=False) if spec["trace_steps"] else None
     cols = {k: [] for k in ("step", "loss", "aux_loss", "lr", "step_s", "tokens_per_s", "grad_norm",
                             "max_over_mean", "cv", "dropped_frac", "entropy", "bias_absmax")}
     evals = []
