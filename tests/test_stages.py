@@ -141,3 +141,17 @@ def test_nemotron_h_relu2_experts_match_v5(backend, tokens):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for name, a, b in zip(("hidden", "weights", "up_proj", "down_proj"), got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend} d{name}: {m}")
+
+
+def test_grouped_mm_experts_take_a_float32_activation_under_autocast():
+    """On CUDA, autocast runs some activations in float32 (relu2's square is on its float32 list);
+    grouped_mm is not autocast-aware, so the experts cast the activation to the weights' dtype, as
+    v5's grouped_mm experts do (a Trainer with bf16=True failed on Nemotron before)."""
+    from moe_lab.stages.experts import grouped_mm
+
+    w = torch.randn(3, 16, 8, dtype=torch.bfloat16)
+    x = torch.randn(10, 16)
+    offsets = torch.tensor([4, 4, 10], dtype=torch.int32)
+    out = grouped_mm(x, w, offsets)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, grouped_mm(x.to(torch.bfloat16), w, offsets), rtol=0, atol=0)

@@ -143,7 +143,7 @@ def lora_experts_grouped_mm(x, counts, offsets, module: ExpertsLoRA, spec: Exper
         experts = torch.arange(counts.numel(), device=x.device)
         expert_of_row = torch.repeat_interleave(experts, counts, output_size=x.shape[0])
     hidden = activation_fn(module, spec)(_grouped_lora(x, _io(w1, spec), b1, l1, offsets, expert_of_row))
-    return _grouped_lora(hidden, _io(w2, spec), b2, l2, offsets, expert_of_row)
+    return _grouped_lora(hidden.to(w2.dtype), _io(w2, spec), b2, l2, offsets, expert_of_row)  # autocast: see grouped_mm
 
 
 # ---- Triton ------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def lora_experts_triton(x, counts, offsets, module: ExpertsLoRA, spec: ExpertsSp
         return _lora_no_rows(x, module, spec)
     l1, l2 = _factors_for(module, spec, w1.dtype)
     hidden = activation_fn(module, spec)(_triton_projection(x, _io(w1, spec), b1, l1, offsets))
-    return _triton_projection(hidden, _io(w2, spec), b2, l2, offsets)
+    return _triton_projection(hidden.to(w2.dtype), _io(w2, spec), b2, l2, offsets)  # autocast: see grouped_mm
 
 
 # ---- which LoRA experts run for a planned experts stage ----------------------------------------

@@ -144,8 +144,11 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
 
     `torch.nn.functional.grouped_mm` wants 16-byte aligned strides; odd K or N are zero-padded
     (exact: padded columns contribute zeros) so any shape works. Aligned shapes, transposed views
-    included, go straight through: the weights are never copied.
+    included, go straight through: the weights are never copied. Under autocast an activation may
+    arrive in float32 (its op is autocast's float32 list, e.g. relu2's square); it is cast to the
+    weights' dtype, as v5's grouped_mm experts do (grouped_mm is not autocast-aware).
     """
+    x = x.to(weight.dtype)
     pad_k, pad_n = _alignment_pad(x.shape[1], x.dtype), _alignment_pad(weight.shape[2], x.dtype)
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[2])
@@ -364,7 +367,7 @@ def experts_te(x, counts, offsets, module, spec: ExpertsSpec, cutlass: bool = Fa
     gate_up, down = _projections(module, spec, w1, w2)
     m_splits = counts.to("cpu", torch.int64)
     hidden = gate_up(x.contiguous(), m_splits, _out_in(w1, spec.transposed), b1)
-    hidden = activation_fn(module, spec)(hidden)
+    hidden = activation_fn(module, spec)(hidden).to(w2.dtype)  # autocast: see grouped_mm
     return down(hidden.contiguous(), m_splits, _out_in(w2, spec.transposed), b2)
 
 
