@@ -321,20 +321,24 @@ def default_dw_impl(x: torch.Tensor, dy: torch.Tensor, src_rows: Optional[torch.
     return "torch" if torch_ok else "pointer"
 
 
-def _weight_grad_torch(x, dy, offsets, dw, db):
-    """dw [E, K, N] (written in its own layout) and db [E, N] by torch's ragged-K grouped_mm: the
-    product is computed in whichever orientation makes its output land in ``dw``'s memory order."""
+def _weight_grad_torch(x, dy, offsets, like, with_bias):
+    """(dw [E, K, N], db [E, N] or None) by torch's ragged-K grouped_mm, the product computed in the
+    orientation whose output is already in ``like``'s memory order (no copy of the gradient)."""
     F = torch.nn.functional
-    if dw.stride(1) == 1:  # a transpose view ([E, N, K] in memory), as the experts' v5 weights give
-        dw.copy_(F.grouped_mm(dy.t(), x, offs=offsets).transpose(1, 2))
+    if like.stride(1) == 1:  # a transpose view ([E, N, K] in memory), as the experts' v5 weights give
+        dw = F.grouped_mm(dy.t(), x, offs=offsets).transpose(1, 2)
     else:
-        dw.copy_(F.grouped_mm(x.t(), dy, offs=offsets))
-    if db is not None:
+        dw = F.grouped_mm(x.t(), dy, offs=offsets)
+    if dw.stride() != like.stride():  # another layout (not dense, or a permutation of a 4-D view)
+        dw = empty_like_layout(like).copy_(dw)
+    db = None
+    if with_bias:
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()
-        expert_of_row = torch.repeat_interleave(torch.arange(dw.shape[0], device=dy.device), counts,
+        expert_of_row = torch.repeat_interleave(torch.arange(like.shape[0], device=dy.device), counts,
                                                 output_size=dy.shape[0])
-        sums = torch.zeros(db.shape, dtype=torch.float32, device=dy.device).index_add_(0, expert_of_row, dy.float())
-        db.copy_(sums)
+        db = torch.zeros((like.shape[0], like.shape[2]), dtype=torch.float32, device=dy.device)
+        db = db.index_add_(0, expert_of_row, dy.float()).to(like.dtype)
+    return dw, db
 
 
 def grouped_mm_weight_grad(
@@ -359,6 +363,8 @@ def grouped_mm_weight_grad(
                          "one dtype and unit column strides")
     S, K = dy.shape[0], x.shape[1]
     E, _, N = like.shape
+    if impl == "torch" and E and K and N:
+        return _weight_grad_torch(x, dy, offsets, like, with_bias)
     dw = empty_like_layout(like)
     db = torch.empty((E, N), dtype=like.dtype, device=like.device) if with_bias else None
     if E == 0:
@@ -372,9 +378,6 @@ def grouped_mm_weight_grad(
     dbp = db if db is not None else dw
     sb = (db.stride(0), db.stride(1)) if db is not None else (0, 0)
     grid = lambda meta: (E * triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    if impl == "torch":
-        _weight_grad_torch(x, dy, offsets, dw, db)
-        return dw, db
     if impl == "tma":
         launch_dw_tma(grid, x, dy, dw, dbp, offsets, sb, with_bias, upcast)
         return dw, db
