@@ -49,7 +49,6 @@ class LayerPlanner:
         self.latest: tuple | None = None  # the key of the plan the last forward ran
         self.decision = None  # auto: the AutoDecision the last forward ran
         self.v5_parallel = False  # set at the first forward under transformers' own expert-parallel plan
-        self.v5_implementation = None  # the model's experts_implementation when moe_lab took the layer
         self.switched_to = None  # the one set_experts_implementation chose since, while it differs
 
     def restrict_to_graph_safe(self) -> None:
@@ -137,7 +136,7 @@ class LayerPlanner:
             out["dispatch"] = V5_PARALLEL_DISPATCH
         if self.switched_to is not None:
             out["experts"] = (f"transformers' {self.switched_to!r} experts implementation (set_experts_implementation; "
-                              f"moe_lab's stages run again when it is set back to {self.v5_implementation!r})")
+                              f"moe_lab's stages run again after set_experts_implementation({MOE_LAB_IMPLEMENTATION!r}))")
         if getattr(self, "lora", None):  # the last forward ran PEFT's LoRA on the experts (moe_lab.lora)
             out["lora"] = self.lora
         if getattr(self, "balancing", None):  # router options of moe_lab.stages.balancing.Balancer
@@ -287,11 +286,24 @@ def run_local_experts(x, local_ids, local_weights, experts, spec, choice, num_lo
 
 
 # ---- transformers' own experts implementations, chosen after moe_lab took the layer --------------
+MOE_LAB_IMPLEMENTATION = "moe_lab"  # what a patched model's config says its experts run
+
+
+def say_moe_lab_runs(experts: nn.Module) -> None:
+    """Make the experts' config say what runs: `_experts_implementation = "moe_lab"` (a name v5's
+    experts registry knows once moe_lab is imported; not written to checkpoints)."""
+    config = getattr(experts, "config", None)
+    if config is not None and hasattr(config, "_experts_implementation"):
+        config._experts_implementation = MOE_LAB_IMPLEMENTATION
+
+
 def switched_implementation(experts: nn.Module, planner: LayerPlanner) -> str | None:
-    """The experts implementation a user chose with transformers' `set_experts_implementation` since
-    moe_lab took this layer (the experts then run transformers' code for it), or None (moe_lab's)."""
+    """The experts implementation a user chose with transformers' `set_experts_implementation` after
+    moe_lab took this layer (the experts then run transformers' code for that name: "grouped_mm",
+    "eager", ..., or a moe_lab registry entry such as "moe_lab_triton"), or None: moe_lab's stages
+    (the config says "moe_lab")."""
     current = getattr(getattr(experts, "config", None), "_experts_implementation", None)
-    planner.switched_to = current if current != planner.v5_implementation else None
+    planner.switched_to = None if current in (None, MOE_LAB_IMPLEMENTATION) else current
     return planner.switched_to
 
 
@@ -478,7 +490,7 @@ def adapt_layer_experts(experts: nn.Module, layer: "MoELayer") -> None:
     expert-parallel plan captures and calls (the layer itself never calls it otherwise)."""
     _adapt_experts_class(experts)
     experts.moe_lab_layer_parts = (layer.planner, layer.experts_spec)
-    layer.planner.v5_implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    say_moe_lab_runs(experts)
 
 
 def _adapt_experts_class(experts: nn.Module) -> None:
@@ -501,6 +513,6 @@ def adapt_experts(experts: nn.Module, spec: ExpertsSpec, choice: StageChoice, ep
     experts.moe_lab_planner = LayerPlanner(choice, model_type, frozenset(), spec, substitute, expert_parallel=ep is not None,
                                            hint=hint)
     experts.moe_lab_choice = experts.moe_lab_planner.plan_unplaced(first_weight(experts, spec))[1]  # refuses here
-    experts.moe_lab_planner.v5_implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    say_moe_lab_runs(experts)
     experts.moe_lab_spec = spec
     experts.moe_lab_dispatcher = experts.moe_lab_choice.dispatch(ep=ep, num_experts=spec.num_experts)
