@@ -530,8 +530,10 @@ def build_result(models: list[str], work: Path, runs: dict, exclusions: list[Exc
                     for mode in MODES}
         result["models"][model] = {"summary": summarize(tests), "runs": run_info, "tests": tests}
     prov["bridged"], prov["unresolved"] = sorted(bridged), sorted(unresolved)
-    ran_at = {(r.get("moe_lab_commit"), r.get("moe_lab_dirty")) for m in runs.values() for r in m.values()
-              if r.get("moe_lab_commit")}
+    # the commit of moe_lab that ran: the moe_lab-mode runs' (vanilla runs do not import it, and may
+    # be reused from an older checkout)
+    ran_at = {(r.get("moe_lab_commit"), r.get("moe_lab_dirty")) for m in runs.values()
+              for mode, r in m.items() if mode == "moe_lab" and r.get("moe_lab_commit")}
     if len(ran_at) == 1:  # the runs' own commit (reused runs may predate this checkout's)
         prov["moe_lab_commit"], prov["moe_lab_dirty"] = ran_at.pop()
     elif ran_at:
