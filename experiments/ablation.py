@@ -20,7 +20,7 @@ routed (token, slot) pairs, before dropping), dropped slots (fraction of T*k), r
 mean per token), the largest |bias|. Held-out loss every ``eval_every`` steps and at the end; a
 routing trace (``moe_lab.analysis.trace``, with logits) at ``trace_steps``.
 
-Sweep files (``experiments/sweeps/*-ablation.yaml``; keys checked, unknown keys refused)::
+Sweep files (``experiments/ablations/*-ablation.yaml``, apart from the throughput sweeps; keys checked, unknown keys refused)::
 
     name: cpu-ablation
     description: one line
@@ -61,7 +61,7 @@ from . import provenance, store
 
 log = logging.getLogger(__name__)
 
-SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
+SWEEPS_DIR = Path(__file__).resolve().parent / "ablations"
 DEFAULT_PRESET = "cpu-ablation"
 FAMILIES = ("qwen3_moe", "deepseek_v3")
 BALANCING = ("none", "aux_loss", "aux_free", "aux_loss+aux_free")

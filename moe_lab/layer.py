@@ -136,7 +136,7 @@ class LayerPlanner:
             out["dispatch"] = V5_PARALLEL_DISPATCH
         if self.switched_to is not None:
             out["experts"] = (f"transformers' {self.switched_to!r} experts implementation (set_experts_implementation; "
-                              f"moe_lab's stages run again after set_experts_implementation({MOE_LAB_IMPLEMENTATION!r}))")
+                              f"moe_lab's stages run again after set_experts_implementation({PATCHED_IMPLEMENTATION!r}))")
         if getattr(self, "lora", None):  # the last forward ran PEFT's LoRA on the experts (moe_lab.lora)
             out["lora"] = self.lora
         if getattr(self, "balancing", None):  # router options of moe_lab.stages.balancing.Balancer
@@ -286,7 +286,7 @@ def run_local_experts(x, local_ids, local_weights, experts, spec, choice, num_lo
 
 
 # ---- transformers' own experts implementations, chosen after moe_lab took the layer --------------
-MOE_LAB_IMPLEMENTATION = "moe_lab"  # what a patched model's config says its experts run
+PATCHED_IMPLEMENTATION = "moe_lab"  # what a patched model's config says its experts run
 
 
 def say_moe_lab_runs(experts: nn.Module) -> None:
@@ -294,7 +294,7 @@ def say_moe_lab_runs(experts: nn.Module) -> None:
     experts registry knows once moe_lab is imported; not written to checkpoints)."""
     config = getattr(experts, "config", None)
     if config is not None and hasattr(config, "_experts_implementation"):
-        config._experts_implementation = MOE_LAB_IMPLEMENTATION
+        config._experts_implementation = PATCHED_IMPLEMENTATION
 
 
 def switched_implementation(experts: nn.Module, planner: LayerPlanner) -> str | None:
@@ -303,7 +303,7 @@ def switched_implementation(experts: nn.Module, planner: LayerPlanner) -> str | 
     "eager", ..., or a moe_lab registry entry such as "moe_lab_triton"), or None: moe_lab's stages
     (the config says "moe_lab")."""
     current = getattr(getattr(experts, "config", None), "_experts_implementation", None)
-    planner.switched_to = None if current in (None, MOE_LAB_IMPLEMENTATION) else current
+    planner.switched_to = None if current in (None, PATCHED_IMPLEMENTATION) else current
     return planner.switched_to
 
 

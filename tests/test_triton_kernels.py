@@ -285,6 +285,7 @@ def test_weight_grad_default_follows_the_setting(monkeypatch):
     assert grouped_gemm.default_dw_impl(x16, x16, None) == "torch"
     assert grouped_gemm.default_dw_impl(x32, x32, None) == "pointer"
     assert grouped_gemm.default_dw_impl(x16, x16, src) == "pointer"
+    assert grouped_gemm.default_dw_impl(torch.zeros(4, 14, dtype=torch.bfloat16), x16, None) == "pointer"  # 28-byte rows
     monkeypatch.setattr(kernel_settings, "_current", kernel_settings.KernelSettings(weight_grad="triton"))
     assert grouped_gemm.default_dw_impl(x16, x16, None) == "pointer"
     with pytest.raises(ValueError, match="weight_grad must be"):

@@ -316,9 +316,15 @@ def default_dw_impl(x: torch.Tensor, dy: torch.Tensor, src_rows: Optional[torch.
     without a gather, else the pointer kernel."""
     from .settings import current
 
-    torch_ok = (current().weight_grad == "torch" and src_rows is None and x.dtype == dy.dtype == torch.bfloat16
-                and hasattr(torch.nn.functional, "grouped_mm"))
+    torch_ok = current().weight_grad == "torch" and src_rows is None and torch_weight_grad_fits(x, dy)
     return "torch" if torch_ok else "pointer"
+
+
+def torch_weight_grad_fits(x: torch.Tensor, dy: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm takes these rows for the weight gradient: bf16, and K and N whole
+    multiples of 16 bytes (its operands' strides must be)."""
+    return (x.dtype == dy.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm")
+            and x.shape[1] % 8 == 0 and dy.shape[1] % 8 == 0)
 
 
 def _weight_grad_torch(x, dy, offsets, like, with_bias):
@@ -356,8 +362,9 @@ def grouped_mm_weight_grad(
     impl = impl or default_dw_impl(x, dy, src_rows)
     if impl not in DW_IMPLS:
         raise ValueError(f"grouped_mm_weight_grad: impl must be one of {DW_IMPLS}, got {impl!r}")
-    if impl == "torch" and not (src_rows is None and x.dtype == dy.dtype == torch.bfloat16):
-        raise ValueError("grouped_mm_weight_grad: impl='torch' needs bf16 rows without a gather (src_rows=None)")
+    if impl == "torch" and not (src_rows is None and torch_weight_grad_fits(x, dy)):
+        raise ValueError("grouped_mm_weight_grad: impl='torch' needs bf16 rows without a gather (src_rows=None), "
+                         "K and N multiples of 8")
     if impl == "tma" and not (src_rows is None and x.dtype == dy.dtype and rows_tma_eligible(x, dy)):
         raise ValueError("grouped_mm_weight_grad: impl='tma' needs rows without a gather (src_rows=None), "
                          "one dtype and unit column strides")
