@@ -13,7 +13,7 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-BUDGET_S = 40  # per notebook, on a 2-core CPU machine
+BUDGET_S = 60  # per notebook, on a 2-core CPU machine beside the other xdist worker (a guard on CI time, not a benchmark)
 
 
 def test_there_are_notebooks():
