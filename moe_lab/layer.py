@@ -336,7 +336,7 @@ def run_v5_parallel_experts(hidden, top_k_index, top_k_weights, experts, spec: E
     [R, H], each row's weighted sum over its local experts (transformers sums the ranks' parts)."""
     weight = first_weight(experts, spec)
     num_local = weight.shape[0]
-    planner.v5_parallel = True
+    planner.v5_parallel = num_local != spec.num_experts  # else a direct call with every expert here
     choice = planner.choice_for(weight)  # not measured: the rows each rank gets depend on the other ranks
     local_ids = torch.where((top_k_index >= 0) & (top_k_index < num_local), top_k_index, -1)
     return run_local_experts(hidden, local_ids, top_k_weights, experts, spec, choice, num_local)

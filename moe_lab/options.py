@@ -70,7 +70,7 @@ class Options:
     autotune: time every candidate tile per shape; off: the first candidate of each kernel.
     autotune_pin: a JSON of recorded autotune choices (a block.json or a cell record) to re-use.
     triton_weight_grad: the Triton kernel computes the bf16 experts' weight gradients of the Triton
-        stages (off: torch's grouped_mm, faster on every geometry measured; gathered rows always
+        stages (off: torch's grouped_mm, faster in every comparison on record; gathered rows always
         take the Triton kernel).
     """
 

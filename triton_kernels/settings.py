@@ -12,8 +12,8 @@ compiled kernels).
   (GPU tests over many shapes, where tuning each would compile dozens of kernels).
 - ``weight_grad``: who computes the experts' weight gradients (``dw[e] = x[rows of e]^T dy[rows of
   e]``) where the rows are not gathered: ``"torch"`` (``torch.nn.functional.grouped_mm``, ragged K;
-  bf16 only, CUTLASS on the GPU: faster than this package's kernel on every geometry measured, see
-  ``results/NOTES.md``) or ``"triton"`` (the pointer kernel). Other dtypes and gathered rows always
+  bf16 only, CUTLASS on the GPU: faster than this package's kernel in every comparison on record,
+  ``results/report/kernels.md`` and issue 21's H100 table, see ``results/NOTES.md``) or ``"triton"`` (the pointer kernel). Other dtypes and gathered rows always
   take the Triton kernel.
 """
 from __future__ import annotations

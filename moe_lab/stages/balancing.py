@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .router import RoutingSpec, _topk_ids, select_experts
+from .router import RoutingSpec, _topk_ids, finish_weights, select_experts
 
 PRIORITIES = ("slot", "token")
 BIAS_BUFFER = "moe_lab_balance_bias"
@@ -135,11 +135,7 @@ def select_with_bias(logits: torch.Tensor, spec: RoutingSpec, bias: torch.Tensor
         weights = probs.gather(1, ids)
         if spec.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renormalize_eps)
-    if spec.scaling != 1.0:
-        weights = weights * spec.scaling
-    if spec.weights_in_logits_dtype:
-        weights = weights.to(logits.dtype)
-    return weights, ids
+    return finish_weights(weights, spec, logits.dtype), ids
 
 
 def bias_update_reference(bias: list[float], counts: list[int], rate: float) -> list[float]:

@@ -149,11 +149,16 @@ def select_experts(logits: torch.Tensor, spec: RoutingSpec, correction_bias: tor
         weights = scores.gather(1, ids)
         if spec.renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renormalize_eps)
+    return finish_weights(weights, spec, logits.dtype), ids
+
+
+def finish_weights(weights: torch.Tensor, spec: RoutingSpec, logits_dtype: torch.dtype) -> torch.Tensor:
+    """The routing weights [T, k] after selection: the family's scaling, then its output dtype."""
     if spec.scaling != 1.0:
         weights = weights * spec.scaling
     if spec.weights_in_logits_dtype:
-        weights = weights.to(logits.dtype)
-    return weights, ids
+        weights = weights.to(logits_dtype)
+    return weights
 
 
 def route_reference(
