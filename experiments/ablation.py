@@ -1,7 +1,7 @@
 """Training-quality ablations: a small MoE trained from scratch on real text, one routing setting per cell.
 
     python -m experiments.ablation                                   # preset cpu-ablation (CPU, a few minutes) -> runs/cpu-ablation
-    python -m experiments.ablation --preset h100x1-ablation --out $OUT/runs/h100x1-ablation
+    python -m experiments.ablation --preset h100x1-ablation --out $OUT/runs/h100x1-ablation --jobs 6
     python -m experiments.ablation --list                            # the cells of a preset
     python -m experiments.ablation --report runs/cpu-ablation         # table + curves of a run -> <run>/report/
     python -m experiments.ablation --report results/runs/X --results  # maintainers: -> results/report/ablation-X.md, ablation/X.png
@@ -35,8 +35,10 @@ Sweep files (``experiments/ablations/*-ablation.yaml``, apart from the throughpu
 Robustness, as ``experiments.sweep``: each cell runs in its own process (``--in-process`` runs them
 here: the notebook does), a failed, out-of-memory or timed-out cell is recorded with its status and
 the sweep goes on; a rerun skips cells with a record (``--retry-failed`` reruns those not ok,
-``--fresh`` all); SIGINT / SIGTERM kill the running cell, record it ``interrupted`` and the manifest
-says so; every JSON is written atomically (``store.py``).
+``--fresh`` all); SIGINT / SIGTERM kill the running cells, record them ``interrupted`` and the manifest
+says so; every JSON is written atomically (``store.py``). ``--jobs N`` runs N isolated cells at once
+(a model this small leaves a GPU mostly idle); the curves do not depend on it, tokens/s does, and the
+records and the report say how many cells shared the device.
 """
 from __future__ import annotations
 
@@ -434,47 +436,91 @@ def run_cell_safely(spec: dict, out_dir: Path, corpus=None) -> dict:
 
 
 # ---- the sweep ------------------------------------------------------------------------------------
-def _run_isolated(spec: dict, run_dir: Path, timeout_s: float, env: dict) -> dict:
-    """One cell in its own process (its own session); a record even when it dies without one."""
-    from .sweep import SweepInterrupted, kill_group
+class _IsolatedCell:
+    """One cell in its own process (its own session); ``finish`` gives a record even when the process
+    died without one. ``sharing``: how many cells the sweep runs at once (recorded: with more than one,
+    tokens/s is measured on a shared device)."""
 
-    cid = cell_id(spec)
-    out_path = run_dir / "cells" / f"{cid}.json"
-    log_path = run_dir / "logs" / f"{cid}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    if out_path.exists():
-        out_path.unlink()
-    cmd = [sys.executable, "-m", "experiments.ablation", "--cell", json.dumps(spec, sort_keys=True),
-           "--out", str(out_path)]
-    t0, status, proc, rc = time.perf_counter(), None, None, None
-    with open(log_path, "wb") as logf:
-        try:
-            proc = subprocess.Popen(cmd, cwd=provenance.REPO_ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
+    def __init__(self, spec: dict, run_dir: Path, env: dict, sharing: int = 1):
+        self.spec, self.run_dir, self.sharing = spec, run_dir, sharing
+        cid = cell_id(spec)
+        self.out_path = run_dir / "cells" / f"{cid}.json"
+        self.log_path = run_dir / "logs" / f"{cid}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.out_path.exists():
+            self.out_path.unlink()
+        self.cmd = [sys.executable, "-m", "experiments.ablation", "--cell", json.dumps(spec, sort_keys=True),
+                    "--out", str(self.out_path)]
+        self.t0 = time.perf_counter()
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, cwd=provenance.REPO_ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def kill(self, why: str) -> None:
+        """End the process and record the cell ``interrupted`` (the sweep was stopped)."""
+        from .sweep import kill_group
+
+        kill_group(self.proc)
+        self._log.close()
+        store.write_json(self.out_path, {**failure_record(self.spec, "interrupted", f"the sweep was interrupted ({why})"),
+                                         "launcher": {"command": self.cmd, "wall_s": self.elapsed()}})
+
+    def finish(self, timed_out_after: float | None = None) -> dict:
+        """The cell's record, once its process has exited (or, with ``timed_out_after``, killed)."""
+        from .sweep import kill_group
+
+        status = None
+        if timed_out_after is not None:
+            kill_group(self.proc)
             status = "timeout"
-        except BaseException as e:
-            if proc is not None:
-                kill_group(proc)
-            why = signal.Signals(e.signum).name if isinstance(e, SweepInterrupted) else type(e).__name__
-            store.write_json(out_path, {**failure_record(spec, "interrupted", f"the sweep was interrupted ({why})"),
-                                        "launcher": {"command": cmd, "wall_s": time.perf_counter() - t0}})
-            raise
-    record = store.read_json(out_path) if out_path.exists() and status is None else None
-    if record is None:
-        try:
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-        except OSError:
-            tail = ""
-        status = status or ("oom" if "out of memory" in tail.lower() else "failed")
-        why = f"timed out after {timeout_s:.0f}s" if status == "timeout" else f"cell process exited with {rc}"
-        record = failure_record(spec, status, f"{why} without a record; log tail:\n{tail}")
-    record["launcher"] = {"command": cmd, "returncode": rc, "wall_s": round(time.perf_counter() - t0, 3),
-                          "log": str(log_path.relative_to(run_dir))}
-    store.write_json(out_path, record)
-    return record
+        rc = self.proc.wait()
+        self._log.close()
+        record = store.read_json(self.out_path) if self.out_path.exists() and status is None else None
+        if record is None:
+            try:
+                tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
+            except OSError:
+                tail = ""
+            status = status or ("oom" if "out of memory" in tail.lower() else "failed")
+            why = f"timed out after {timed_out_after:.0f}s" if status == "timeout" else f"cell process exited with {rc}"
+            record = failure_record(self.spec, status, f"{why} without a record; log tail:\n{tail}")
+        record["launcher"] = {"command": self.cmd, "returncode": rc, "wall_s": round(self.elapsed(), 3),
+                              "log": str(self.log_path.relative_to(self.run_dir)), "cells_at_once": self.sharing}
+        store.write_json(self.out_path, record)
+        return record
+
+
+def _run_isolated(specs: list[dict], run_dir: Path, timeout_s: float, env: dict, jobs: int, on_start) -> list[dict]:
+    """Every spec in its own process, at most ``jobs`` at a time; the records in ``specs``' order.
+    On an interrupt the running cells are killed and recorded ``interrupted`` before it propagates."""
+    pending, running, records = list(enumerate(specs)), {}, {}
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, spec = pending.pop(0)
+                on_start(spec)
+                running[i] = _IsolatedCell(spec, run_dir, env, sharing=min(jobs, len(specs)))
+            for i, cell in list(running.items()):
+                if cell.proc.poll() is not None:
+                    records[i] = cell.finish()
+                elif cell.elapsed() > timeout_s:
+                    records[i] = cell.finish(timed_out_after=timeout_s)
+                else:
+                    continue
+                del running[i]
+            if running:
+                time.sleep(0.2)
+    except BaseException as e:
+        from .sweep import SweepInterrupted
+
+        why = signal.Signals(e.signum).name if isinstance(e, SweepInterrupted) else type(e).__name__
+        for cell in running.values():
+            cell.kill(why)
+        raise
+    return [records[i] for i in range(len(specs))]
 
 
 def _done(rec: dict | None, retry_failed: bool) -> bool:
@@ -484,8 +530,10 @@ def _done(rec: dict | None, retry_failed: bool) -> bool:
 
 
 def run_sweep(conf: dict, run_dir: str | os.PathLike, *, isolate: bool = True, retry_failed: bool = False,
-              fresh: bool = False, only: str | None = None, progress: bool = True) -> list[dict]:
+              fresh: bool = False, only: str | None = None, progress: bool = True, jobs: int = 1) -> list[dict]:
     """Run (or resume) every cell of ``conf`` under ``run_dir``; the records in file order.
+    ``jobs``: isolated cells run at once (small models leave a GPU mostly idle; the learning curves do
+    not depend on it, the tokens/s column does: each record says ``launcher.cells_at_once``).
 
     ``run_dir``: ``manifest.json`` (command, provenance, the sweep file, each cell's status, state),
     ``cells/<cell_id>.json``, ``logs/<cell_id>.log`` (isolated cells), ``traces/``."""
@@ -519,19 +567,28 @@ def run_sweep(conf: dict, run_dir: str | os.PathLike, *, isolate: bool = True, r
         env.setdefault(k, str(v))
     timeout_s = float(conf.get("cell_timeout_s", 600))
     corpus = None
-    records = []
+    by_id: dict[str, dict] = {cid: rec for cid, rec in existing.items() if _done(rec, retry_failed)}
+    todo = [s for s in specs if cell_id(s) not in by_id]
+    position = {cell_id(s): i for i, s in enumerate(specs)}
+
+    def announce(spec):
+        if progress:
+            print(f"[{position[cell_id(spec)] + 1}/{len(specs)}] {cell_id(spec)}", file=sys.stderr, flush=True)
+
+    def keep(rec):
+        if rec["status"] != "ok":
+            log.warning("cell %s: %s: %s", rec["cell_id"], rec["status"],
+                        (rec.get("error") or "").strip().splitlines()[-1:])
+        by_id[rec["cell_id"]] = rec
+
     try:
         with stop_on_signals():
-            for i, spec in enumerate(specs):
-                cid = cell_id(spec)
-                if _done(existing.get(cid), retry_failed):
-                    records.append(existing[cid])
-                    continue
-                if progress:
-                    print(f"[{i + 1}/{len(specs)}] {cid}", file=sys.stderr, flush=True)
-                if isolate:
-                    rec = _run_isolated(spec, run_dir, timeout_s, env)
-                else:
+            if isolate:
+                for rec in _run_isolated(todo, run_dir, timeout_s, env, max(1, jobs), announce):
+                    keep(rec)
+            else:
+                for spec in todo:
+                    announce(spec)
                     if corpus is None:
                         from . import text_data
 
@@ -540,20 +597,21 @@ def run_sweep(conf: dict, run_dir: str | os.PathLike, *, isolate: bool = True, r
                         spec["max_train_bytes"], spec["max_heldout_bytes"]) else None
                     rec = run_cell_safely(spec, run_dir, use)
                     rec.setdefault("provenance", prov)
-                    store.write_json(run_dir / "cells" / f"{cid}.json", rec)
-                if rec["status"] != "ok":
-                    log.warning("cell %s: %s: %s", cid, rec["status"], (rec.get("error") or "").strip().splitlines()[-1:])
-                records.append(rec)
+                    store.write_json(run_dir / "cells" / f"{cell_id(spec)}.json", rec)
+                    keep(rec)
     except KeyboardInterrupt as e:
-        statuses = {r["cell_id"]: r["status"] for r in records}
-        for spec in specs[len(records):]:
-            path = run_dir / "cells" / f"{cell_id(spec)}.json"
-            statuses[cell_id(spec)] = store.read_json(path).get("status") if path.exists() else "not_run"
+        statuses = {}
+        for spec in specs:
+            cid = cell_id(spec)
+            path = run_dir / "cells" / f"{cid}.json"
+            statuses[cid] = by_id[cid]["status"] if cid in by_id else (
+                store.read_json(path).get("status") if path.exists() else "not_run")
         manifest["cells"] = [{"cell_id": c, "status": s} for c, s in statuses.items()]
         manifest["state"] = "interrupted"
         manifest["interrupted_by"] = signal.Signals(e.signum).name if isinstance(e, SweepInterrupted) else "KeyboardInterrupt"
         store.write_json(manifest_path, manifest)
         raise
+    records = [by_id[cell_id(s)] for s in specs]
     manifest["cells"] = [{"cell_id": r["cell_id"], "status": r["status"]} for r in records]
     manifest["state"] = "finished"
     store.write_json(manifest_path, manifest)
@@ -611,6 +669,12 @@ def table(records: list[dict]) -> str:
     return head + "\n" + "\n".join(rows) + "\n"
 
 
+def _sharing_note(records: list[dict]) -> str:
+    at_once = max((r.get("launcher", {}).get("cells_at_once", 1) for r in records), default=1)
+    return (f" The cells ran {at_once} cells at once on one device (`--jobs {at_once}`): tok/s is a share of the "
+            "device, not one cell's speed." if at_once > 1 else "")
+
+
 def report_markdown(manifest: dict, records: list[dict], run_name: str) -> str:
     prov = manifest.get("provenance", {})
     hw, ver, git = prov.get("hardware", {}), prov.get("versions", {}), prov.get("git", {})
@@ -628,7 +692,7 @@ def report_markdown(manifest: dict, records: list[dict], run_name: str) -> str:
         f"Data: Python {data.get('python')} standard library sources as bytes ({data.get('train_bytes')} train / "
         f"{data.get('heldout_bytes')} held-out bytes, digest {data.get('digest')}); seeds {manifest.get('seeds')}; "
         f"held-out loss at the last step, the other columns averaged over the last 10% of steps and all MoE layers; "
-        "mean ± sd over seeds.",
+        "mean ± sd over seeds." + _sharing_note(records),
         "",
         table(records),
         f"Versions: transformers {ver.get('transformers')}, torch {ver.get('torch')}, python {ver.get('python')}, "
@@ -700,6 +764,12 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
 
 
 # ---- command line ---------------------------------------------------------------------------------
+def _jobs_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--jobs takes a whole number >= 1 (cells at once), not {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -715,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="run only cells whose id contains this string")
     ap.add_argument("--steps", type=int, default=None, help="override every cell's steps (a smoke test of a preset)")
     ap.add_argument("--in-process", action="store_true", help="run the cells in this process (no isolation)")
+    ap.add_argument("--jobs", type=_jobs_arg, default=1,
+                    help="cells run at once, each in its own process (tokens/s is then shared; records say so)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--log-level", default=provenance.log_level("WARNING"))
@@ -748,7 +820,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.out) if args.out else Path.cwd() / "runs" / conf["name"]
     try:
         records = run_sweep(conf, run_dir, isolate=not args.in_process, retry_failed=args.retry_failed,
-                            fresh=args.fresh, only=args.only, progress=not args.no_progress)
+                            fresh=args.fresh, only=args.only, progress=not args.no_progress,
+                            jobs=args.jobs)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"interrupted: {run_dir}/manifest.json says state: interrupted; run the same command to resume",

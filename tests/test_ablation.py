@@ -117,6 +117,19 @@ def test_isolated_cell_that_dies_is_recorded(tmp_path):
     assert saved["launcher"]["returncode"] == 17
 
 
+def test_cells_run_side_by_side_in_file_order(tmp_path):
+    conf = {"name": "two", "defaults": dict(TINY),
+            "settings": [{"name": "ok"}, {"name": "crash", "fail_at": "crash"}, {"name": "free", "balancing": "aux_free"}],
+            "seeds": [0]}
+    recs = ablation.run_sweep(conf, tmp_path / "two", isolate=True, progress=False, jobs=2)
+    assert [r["setting"] for r in recs] == ["ok", "crash", "free"]
+    assert [r["status"] for r in recs] == ["ok", "failed", "ok"]
+    assert {r["launcher"]["cells_at_once"] for r in recs} == {2}
+    manifest = store.read_json(tmp_path / "two" / "manifest.json")
+    assert [c["status"] for c in manifest["cells"]] == ["ok", "failed", "ok"] and manifest["state"] == "finished"
+    assert "2 cells at once" in ablation.report_markdown(manifest, recs, "two")
+
+
 def test_oom_is_told_apart():
     assert ablation._status_of(RuntimeError("CUDA out of memory. Tried to allocate")) == "oom"
     assert ablation._status_of(ValueError("bad")) == "failed"
