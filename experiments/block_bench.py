@@ -13,6 +13,10 @@ With ``--profile`` each row also keeps ``profile``: the kernels of one more forw
 device time (``experiments.kernel_profile``), their sum and the profiled wall time, which says how
 much of the block the GPU spent waiting for the host.
 
+Peer systems (``experiments/peers.py``: ``v5-liger``, ``nemo-automodel``, ``sonicmoe``) time their own
+MoE layer at the same geometry; a row carries the peer's versions (``peer``), and a peer that is not
+installed or cannot run the geometry or routing regime is recorded ``unavailable`` with the reason.
+
 FLOPs counted: the three expert GEMMs (gate, up, down) forward (2*T*k*3*H*I) and backward (twice
 that) plus the router GEMM (2*T*H*E, times 3); routing, permutation and element-wise work count 0.
 """
@@ -23,7 +27,7 @@ import logging
 import statistics
 import sys
 
-from . import models, provenance, regimes, store, systems
+from . import models, peers, provenance, regimes, store, systems
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +79,13 @@ def bench_block(model_name: str, system_name: str, routing: str, tokens: int, se
 
     config = models.build_config(model_name, layers=layers_to_first_moe_block(model_name))
     system = systems.parse(system_name)
+    if system.peer is not None:
+        peers.check_routing(system.peer, routing)
     torch.manual_seed(seed)
     attn = models.attn_implementation(model_name)
     model = systems.build_model(system, config, dtype=torch.bfloat16, attn=attn, device=torch.device("cuda"), world=1)
     hooks = regimes.apply(model, routing, seed=seed)
-    block = first_moe_block(model)
+    block = peers.first_block(system.peer, model) if system.peer is not None else first_moe_block(model)
     moe_layer = block
     x = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(1, tokens, config.hidden_size, device="cuda", dtype=torch.bfloat16)
@@ -119,6 +125,8 @@ def bench_block(model_name: str, system_name: str, routing: str, tokens: int, se
         "ms": ms, "ms_forward": ms_fwd, "ms_samples": samples, "ms_forward_samples": samples_fwd, "tflops": flop / (ms / 1e3) / 1e12, "flops": flop,
         "activation_gib": activation / 2**30 if activation is not None else None,
     }
+    if system.peer is not None:
+        row["peer"] = getattr(model, "peer_info", None) or peers.describe(system.peer)
     if hasattr(moe_layer, "plan"):  # a moe_lab layer: what each stage ran (and auto's decision, with its times)
         row["plan"] = moe_layer.plan
     if profile:
@@ -141,15 +149,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = []
+    model_type = models.load_geometry(args.model)["model_type"]
     for routing in args.routing.split(","):
         for system in args.systems.split(","):
             try:
-                row = bench_block(args.model, system, routing, args.tokens, profile=args.profile)
+                with peers.scope(model_type):  # a peer's process-wide patches (Liger's) end with its row
+                    row = bench_block(args.model, system, routing, args.tokens, profile=args.profile)
                 row["status"] = "ok"
             except Exception as exc:  # noqa: BLE001 - a failed row is recorded and the others go on
-                log.exception("block %s %s failed", system, routing)
+                unavailable = isinstance(exc, peers.PeerUnavailable)
+                (log.warning if unavailable else log.exception)("block %s %s %s: %s", system, routing,
+                                                                "unavailable" if unavailable else "failed", exc)
                 row = {"model": args.model, "system": system, "routing": routing, "tokens": args.tokens,
-                       "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                       "status": "unavailable" if unavailable else "failed", "error": f"{type(exc).__name__}: {exc}"}
+                if peers.is_peer(system):
+                    row["peer"] = peers.describe(system)
             rows.append(row)
             if row["status"] == "ok":
                 act = f"{row['activation_gib']:.3f} GiB" if row["activation_gib"] is not None else "-"
@@ -162,7 +176,7 @@ def main(argv=None) -> int:
                     for k in prof["kernels"][:25]:
                         print(f"{'':26s} {k['ms']:7.3f} ms {k['calls']:3d}x  {k['name'][:90]}", flush=True)
             else:
-                print(f"{routing:9s} {system:14s} FAILED {row['error'][:120]}", flush=True)
+                print(f"{routing:9s} {system:14s} {row['status'].upper()} {row['error'][:160]}", flush=True)
     from triton_kernels.autotune_choices import autotune_choices, autotune_lines
 
     chosen = autotune_choices()

@@ -54,6 +54,13 @@ reads it back into the same spec. Names:
   ``{loop: trainer, fastest: true}``; they take no other key (the script passes the libraries'
   defaults).
 
+* ``v5-liger``, ``nemo-automodel``, ``sonicmoe`` (``library: peer``): peer systems, one process,
+  the harness's loop, built by ``experiments/peers.py`` (v5 + Liger Kernel as the Trainer applies it;
+  NeMo AutoModel's ``from_config`` with its fastest one-GPU backends; SonicMoE's MoE layer carrying
+  v5's block weights). Optional installs: one that is missing, or cannot run a geometry, is recorded
+  ``unavailable`` with the reason; records carry the peer's versions (``system_spec.peer_versions``).
+  As a mapping: ``{library: peer, peer: <name>}``.
+
 Which names exist is read from the installed libraries: v5's experts implementations, moe_lab's
 backend words, stage implementations, dispatchers and ``Options`` fields. Registering a new
 implementation in moe_lab's registry makes it a system here without touching this file. A name
@@ -73,7 +80,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-LIBRARIES = ("moe_lab", "v5")
+LIBRARIES = ("moe_lab", "v5", "peer")  # peer: experiments/peers.py
 # "harness": experiments/cell.py's own loop; "trainer": the unmodified Trainer script (trainer_script.py)
 LOOPS = ("harness", "trainer")
 # the names of the Trainer-script systems: (library, fastest) -> name
@@ -130,6 +137,7 @@ class SystemSpec:
     fastest: a trainer system whose script calls ``moe_lab.fastest(trainer)`` (``trainer-max``).
     adapter: "lora": the model is wrapped by ``peft.get_peft_model`` with ``PEFT_LORA`` (``v5-peft-lora``,
         ``lora``; the library's defaults otherwise).
+    peer: a peer system's name (``library: peer``; ``experiments.peers.PEERS``).
     """
 
     library: str = "moe_lab"
@@ -144,6 +152,7 @@ class SystemSpec:
     loop: str = "harness"
     fastest: bool = False
     adapter: str | None = None
+    peer: str | None = None
 
     # ---- the canonical short name ----
     @property
@@ -159,7 +168,9 @@ class SystemSpec:
     @property
     def kind(self) -> str:
         """"v5" | "v5-fsdp2" | "v5-ep" | "moe_lab" | "moe_lab-ep" | "v5-trainer" | "moe_lab-trainer"
-        (recorded as ``system_kind``)."""
+        (recorded as ``system_kind``); "peer" for a peer system."""
+        if self.peer is not None:
+            return "peer"
         if self.loop == "trainer":
             return f"{self.library}-trainer"
         if self.library == "v5":
@@ -218,6 +229,10 @@ class SystemSpec:
     def to_dict(self) -> dict:
         """The spec as a cell records it (``system_spec``): its fields, name and kind."""
         out = {"name": self.name, "kind": self.kind}
+        if self.peer is not None:  # which versions of the peer this process had
+            from . import peers
+
+            out["peer_versions"] = peers.versions(self.peer)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "backend" and isinstance(value, tuple):
@@ -296,8 +311,16 @@ def parse(system) -> SystemSpec:
     return _parse_name(system)
 
 
+def _peer_names() -> tuple[str, ...]:
+    from .peers import PEERS
+
+    return PEERS
+
+
 def _parse_name(name: str) -> SystemSpec:
     what = f"system {name!r}"
+    if name in _peer_names():
+        return SystemSpec(library="peer", peer=name)
     for (library, fastest), trainer_name in TRAINER_NAMES.items():
         if name == trainer_name:
             return SystemSpec(library=library, loop="trainer", fastest=fastest)
@@ -436,6 +459,11 @@ def from_mapping(mapping: Mapping) -> SystemSpec:
     library = mapping.get("library", "moe_lab")
     if library not in LIBRARIES:
         raise ValueError(f"{what}: library must be one of {', '.join(LIBRARIES)}, got {library!r}")
+    if library == "peer" or mapping.get("peer") is not None:
+        if library != "peer" or mapping.get("peer") not in _peer_names() or set(mapping) - {"library", "peer"}:
+            raise ValueError(f"{what}: a peer system is {{library: peer, peer: <name>}} with a name among "
+                             f"{', '.join(_peer_names())}; it takes no other key")
+        return SystemSpec(library="peer", peer=mapping["peer"])
     if mapping.get("adapter") is not None:
         spec = _adapter_spec(library, mapping["adapter"]) if (library, mapping["adapter"]) in ADAPTER_NAMES else None
         if spec is None or any(spec.as_mapping().get(k) != v for k, v in mapping.items() if k != "library"):
@@ -525,6 +553,8 @@ def _adapter_spec(library: str, adapter: str) -> SystemSpec:
 
 def _name(spec: SystemSpec) -> str:
     """The canonical short name of a spec (see the module docstring)."""
+    if spec.peer is not None:
+        return spec.peer
     if spec.loop == "trainer":
         return TRAINER_NAMES[(spec.library, spec.fastest)]
     if spec.adapter is not None:
@@ -579,8 +609,8 @@ def check_known(system) -> SystemSpec:
     the reason."""
     spec = parse(system)
     name = spec.name
-    if spec.loop == "trainer" or spec.adapter is not None:  # the libraries' defaults: no name to look up
-        return spec             # (trainer-max's moe_lab.fastest is looked for when its cell runs)
+    if spec.loop == "trainer" or spec.adapter is not None or spec.peer is not None:
+        return spec  # the libraries' defaults, or a peer (whether it is installed is its cell's question)             # (trainer-max's moe_lab.fastest is looked for when its cell runs)
     if spec.library == "v5":
         impls = v5_experts_implementations()
         if spec.experts_implementation not in impls:
@@ -613,6 +643,8 @@ def check_world(system, nproc: int) -> None:
     if spec.loop == "trainer" and nproc != 1:
         raise ValueError(f"system {spec.name!r} runs the unmodified Trainer script in one process, the cell has "
                          f"nproc={nproc}; the trainer systems are one-GPU (nproc: 1)")
+    if spec.kind == "peer" and nproc != 1:
+        raise ValueError(f"system {spec.name!r} is a peer run on one GPU, the cell has nproc={nproc} (nproc: 1)")
     if spec.kind in ("v5", "moe_lab") and nproc != 1:
         other = "v5-fsdp2-<impl> or v5-ep" if spec.kind == "v5" else f"ep{nproc}-<dispatcher>-<backend>"
         raise ValueError(f"system {spec.name!r} runs one process, the cell has nproc={nproc}; use {other}")
@@ -664,6 +696,10 @@ def build_model(system, config, *, dtype, attn: str, device, world: int, options
     if spec.loop == "trainer":
         raise ValueError(f"{spec.name}: a trainer system's model is built by its script (experiments/trainer_cell.py)")
     kw = dict(attn_implementation=attn, dtype=dtype)
+    if spec.peer is not None:  # experiments/peers.py: PeerUnavailable (status unavailable) where it cannot
+        from . import peers
+
+        return peers.build_model(spec.peer, config, dtype=dtype, attn=attn, device=device, world=world)
     if spec.adapter is not None:  # v5-peft-lora, lora: the library's defaults, then PEFT
         return with_adapter(_build_plain(spec, config, kw, device, world, options), spec)
     if spec.library == "v5":
