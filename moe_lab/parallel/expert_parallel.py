@@ -25,6 +25,17 @@ contributions of every rank's tokens (they came through the all-to-all), so it i
 replicas and divided by the world size. Only this backward's contribution is reduced, so gradients
 accumulated over micro-batches stay right.
 
+An optimizer that steps inside backward (`moe_lab.training.optim.TritonAdamWInBackward`,
+`OptimizerInBackward`) must see each gradient only once it is reduced; a parameter's gradient is
+complete (autograd's post-accumulate hook) before it is reduced. So such an optimizer registers
+the update of each parameter this reducer hooks with `GradientReducer.register_update`, and the
+reducer runs it once the gradient is reduced: right after that parameter's bucket (while later
+buckets are still in flight), for every parameter that has a gradient after the reduction (also one
+that got none on this rank: replicas stay equal); a parameter that the DDP around the model averages
+is updated after DDP's own end-of-backward reduction (an autograd-engine callback queued after
+DDP's). FSDP2 runs a sharded parameter's post-accumulate hooks itself, after its reduce-scatter, so
+those updates run there, layer by layer during backward.
+
 Under DistributedDataParallel (the HF Trainer and accelerate wrap the model in it when several
 processes run) the expert shards are on DDP's ignore list (each rank holds different experts), DDP
 averages the rest itself, and the hooks, seeing the forward run inside that DDP, reduce only the
@@ -333,6 +344,7 @@ class GradientReducer:
         self._params: list[torch.Tensor] = []
         self._seen_registrations = -1  # refresh at the first forward
         self._pending: dict[int, object] = {}
+        self._updates: dict[int, tuple] = {}  # id -> (parameter ref, update): an optimizer stepping in backward
         self._queued = False
         self._ddp_ref = None
         self._ddp_ids: frozenset = frozenset()  # parameters the DDP around this model reduces
@@ -351,6 +363,7 @@ class GradientReducer:
             if getattr(param, "_moe_lab_reducer", None) is not self._token:
                 param.register_hook(self._grad_hook(weakref.ref(param)))
                 param._moe_lab_reducer = self._token
+                param._moe_lab_grad_reducer = weakref.ref(self)  # for an optimizer stepping in backward
         self._params = params
 
     def _grad_hook(self, param_ref):
@@ -370,6 +383,51 @@ class GradientReducer:
             return None
 
         return hook
+
+    def register_update(self, param: torch.Tensor, update):
+        """Run ``update(param)`` inside every backward once ``param``'s gradient is reduced (by this
+        reducer, or by the DDP around the model), where it has a gradient then (see the module doc).
+        For an optimizer that steps in backward; it must also call `ensure_reduction` from the
+        parameter's post-accumulate-grad hook. Returns a handle whose ``remove()`` undoes this."""
+        if not self._owns(param):
+            raise ValueError("register_update: this parameter's gradient is not reduced by this reducer "
+                             "(a DTensor, frozen, or not in the model)")
+        key = id(param)
+        self._updates[key] = (weakref.ref(param), update)
+        reducer = self
+
+        class Handle:
+            def remove(self_):
+                entry = reducer._updates.get(key)
+                if entry is not None and entry[1] is update:
+                    del reducer._updates[key]
+
+        return Handle()
+
+    def _owns(self, param) -> bool:
+        return getattr(param, "_moe_lab_reducer", None) is self._token
+
+    def ensure_reduction(self) -> None:
+        """Make sure the end-of-backward reduction (and the registered updates) runs in this backward."""
+        if not self.enabled:
+            raise RuntimeError("an optimizer steps inside backward, but the automatic gradient reduction of this "
+                               "expert-parallel model is off (moe_lab_grad_reducer.enabled = False): it would step on "
+                               "one rank's gradients; turn the reduction on or step after reduce_gradients")
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._reduce)
+
+    def _run_updates(self, params) -> None:
+        """The registered updates of ``params`` that have a (reduced) gradient now."""
+        for param in params:
+            entry = self._updates.get(id(param))
+            if entry is not None and param.grad is not None and entry[0]() is param:
+                entry[1](param)
+
+    def _run_updates_after_ddp(self) -> None:
+        """Queued from `_reduce`, so after DDP's end-of-backward callback (queued during backward): the
+        gradients DDP averages are in .grad now."""
+        self._run_updates([p for p in self._params if id(p) in self._skip])
 
     def _before_forward(self, model, args):
         if not torch.is_grad_enabled():
@@ -400,6 +458,12 @@ class GradientReducer:
     # -- the end-of-backward reduction
     def _reduce(self) -> None:
         self._queued = False
+        self._reduce_own()
+        if self._updates and any(id(p) in self._updates for p in self._params if id(p) in self._skip):
+            # parameters the DDP around the model averages: updated after its own end-of-backward reduction
+            torch.autograd.Variable._execution_engine.queue_callback(self._run_updates_after_ddp)
+
+    def _reduce_own(self) -> None:
         pending, self._pending = self._pending, {}
         if not self.enabled:
             return
@@ -422,6 +486,7 @@ class GradientReducer:
                 works += self._launch(experts, self.ep.replica_group)
             else:  # each expert shard lives on one rank: its gradient is already the sum over all tokens
                 self._scale_in_place(experts)
+                self._run_updates([t[0] for t in experts])  # beside the replicated buckets' all-reduces
             for work, bucket, flat in works:
                 work.wait()
                 flat.div_(self.ep.world_size)
@@ -432,6 +497,7 @@ class GradientReducer:
                 for (param, seen, contribution), r in zip(bucket, reduced):
                     if not (seen is _FRESH and contribution is not None):
                         self._add_reduced(param, contribution, r)
+                self._run_updates([t[0] for t in bucket])  # this bucket is final; later ones may be in flight
 
     def _launch(self, items, group):
         """Start the all-reduces of `items` in buckets (per dtype and device): [(work, bucket, flat)]."""

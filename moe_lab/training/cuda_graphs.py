@@ -29,6 +29,19 @@ for the model, with a warning. Not to do after the capture: move or re-create pa
 (``model.to``, ``param.data = ...``): the graphs keep reading the old memory. Memory: the graphs'
 pool keeps every layer's activations and parameter-gradient buffers for good, so
 ``OptimizerInBackward``'s gradient freeing saves nothing for the decoder layers.
+
+Under expert parallelism (``ep_size > 1``) graphs are refused (`EXPERT_PARALLEL_REASON`). What a
+layer would need graphed there: the all-to-all's split sizes are this step's per-rank row counts,
+which `all_to_all_single` takes as host integers (a device-to-host copy, then a collective whose
+sizes differ step to step), so the dispatch and combine cannot be captured, and the experts' GEMMs
+between them see a data-dependent number of rows. The parts with static shapes are the attention
+block and the norms (and the router's logits) before the dispatch. Graphing those alone means
+splitting every decoder layer's forward at the MoE block into graphed and eager pieces, each with
+its own autograd node and static buffers, for every family's layer code (v5's decoder layers call
+attention, norms and the MLP from one forward, with no seam to hook): not done here, and the whole
+layer graphs above stay one-process. (A fixed-capacity dispatch, padding every rank's rows to a
+static maximum, would make the sizes static at the cost of dropped or padded tokens; moe_lab keeps
+dropless routing.)
 """
 from __future__ import annotations
 
@@ -182,12 +195,19 @@ def _graphed_forward(self, hidden_states, attention_mask=None, position_ids=None
     return graphs.graphed[index](hidden_states, cos, sin)
 
 
+EXPERT_PARALLEL_REASON = (
+    "cuda_graphs: under expert parallelism the all-to-all's split sizes are this step's per-rank row counts, read "
+    "on the host and different at every step, so a decoder layer (whose MoE block dispatches and combines) cannot "
+    "be captured; graphs run in one process only (the attention and norm parts alone are not graphed: see "
+    "moe_lab.training.cuda_graphs)")
+
+
 def check_graphable(model, backend_names: dict, ep_size: int = 1) -> None:
     """ValueError, in the user's terms, for a model whose layers a CUDA graph cannot replay."""
     from ..registry import capabilities
 
     if ep_size > 1 or backend_names.get("dispatch", "local") != "local":
-        raise ValueError("cuda_graphs: expert parallelism sends row counts through the host; one process only")
+        raise ValueError(EXPERT_PARALLEL_REASON)
     unsafe = {s: n for s, n in backend_names.items() if not capabilities(s, n).graph_safe}
     if unsafe:
         raise ValueError(f"cuda_graphs: stages {unsafe} are not CUDA-graph safe (they wait for per-expert row counts "

@@ -26,6 +26,8 @@ What a v5 user can observe, item by item:
   ``preprocess_logits_for_metrics``); a Trainer subclass whose ``compute_loss`` reads
   ``outputs.logits`` must not use this mode. Off the devices where Triton runs, the loss is chunked
   in PyTorch (still no full logits).
+* Under expert parallelism (``ep_size``) the fused loss, norms and rotary apply as in one process
+  (each rank computes its own batch's; tests/test_ep_options.py holds EP=2 and EP=4 to one process).
 * ``fused_norm``, ``fused_rope``: RMSNorm and rotary embedding as Triton kernels; outputs equal v5's
   up to rounding. Need Triton on the training device. ``fused_rope`` takes the rotate-half form,
   GPT-OSS's half-width form and DeepSeek-V3's interleaved pairs (over whole heads, or MLA's rotary
@@ -33,7 +35,8 @@ What a v5 user can observe, item by item:
 * ``cuda_graphs``: every decoder layer replayed from CUDA graphs captured at the first training step
   (see `moe_lab.training.cuda_graphs`). Needs CUDA, one process, graph-safe MoE stages
   (``"auto"`` before the first forward, ``"triton"`` or ``"triton_gather"``), no gradient checkpointing, no
-  ``output_router_logits``. The contract on the data, which only training can check: STATIC SHAPES
+  ``output_router_logits``, no expert parallelism (its all-to-all's sizes change every step:
+  `moe_lab.training.cuda_graphs` says what a graph under EP would have to leave out). The contract on the data, which only training can check: STATIC SHAPES
   (every batch the same [batch, seq]: fixed-length or packed sequences, ``dataloader_drop_last=True``;
   a new shape recaptures, slowly) and no attention-mask tensor in the batches (full sequences; a
   batch with one runs its layers eagerly, with a warning). Under the Trainer's mixed precision
@@ -47,9 +50,12 @@ What a v5 user can observe, item by item:
   or "adamw_torch_fused", the default), with the Trainer's learning rate, betas, epsilon, its
   weight-decay / no-weight-decay parameter groups (``Trainer.get_decay_parameter_names``, so a
   subclass's override counts) and its LR scheduler. The Trainer's checkpoints hold TritonAdamW's
-  ``state_dict`` (torch AdamW's keys; ``step`` an int).
+  ``state_dict`` (torch AdamW's keys; ``step`` an int). FSDP2's sharded (DTensor) parameters are
+  updated through their local shards, with DTensor moments as torch's AdamW keeps them.
 * The optimizer inside backward (`TritonAdamWInBackward`), where the training loop allows it: one
-  process, ``gradient_accumulation_steps == 1``, no gradient clipping (``max_grad_norm=0``; the
+  process or a moe_lab expert-parallel model (``ep_size``, with or without ``fsdp=True``; under the
+  Trainer's DDP too: each update runs after its gradient's reduction, see
+  `moe_lab.parallel.expert_parallel`), ``gradient_accumulation_steps == 1``, no gradient clipping (``max_grad_norm=0``; the
   Trainer's DEFAULT is 1.0, which keeps the step after backward), no fp16 loss scaling, no gradient
   checkpointing. Then each parameter is updated during ``backward()`` as soon as its gradient is
   complete and the gradient is freed: after backward every ``.grad`` is None (callbacks such as
@@ -61,7 +67,7 @@ What a v5 user can observe, item by item:
   the loop does not allow it, TritonAdamW steps after backward as usual (clipping works), and
   ``model.moe_lab_fastest["optimizer_in_backward"]`` says why.
 * No TritonAdamW where it cannot run (Triton not installed; the CPU without Triton's interpreter;
-  DTensor parameters; DeepSpeed) or where the Trainer was given another optimizer (``optimizers=``,
+  DeepSpeed) or where the Trainer was given another optimizer (``optimizers=``,
   ``optimizer_cls_and_kwargs``, another ``args.optim``): the Trainer's own optimizer then runs,
   recorded. Refusing instead would make this one line fail on a development machine where every
   other switch is skipped and the script otherwise runs; a user who wants the fast optimizer or
@@ -148,8 +154,9 @@ def fast_optimizer(params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 
     them; give groups for a weight-decay split).
 
     ``in_backward=True``: `TritonAdamWInBackward`, which updates each parameter inside backward; the
-    loop must run one backward per step, clip no gradient, accumulate none, and run in one process
-    (``optimizer.step()`` and ``zero_grad()`` stay in the loop: they wait for the updates).
+    loop must run one backward per step, clip no gradient, accumulate none, and run in one process or
+    on a moe_lab expert-parallel model (whose reduction each update follows; FSDP2's shards after their
+    reduce-scatter); ``optimizer.step()`` and ``zero_grad()`` stay in the loop: they wait for the updates.
     ``side_stream`` (None: on where every parameter is on CUDA) runs those updates on a second CUDA
     stream. ``in_backward=False``: `TritonAdamW`, stepped by ``optimizer.step()`` as usual."""
     if isinstance(params, nn.Module):
@@ -223,6 +230,22 @@ def _why_not_one_process(trainer, model) -> str | None:
     return None
 
 
+def _why_not_expert_parallel_loop(trainer, model) -> str | None:
+    """None if, under moe_lab's expert parallelism, every gradient is reduced where the optimizer in
+    backward can follow it: moe_lab's reducer (expert shards, replicated parameters), the DDP the
+    Trainer wraps the model in, or FSDP2 (``fsdp=True``: its reduce-scatter runs the shards' hooks)."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return "DeepSpeed runs the model and its optimizer"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "the Trainer's own FSDP shards the model (on top of expert parallelism)"
+    if trainer.args.n_gpu > 1:
+        return f"the Trainer replicates the model over {trainer.args.n_gpu} GPUs (DataParallel)"
+    reducer = getattr(model, "moe_lab_grad_reducer", None)
+    if reducer is None or not reducer.enabled:
+        return "the automatic gradient reduction of the expert-parallel model is off (moe_lab_grad_reducer.enabled)"
+    return None
+
+
 def _why_not_fused_cross_entropy(trainer, model, devices) -> str | None:
     try:
         import triton_kernels._common  # noqa: F401 - the loss asks it where Triton runs
@@ -246,6 +269,10 @@ def _why_not_fused_kernel(trainer, model, devices) -> str | None:
 def _why_not_cuda_graphs(trainer, model, devices) -> str | None:
     from .cuda_graphs import _graph_device, check_graphable
 
+    if getattr(model, "moe_lab_ep", None) is not None:  # the reason on any device
+        from .cuda_graphs import EXPERT_PARALLEL_REASON
+
+        return EXPERT_PARALLEL_REASON
     if not all(_graph_device(torch.empty(0, device=d)) for d in devices):
         return f"the model trains on {_names(devices)}; CUDA graphs need CUDA"
     reason = _why_not_one_process(trainer, model)
@@ -374,6 +401,9 @@ def _optimizer_plan(trainer, model, devices) -> tuple[tuple | None, dict]:
     side_stream = all(d.type == "cuda" for d in devices)
     where = ("on a second CUDA stream" if side_stream
              else f"inline: a side stream needs CUDA, the model is on {_names(devices)}")
+    if getattr(model, "moe_lab_ep", None) is not None:
+        where += ("; each update after its gradient's reduction: FSDP2 shards after their reduce-scatter, expert "
+                  "shards and replicated parameters after moe_lab's all-reduce or DDP's")
     return (TritonAdamWInBackward, {**kwargs, "side_stream": side_stream}), {"optimizer": on,
                                                                              "optimizer_in_backward": f"on ({where})"}
 
@@ -390,11 +420,7 @@ def _why_no_triton_adamw(trainer, model, devices) -> str | None:
         return f"args.optim={optim!r} is not torch's AdamW, which TritonAdamW replaces"
     if getattr(trainer, "is_deepspeed_enabled", False):
         return "DeepSpeed builds its own optimizer"
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad):
-        return "parameters are DTensors (expert parallelism or FSDP2 sharding); TritonAdamW takes plain tensors"
-    return _why_triton_cannot_run(devices)
+    return _why_triton_cannot_run(devices)  # DTensors (FSDP2 shards) are updated through their local shards
 
 
 def _ours(optimizer_cls_and_kwargs) -> bool:
@@ -403,7 +429,10 @@ def _ours(optimizer_cls_and_kwargs) -> bool:
 
 def _why_not_in_backward(trainer, model) -> str | None:
     args = trainer.args
-    reason = _why_not_one_process(trainer, model)
+    if getattr(model, "moe_lab_ep", None) is not None:
+        reason = _why_not_expert_parallel_loop(trainer, model)
+    else:
+        reason = _why_not_one_process(trainer, model)
     if reason is not None:
         return f"{reason}: gradients are reduced across processes or replicas before the step"
     if args.gradient_accumulation_steps > 1:

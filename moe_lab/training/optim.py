@@ -1,16 +1,23 @@
 """Optimizers for training steps where the optimizer is a large share of the time or memory.
 
 `TritonAdamW`: AdamW (PyTorch's formula and defaults) whose step is one elementwise Triton kernel per
-parameter (`triton_kernels.adamw`): every element read and written once, float32 arithmetic.
+parameter (`triton_kernels.adamw`): every element read and written once, float32 arithmetic. A
+DTensor parameter (an FSDP2 shard) is updated through its local shard (the update is elementwise),
+with moments that are DTensors of its placements, as torch's AdamW keeps them (so the two
+optimizers' state dicts load into each other); moe_lab's expert shards are plain tensors.
 
 `OptimizerInBackward`: the optimizer step inside backward: each parameter is updated as soon as its gradient is complete,
 and the gradient is freed at once.
 
 A training step then never holds every gradient at the same time (at Qwen3-30B-A3B geometry with 8
 layers that is 10.4 GiB of bf16 gradients); that lowers the peak only where the peak falls inside
-backward. What it gives up: gradient clipping by global norm, gradient accumulation over
-micro-batches, and gradient reduction across ranks before the step (so one process only). Each
-parameter gets its own optimizer instance (`optimizer_class(**kwargs)`, torch's AdamW by default).
+backward. What it gives up: gradient clipping by global norm and gradient accumulation over
+micro-batches. Across processes, a gradient must be reduced before its update
+(`hook_after_reduction`): FSDP2 runs a shard's hook after its reduce-scatter, and moe_lab's
+expert-parallel models (``ep_size``, with or without ``fsdp=True``, under DDP too) run the update after
+their own reduction; a plain parameter in any other job of several processes (DDP alone) is refused
+at the first backward. Each parameter gets its own optimizer instance (`optimizer_class(**kwargs)`,
+torch's AdamW by default).
 
     opt = OptimizerInBackward(model.parameters(), lr=1e-4)
     loss.backward()      # parameters are updated here
@@ -33,6 +40,84 @@ from typing import Iterable
 import torch
 
 
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _elementwise_placements(p) -> bool:
+    """An elementwise update of a DTensor is that of its local shards where no placement is Partial
+    (Shard: each rank owns its slice; Replicate: each rank runs the same update on the same values)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    return all(isinstance(pl, (Shard, Replicate)) for pl in p.placements)
+
+
+def _local_shards(p: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors one parameter's update reads and writes, as the kernel takes them: plain tensors
+    as they are; for a DTensor parameter (an FSDP2 shard), its local shard and those of its gradient
+    and moments, which must be DTensors of the same mesh and placements (the update is elementwise,
+    so running it on every rank's local shard updates the whole parameter)."""
+    if not _is_dtensor(p):
+        for name, t in zip(("gradient", "exp_avg", "exp_avg_sq"), others):
+            if _is_dtensor(t):
+                raise ValueError(f"TritonAdamW: a plain parameter of shape {tuple(p.shape)} has a DTensor {name}")
+        return (p, *others)
+    local = [p.to_local()]
+    for name, t in zip(("gradient", "exp_avg", "exp_avg_sq"), others):
+        if not _is_dtensor(t) or t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(p.placements):
+            got = f"placements {tuple(t.placements)}" if _is_dtensor(t) else "a plain tensor"
+            raise ValueError(f"TritonAdamW: the {name} of a DTensor parameter (placements {tuple(p.placements)}) "
+                             f"has {got}; it must be sharded as the parameter is")
+        local.append(t.to_local())
+    return tuple(local)
+
+
+def _reducer_of(param: torch.Tensor):
+    """The expert-parallel `GradientReducer` that reduces ``param``'s gradient, if any."""
+    ref = getattr(param, "_moe_lab_grad_reducer", None)
+    reducer = ref() if ref is not None else None
+    return reducer if reducer is not None and reducer._owns(param) else None
+
+
+def _reduced_by_nobody(param: torch.Tensor, update):
+    """A post-accumulate-grad hook for a parameter whose gradient is final when autograd has
+    accumulated it: one process, or an FSDP2 shard (FSDP2 runs these hooks after its reduce-scatter).
+    Refuses, at the first backward, a plain tensor in a job of several processes: something (DDP)
+    would reduce its gradient after this hook, and the update would use this rank's alone."""
+
+    def hook(p):
+        if not _is_dtensor(p):
+            if _reducer_of(p) is not None:
+                raise RuntimeError("the optimizer in backward was built before this model became expert-parallel; "
+                                   "build it after from_pretrained(..., ep_size=...) / apply_expert_parallel")
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                raise RuntimeError(
+                    f"the optimizer in backward: a plain (not DTensor) parameter of shape {tuple(p.shape)} in a job "
+                    f"of {dist.get_world_size()} processes; its gradient is reduced across them (DDP) only after "
+                    "this hook, so the update would use this rank's gradient alone. It runs in one process, on "
+                    "FSDP2's sharded parameters, and on moe_lab's expert-parallel models (ep_size)")
+        update(p)
+
+    return hook
+
+
+def hook_after_reduction(param: torch.Tensor, update) -> list:
+    """Arrange ``update(param)`` inside every backward once ``param``'s gradient is final, reduced across
+    processes where it is: after FSDP2's reduce-scatter for its shards (their post-accumulate hooks),
+    after moe_lab's expert-parallel reduction (or the DDP around that model) for the parameters it
+    reduces; at accumulation in one process. Returns the handles to remove."""
+    reducer = _reducer_of(param)
+    if reducer is None:
+        return [param.register_post_accumulate_grad_hook(_reduced_by_nobody(param, update))]
+    # the accumulation only makes sure the reduction runs in this backward; the update follows it
+    return [param.register_post_accumulate_grad_hook(lambda p: reducer.ensure_reduction()),
+            reducer.register_update(param, update)]
+
+
 class TritonAdamW(torch.optim.Optimizer):
     """AdamW with the update of PyTorch's (decoupled weight decay, bias-corrected moments, moments
     stored in the parameter's dtype, arithmetic in float32 as its fused path does), stepped by a
@@ -46,14 +131,12 @@ class TritonAdamW(torch.optim.Optimizer):
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"TritonAdamW: betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        from torch.distributed.tensor import DTensor
-
         from triton_kernels._common import runs_on
 
         for p in (p for g in self.param_groups for p in g["params"]):
-            if isinstance(p, DTensor):
-                raise ValueError("TritonAdamW: DTensor parameters (FSDP2, tensor/expert parallel) are not supported; "
-                                 "use torch.optim.AdamW(fused=True) there")
+            if _is_dtensor(p) and not _elementwise_placements(p):
+                raise ValueError(f"TritonAdamW: a DTensor parameter with placements {p.placements}: the update runs "
+                                 "on each rank's local shard, which needs Shard or Replicate placements (not Partial)")
             if not runs_on(p.device):
                 raise ValueError(f"TritonAdamW: parameters on {p.device}; its kernel runs on CUDA "
                                  "(or on the CPU under Triton's interpreter, TRITON_INTERPRET=1)")
@@ -80,11 +163,14 @@ class TritonAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            # a DTensor parameter's moments are DTensors of its placements (as torch's AdamW keeps them)
+            fmt = {} if _is_dtensor(p) else {"memory_format": torch.contiguous_format}
+            state["exp_avg"] = torch.zeros_like(p, **fmt)
+            state["exp_avg_sq"] = torch.zeros_like(p, **fmt)
         state["step"] = int(state["step"]) + 1  # a state loaded from torch's AdamW holds a tensor
         beta1, beta2 = group["betas"]
-        adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=float(group["lr"]),
+        param, grad, exp_avg, exp_avg_sq = _local_shards(p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        adamw_step_(param, grad, exp_avg, exp_avg_sq, step=state["step"], lr=float(group["lr"]),
                     beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
 
@@ -100,8 +186,8 @@ class TritonAdamWInBackward(TritonAdamW):
     indices, not dicts). `step()` updates nothing: with ``side_stream=True`` (CUDA parameters) it
     makes the current stream wait for the updates queued beside backward, as do `zero_grad()`,
     `state_dict()`, `load_state_dict()` and `remove()`; read parameters or state only after one of
-    them. The training loop must not clip or accumulate gradients, nor reduce them across ranks
-    before the step (see `OptimizerInBackward`)."""
+    them. The training loop must not clip or accumulate gradients; across processes the updates
+    follow the reductions where moe_lab can see them (see `OptimizerInBackward`)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, side_stream: bool = False):
@@ -128,7 +214,7 @@ class TritonAdamWInBackward(TritonAdamW):
         for p in group["params"]:
             if p.requires_grad:
                 self._group_index[p] = index
-                self._handles.append(p.register_post_accumulate_grad_hook(self._step_in_backward))
+                self._handles.extend(hook_after_reduction(p, self._step_in_backward))
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -213,7 +299,7 @@ class OptimizerInBackward:
         if not self.optimizers:
             raise ValueError("OptimizerInBackward: no parameter requires a gradient")
         for param in self.optimizers:
-            self._handles.append(param.register_post_accumulate_grad_hook(self._step_one))
+            self._handles.extend(hook_after_reduction(param, self._step_one))
 
     def _step_one(self, param: torch.nn.Parameter) -> None:
         optimizer = self.optimizers[param]
