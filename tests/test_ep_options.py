@@ -231,6 +231,12 @@ def every_option(rank, world, ep_size, fsdp, family, tmpdir):
                           rtol=1e-4, atol=1e-5)
     assert calls["adamw_step_"] == 2 * len(list(ours.parameters())), calls
 
+    if not fsdp:  # a plain parameter whose reduction moe_lab does not run (DDP alone, say) is refused
+        stray = torch.nn.Linear(3, 1)
+        TritonAdamWInBackward(stray.parameters())
+        with pytest.raises(RuntimeError, match="its gradient is reduced across them .DDP. only after this hook"):
+            stray(torch.ones(2, 3)).sum().backward()
+
     # the checkpoint: one standard file that a vanilla one-process model loads
     ours.save_pretrained(os.path.join(tmpdir, "ckpt"))
     if rank == 0:
