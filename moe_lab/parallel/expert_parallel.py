@@ -204,7 +204,8 @@ def apply_expert_parallel(model: nn.Module, mesh, *, dispatch: str = "all2all", 
     shard the non-expert parameters with FSDP2 over all ranks. After this, each rank keeps E/ep
     experts per layer, gradients are reduced inside backward (see the module doc: no
     `reduce_gradients` call), DDP wrapping the model leaves the expert shards alone, and
-    `save_pretrained` writes one standard checkpoint. `from_pretrained(..., ep_size=N)` calls this
+    `save_pretrained` (called on every rank) and the HF Trainer's `save_model` and checkpoints
+    (see `install_trainer_save`) write one standard checkpoint. `from_pretrained(..., ep_size=N)` calls this
     with the mesh of `make_mesh(N)`.
     """
     if getattr(model, "moe_lab_ep", None) is not None:
@@ -615,32 +616,100 @@ def clip_grad_norm_callback(max_norm: float, norm_type: float = 2.0):
     return ClipExpertParallelGradNorm()
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------
-def full_state_dict(model: nn.Module, ep: ExpertParallelContext) -> dict[str, torch.Tensor]:
-    """The single-process state dict: expert shards gathered over the ep group (every rank gets it)."""
+# ---- checkpoints ---------------------------------------------------------------------------------
+def full_state_dict(model: nn.Module, ep: ExpertParallelContext, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The single-process state dict: expert shards gathered over the ep group. A collective: every
+    rank calls it; with ``keep=False`` this rank joins the gathers and keeps nothing (returns {})."""
     state = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if is_expert_shard(tensor):
             pieces = [torch.empty_like(tensor) for _ in range(ep.ep_size)]
             dist.all_gather(pieces, tensor.detach().contiguous(), group=ep.ep_group)
-            state[name] = torch.cat(pieces).cpu()
+            full = torch.cat(pieces) if keep else None
         elif _is_dtensor(tensor):
-            state[name] = tensor.detach().full_tensor().cpu()
+            full = tensor.detach().full_tensor()  # a collective too
         else:
-            state[name] = tensor.detach().cpu()
+            full = tensor.detach()
+        if keep:
+            state[name] = full.cpu()
     return state
 
 
 def enable_expert_parallel_save(model: nn.Module, ep: ExpertParallelContext) -> None:
-    """Make `model.save_pretrained(path)` write one standard checkpoint (rank 0 writes; all ranks must call)."""
+    """Make `model.save_pretrained(path)` write one standard checkpoint: every rank calls it (the expert
+    shards are gathered), the rank where ``is_main_process`` (default: rank 0) writes. The
+    `transformers.Trainer` calls it on its writing process only: `install_trainer_save` makes the
+    Trainer's `save_model` gather first on every rank."""
     original = model.save_pretrained
 
     def save_pretrained(save_directory, *args, **kwargs):
-        state = full_state_dict(model, ep)
-        kwargs.setdefault("state_dict", state)
-        kwargs.setdefault("is_main_process", dist.get_rank() == 0)
-        if dist.get_rank() == 0:
+        gathered = getattr(model, "_moe_lab_gathered_state", None)
+        if gathered is not None:  # inside the Trainer's save_model: every rank gathered already, this one writes
+            if kwargs.get("state_dict") is None:
+                kwargs["state_dict"] = gathered
+            if kwargs.get("is_main_process", True):
+                original(save_directory, *args, **kwargs)
+            return
+        writer = kwargs.get("is_main_process")
+        writer = dist.get_rank() == 0 if writer is None else bool(writer)
+        state = full_state_dict(model, ep, keep=writer)
+        if kwargs.get("state_dict") is None:  # the Trainer passes state_dict=None
+            kwargs["state_dict"] = state
+        kwargs["is_main_process"] = writer
+        if writer:
             original(save_directory, *args, **kwargs)
         dist.barrier()
 
     model.save_pretrained = save_pretrained
+    install_trainer_save()
+
+
+def _expert_parallel_model(model):
+    """The expert-parallel moe_lab model that ``model`` is (or compiles), else None."""
+    for candidate in (model, getattr(model, "_orig_mod", None)):
+        if candidate is not None and getattr(candidate, "moe_lab_ep", None) is not None:
+            return candidate
+    return None
+
+
+def install_trainer_save() -> None:
+    """Make `transformers.Trainer.save_model` save an expert-parallel model from every rank.
+
+    The Trainer saves (``save_model``, each checkpoint of ``save_strategy``, ``push_to_hub``) through
+    ``save_model``, which every rank calls, but it calls the model's ``save_pretrained`` on its writing
+    process only (transformers 5.17 and 5.25 alike), while the expert shards live on every rank. So
+    for a Trainer whose model is expert-parallel, ``save_model`` first gathers the full state dict on
+    every rank (kept only where ``args.should_save``), the Trainer's own ``save_model`` then writes it
+    through ``save_pretrained`` (no collective there), and all ranks wait for the write. Any other
+    model goes to the Trainer's ``save_model`` unchanged. Installed once, on the class, when a model
+    becomes expert-parallel (a Trainer subclass that overrides ``save_model`` without calling it is
+    not covered: save with ``model.save_pretrained`` on every rank there).
+
+    Why not transformers 5.25's ``is_distributed_loading_by_transformers`` flag, which keeps every rank
+    in ``Trainer._save``: it also makes the Trainer broadcast every trainable parameter that is not a
+    DTensor from rank 0 at the start of ``train()`` (`Trainer._sync_replicated_trainable_parameters`),
+    which would overwrite every rank's expert shards with rank 0's, and average their gradients over
+    all ranks; transformers 5.17 has no such flag."""
+    try:
+        from transformers.trainer import Trainer
+    except ImportError:  # no Trainer (accelerate missing): nothing can call save_model
+        return
+    original = Trainer.save_model
+    if getattr(original, "_moe_lab_expert_parallel", False):
+        return
+
+    @functools.wraps(original)
+    def save_model(self, output_dir=None, _internal_call=False):
+        model = _expert_parallel_model(self.model)
+        if model is None:
+            return original(self, output_dir, _internal_call)
+        model._moe_lab_gathered_state = full_state_dict(model, model.moe_lab_ep, keep=self.args.should_save) or None
+        try:
+            result = original(self, output_dir, _internal_call)
+        finally:
+            model._moe_lab_gathered_state = None
+        dist.barrier()  # the checkpoint is written when save_model returns, on every rank
+        return result
+
+    save_model._moe_lab_expert_parallel = True
+    Trainer.save_model = save_model
