@@ -251,6 +251,11 @@ def run_routed_experts(
     if choice.caps("dispatch").token_level:
         return dispatcher.run(hidden, ids, weights, lambda x, local_ids, local_weights: run_local_experts(
             x, local_ids, local_weights, experts, spec, choice, dispatcher.num_local))
+    if getattr(dispatcher, "pipelined", False):  # chunks interleave permutation, experts and combine
+        return dispatcher.run_pipelined(
+            hidden, ids, weights, lambda h, i: choice.permutation(h, i, spec.num_experts),
+            lambda x, counts, offsets: choice.experts(x, counts, offsets, experts, spec),
+            lambda y, perm, w: choice.combine(y, perm, w, hidden.dtype))
     fused = fused_pair(choice)
     if fused is not None and dispatcher.name == "local":
         return fused(hidden, ids, weights, experts, spec, choice)

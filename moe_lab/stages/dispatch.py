@@ -115,10 +115,75 @@ class AllToAllDispatcher:
         return all_to_all(y[inverse], recv_splits, send_splits, self.ep.ep_group)
 
 
+# ---- all2all_overlap: the all-to-alls of one chunk of tokens beside the experts of another -----
+class OverlappedAllToAllDispatcher(AllToAllDispatcher):
+    """`all2all` in `chunks` pipelined chunks of tokens: every chunk's rows are sent at once
+    (asynchronous functional collectives), then chunk c's experts run while the later chunks' rows
+    are still in flight and chunk c-1's results travel back. Same result as `all2all` (each token's
+    rows are computed by the same experts; only the grouping of the GEMMs changes).
+
+    Layer-level (`pipelined`): `run_routed_experts` hands it the permutation, experts and combine
+    stages, since the chunks interleave them. A received tensor is waited for where it is first used
+    (`torch.distributed._functional_collectives`: on CUDA the compute stream waits for the NCCL
+    stream there; on gloo the transfer runs in the process group's worker thread). The backward
+    sends each chunk's gradients with the same collectives; autograd orders the chunks' backward."""
+
+    name = "all2all_overlap"
+    pipelined = True
+
+    def __init__(self, ep: ExpertParallelContext | None = None, num_experts: int | None = None, chunks: int = 2, **_):
+        super().__init__(ep, num_experts)
+        if chunks < 1:
+            raise ValueError(f"all2all_overlap: chunks must be >= 1, not {chunks}")
+        self.chunks = chunks
+
+    def run_pipelined(self, hidden, ids, weights, permute, experts, combine) -> torch.Tensor:
+        """hidden [T, H], ids [T, k], weights [T, k] -> [T, H].
+        permute(hidden_c, ids_c) -> (rows, Permutation); experts(x, counts, offsets) -> y;
+        combine(y, perm, weights_c) -> [T_c, H]. Every rank runs `chunks` chunks (some may be empty)."""
+        from torch.distributed import _functional_collectives as funcol
+
+        ep, local, group = self.ep, self.num_local, self.ep.ep_group
+        T = hidden.shape[0]
+        edges = [T * c // self.chunks for c in range(self.chunks + 1)]
+        parts = [(hidden[a:b], ids[a:b], weights[a:b]) for a, b in zip(edges, edges[1:])]
+        permuted = [permute(h, i) for h, i, _ in parts]
+        # one exchange of every chunk's counts: [dst rank, chunk, local expert]
+        send_counts = torch.stack([p.counts.view(ep.ep_size, local) for _, p in permuted], 1)
+        recv_counts = torch.empty_like(send_counts)  # [src rank, chunk, local expert]
+        dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)
+        send_splits = send_counts.sum(2).T.tolist()  # [chunk][dst rank]
+        recv_splits = recv_counts.sum(2).T.tolist()  # [chunk][src rank]
+        in_flight = [funcol.all_to_all_single_autograd(rows.contiguous(), recv_splits[c], send_splits[c], group)
+                     for c, (rows, _) in enumerate(permuted)]
+        returning = []
+        for c, received in enumerate(in_flight):
+            counts_c = recv_counts[:, c]  # [src rank, local expert]
+            expert_of_row = torch.repeat_interleave(
+                torch.arange(local, device=hidden.device).repeat(ep.ep_size), counts_c.flatten(),
+                output_size=sum(recv_splits[c]))
+            order = torch.argsort(expert_of_row, stable=True)  # -> by local expert, then source rank
+            x = received[order]  # waits for this chunk's rows only
+            counts = counts_c.sum(0)
+            y = experts(x, counts, torch.cumsum(counts, 0).to(torch.int32))
+            if y.shape[0] == 0 and torch.is_grad_enabled() and x.requires_grad:
+                y = y + x.sum() * 0  # keep this rank in the backward all-to-alls the other ranks wait in
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=order.device)
+            returning.append(funcol.all_to_all_single_autograd(y[inverse].contiguous(), send_splits[c],
+                                                              recv_splits[c], group))
+        self.last_local_rows = sum(map(sum, recv_splits))
+        outs = [combine(back, perm, w) for back, (_, perm), (_, _, w) in zip(returning, permuted, parts)]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
 # ---- registrations ---------------------------------------------------------------------------
 register_stage("dispatch", "local", LocalDispatcher, description="all experts in this process",
                caps=Capabilities(graph_safe=True, expert_parallel=False))
 register_stage("dispatch", "all2all", AllToAllDispatcher, description="torch.distributed all_to_all_single, uneven splits")
+register_stage("dispatch", "all2all_overlap", OverlappedAllToAllDispatcher,
+               description="all2all in two pipelined chunks: one chunk's all-to-all beside another's experts",
+               caps=Capabilities(traceable=False))
 register_stage("dispatch", "deepep", DeepEPDispatcher, why_deepep_unavailable,
                description="DeepEP fused NVLink all-to-all (token-level: moves tokens, the other stages run on what arrives)",
                caps=Capabilities(devices=frozenset({"cuda"}), dtypes={"cuda": frozenset({torch.bfloat16})},
