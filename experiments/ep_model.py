@@ -344,8 +344,9 @@ def check(inp: dict, run_dir: Path, baseline: str | None = None) -> list[dict]:
 
     `baseline`: the one-GPU breakdown to start from (default: the first of inputs.yaml, `triton`: the
     same code and step options as h200x2-3's cells).
-    The prediction uses the serial mode (moe_lab's dispatch does not overlap its all-to-alls) and the
-    cell's routing (`real` from the committed trace, `skewed` from the harness's regime)."""
+    The prediction uses the serial mode (the `all2all` and `deepep` dispatchers do not overlap their
+    all-to-alls; `all2all_overlap`, which pipelines chunks of tokens, is bounded by the overlap mode
+    and has not been measured on two GPUs yet) and the cell's routing (`real` from the committed trace, `skewed` from the harness's regime)."""
     baseline = baseline or next(iter(inp["baselines"]))
     out = []
     for path in sorted(glob.glob(str(Path(run_dir) / "cells" / "*.json"))):
