@@ -43,9 +43,10 @@ expert shards. With `fsdp=True` the non-expert parameters are sharded with FSDP2
 decoder layer and at the root, over all ranks; the experts are its ignored parameters): FSDP2
 averages their gradients itself (reduce-scatter), and the hooks reduce only the experts.
 
-A gradient norm computed on one rank sees only that rank's expert shards: clip with
-`clip_grad_norm_(model, max_norm)` here, which counts every shard once (under the HF Trainer:
-`TrainingArguments(max_grad_norm=0)` and `callbacks=[clip_grad_norm_callback(1.0)]`).
+A gradient norm computed on one rank sees only that rank's expert shards: `clip_grad_norm_(model,
+max_norm)` here counts every shard once (the norm one process computes, the same on every rank). The
+HF Trainer's `max_grad_norm` and accelerate's `Accelerator.clip_grad_norm_` use it by themselves for
+an expert-parallel model (`moe_lab.parallel.trainer_support`).
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ import torch.nn as nn
 
 
 logger = logging.getLogger(__name__)
+
+_EXPERT_PARALLEL_MODELS = weakref.WeakSet()  # every model apply_expert_parallel made expert-parallel
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
@@ -204,9 +207,10 @@ def apply_expert_parallel(model: nn.Module, mesh, *, dispatch: str = "all2all", 
     shard the non-expert parameters with FSDP2 over all ranks. After this, each rank keeps E/ep
     experts per layer, gradients are reduced inside backward (see the module doc: no
     `reduce_gradients` call), DDP wrapping the model leaves the expert shards alone, and
-    `save_pretrained` (called on every rank) and the HF Trainer's `save_model` and checkpoints
-    (see `install_trainer_save`) write one standard checkpoint. `from_pretrained(..., ep_size=N)` calls this
-    with the mesh of `make_mesh(N)`.
+    `save_pretrained` (called on every rank) and the HF Trainer's `save_model` and checkpoints write
+    one standard checkpoint, and the Trainer's and accelerate's gradient clipping use the whole model's
+    norm (see `moe_lab.parallel.trainer_support`). `from_pretrained(..., ep_size=N)` calls this with the
+    mesh of `make_mesh(N)`.
     """
     if getattr(model, "moe_lab_ep", None) is not None:
         raise ValueError("this model is already expert-parallel (model.moe_lab_ep is set)")
@@ -240,6 +244,10 @@ def apply_expert_parallel(model: nn.Module, mesh, *, dispatch: str = "all2all", 
     ignore_expert_shards_in_ddp(model)
     model.moe_lab_ep = ep
     model.moe_lab_grad_reducer = GradientReducer(model, ep)
+    _EXPERT_PARALLEL_MODELS.add(model)
+    from .trainer_support import install_trainer_support
+
+    install_trainer_support()
     return model
 
 
@@ -571,44 +579,78 @@ def reduce_gradients(model: nn.Module, ep: ExpertParallelContext | None = None) 
             param.grad.div_(ep.world_size)
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` for an expert-parallel model: the norm of the whole model's
-    gradient (each expert shard counted once, over its ep group; replicated and FSDP2 parameters
-    once), the same on every rank, and every gradient scaled by the same factor. Returns the norm."""
+def expert_parallel_context_of(parameters) -> ExpertParallelContext | None:
+    """The context of the expert-parallel model whose expert shards are among ``parameters`` (a
+    sequence), or None where none is: the same answer on every rank (every rank holds the same
+    parameters, each with its own shard of the experts)."""
+    shards = {id(p) for p in parameters if is_expert_shard(p)}
+    if not shards:
+        return None
+    found = {id(m): m.moe_lab_ep for m in list(_EXPERT_PARALLEL_MODELS) if any(id(p) in shards for p in m.parameters())}
+    if len(found) != 1:
+        raise ValueError("these parameters hold expert shards of " + ("several expert-parallel models: clip each "
+                         "model's gradients separately" if found else "no model that is expert-parallel now"))
+    return found.popitem()[1]
+
+
+def clip_grad_norm_(model, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for an expert-parallel model, called on every rank after backward
+    (the gradients are reduced by then): the norm of the whole model's gradient as one process computes
+    it (each expert shard counted once, its sum of powers reduced over the ep group; replicated
+    parameters once; FSDP2's DTensor shards over their mesh), the same on every rank, and every
+    gradient scaled by torch's factor ``min(1, max_norm / (norm + 1e-6))``. Returns the norm (before
+    clipping); ``max_norm=inf`` only computes it. `model`: the expert-parallel model, a module wrapping
+    it (DDP, torch.compile), or an iterable of its parameters, the same ones on every rank. The HF
+    Trainer (``max_grad_norm``) and accelerate's ``Accelerator.clip_grad_norm_`` come here by themselves
+    (`moe_lab.parallel.trainer_support`)."""
+    params = list(model.parameters() if isinstance(model, nn.Module) else model)
+    ep = expert_parallel_context_of(params)
+    if ep is None:
+        raise ValueError("clip_grad_norm_: no expert shard among these parameters (not an expert-parallel model): "
+                         "use torch.nn.utils.clip_grad_norm_")
+    return clip_expert_parallel_grads_(params, ep, max_norm, norm_type)
+
+
+def clip_expert_parallel_grads_(params, ep: ExpertParallelContext, max_norm: float, norm_type: float = 2.0):
+    """`clip_grad_norm_` on ``params`` of the expert-parallel model of ``ep`` (see there). A collective
+    over the ep group (and FSDP2's mesh): every rank calls it with the same parameters."""
     from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+    norm_type = float(norm_type)
+    inf = norm_type == float("inf")
     groups: dict = {}  # "experts", "replicated", or an FSDP2 mesh -> parameters with a gradient
-    for param in model.parameters():
+    for param in params:
         if param.grad is not None:
             key = "experts" if is_expert_shard(param) else getattr(param.grad, "device_mesh", "replicated")
             groups.setdefault(key, []).append(param)
-    device = next(model.parameters()).device
+    device = next(p for p in params if is_expert_shard(p)).device  # the device of the ep group's collectives
     norms = {}
-    for key, params in groups.items():
-        norm = get_total_norm([p.grad for p in params], norm_type)
+    for key, group in groups.items():
+        norm = get_total_norm([p.grad for p in group], norm_type)
         norms[key] = (norm.full_tensor() if _is_dtensor(norm) else norm).float().to(device)
-    inf = float(norm_type) == float("inf")
     shards = norms.pop("experts", torch.zeros((), device=device))  # every rank joins, with or without shards
     shards = shards.clone() if inf else shards.pow(norm_type)
-    dist.all_reduce(shards, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=model.moe_lab_ep.ep_group)
+    dist.all_reduce(shards, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=ep.ep_group)
     total = torch.linalg.vector_norm(torch.stack([shards if inf else shards.pow(1.0 / norm_type), *norms.values()]),
                                      norm_type)
-    for params in groups.values():
-        clip_grads_with_norm_(params, max_norm, total)
+    if float(max_norm) != float("inf"):  # inf: the factor is 1, nothing to scale
+        for group in groups.values():
+            clip_grads_with_norm_(group, max_norm, total)
     return total
 
 
 def clip_grad_norm_callback(max_norm: float, norm_type: float = 2.0):
-    """A `transformers.TrainerCallback` that clips with `clip_grad_norm_` before every optimizer step.
-    The Trainer's own `max_grad_norm` clips by one rank's norm (its expert shards only), which differs
-    per rank: pass this with `TrainingArguments(max_grad_norm=0)` instead."""
+    """A `transformers.TrainerCallback` that clips with `clip_grad_norm_` before every optimizer step, for
+    ``TrainingArguments(max_grad_norm=0)``. No longer needed: the Trainer's own ``max_grad_norm`` clips
+    by the whole model's norm under expert parallelism (`moe_lab.parallel.trainer_support`)."""
     from transformers import TrainerCallback
 
     class ClipExpertParallelGradNorm(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             if args.max_grad_norm and args.max_grad_norm > 0:
-                raise ValueError("the Trainer's max_grad_norm clips by one rank's gradient norm under expert "
-                                 "parallelism: set max_grad_norm=0 and let this callback clip")
+                raise ValueError("clip_grad_norm_callback with max_grad_norm > 0 would clip twice: the Trainer's "
+                                 "max_grad_norm clips by the whole model's norm under expert parallelism; drop the "
+                                 "callback (or set max_grad_norm=0)")
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             clip_grad_norm_(model, max_norm, norm_type)
@@ -638,7 +680,7 @@ def full_state_dict(model: nn.Module, ep: ExpertParallelContext, keep: bool = Tr
 def enable_expert_parallel_save(model: nn.Module, ep: ExpertParallelContext) -> None:
     """Make `model.save_pretrained(path)` write one standard checkpoint: every rank calls it (the expert
     shards are gathered), the rank where ``is_main_process`` (default: rank 0) writes. The
-    `transformers.Trainer` calls it on its writing process only: `install_trainer_save` makes the
+    `transformers.Trainer` calls it on its writing process only: `trainer_support` makes the
     Trainer's `save_model` gather first on every rank."""
     original = model.save_pretrained
 
@@ -661,55 +703,3 @@ def enable_expert_parallel_save(model: nn.Module, ep: ExpertParallelContext) -> 
         dist.barrier()
 
     model.save_pretrained = save_pretrained
-    install_trainer_save()
-
-
-def _expert_parallel_model(model):
-    """The expert-parallel moe_lab model that ``model`` is (or compiles), else None."""
-    for candidate in (model, getattr(model, "_orig_mod", None)):
-        if candidate is not None and getattr(candidate, "moe_lab_ep", None) is not None:
-            return candidate
-    return None
-
-
-def install_trainer_save() -> None:
-    """Make `transformers.Trainer.save_model` save an expert-parallel model from every rank.
-
-    The Trainer saves (``save_model``, each checkpoint of ``save_strategy``, ``push_to_hub``) through
-    ``save_model``, which every rank calls, but it calls the model's ``save_pretrained`` on its writing
-    process only (transformers 5.17 and 5.25 alike), while the expert shards live on every rank. So
-    for a Trainer whose model is expert-parallel, ``save_model`` first gathers the full state dict on
-    every rank (kept only where ``args.should_save``), the Trainer's own ``save_model`` then writes it
-    through ``save_pretrained`` (no collective there), and all ranks wait for the write. Any other
-    model goes to the Trainer's ``save_model`` unchanged. Installed once, on the class, when a model
-    becomes expert-parallel (a Trainer subclass that overrides ``save_model`` without calling it is
-    not covered: save with ``model.save_pretrained`` on every rank there).
-
-    Why not transformers 5.25's ``is_distributed_loading_by_transformers`` flag, which keeps every rank
-    in ``Trainer._save``: it also makes the Trainer broadcast every trainable parameter that is not a
-    DTensor from rank 0 at the start of ``train()`` (`Trainer._sync_replicated_trainable_parameters`),
-    which would overwrite every rank's expert shards with rank 0's, and average their gradients over
-    all ranks; transformers 5.17 has no such flag."""
-    try:
-        from transformers.trainer import Trainer
-    except ImportError:  # no Trainer (accelerate missing): nothing can call save_model
-        return
-    original = Trainer.save_model
-    if getattr(original, "_moe_lab_expert_parallel", False):
-        return
-
-    @functools.wraps(original)
-    def save_model(self, output_dir=None, _internal_call=False):
-        model = _expert_parallel_model(self.model)
-        if model is None:
-            return original(self, output_dir, _internal_call)
-        model._moe_lab_gathered_state = full_state_dict(model, model.moe_lab_ep, keep=self.args.should_save) or None
-        try:
-            result = original(self, output_dir, _internal_call)
-        finally:
-            model._moe_lab_gathered_state = None
-        dist.barrier()  # the checkpoint is written when save_model returns, on every rank
-        return result
-
-    save_model._moe_lab_expert_parallel = True
-    Trainer.save_model = save_model
