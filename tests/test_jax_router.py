@@ -82,6 +82,18 @@ def test_logits_computed_in_torch_when_fn_returns_two():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_bfloat16_router_runs_and_matches_the_reference():
+    """bf16 hidden and router weight (a bf16 model on the GPU): numpy's issubdtype does not know
+    bfloat16 as floating point; the output check must."""
+    routing = RoutingSpec(6, 2, renormalize=True)
+    impl = moe_lab.jax.router(family_routing_in_jax(routing), name="jax:test_bf16")
+    hidden, weight, _ = _tensors(9, 8, 6, 1)
+    hidden, weight = hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_()
+    got, ref = impl.fn(hidden, weight, None, None, routing), route_reference(hidden, weight, None, None, routing)
+    assert got.weights.dtype == ref.weights.dtype and torch.equal(got.ids, ref.ids)
+    torch.testing.assert_close(got.weights, ref.weights, rtol=2e-2, atol=1e-2)
+
+
 def test_deepseek_correction_bias_reaches_jax_as_a_buffer():
     routing = RoutingSpec(8, 2, score="sigmoid", renormalize=True, renormalize_eps=1e-20, n_group=2, topk_group=1,
                           has_correction_bias=True, scaling=2.5, logits_fp32=True, weights_in_logits_dtype=False)

@@ -148,18 +148,18 @@ class JaxRouter:
         k = weights.shape[1]
         if tuple(ids.shape) != (tokens, k):
             raise JaxRouterError(f"{where}: ids must have the weights' shape [T, k] = [{tokens}, {k}]; got {tuple(ids.shape)}")
-        import numpy as np
+        jnp = _jax().numpy  # its issubdtype knows bfloat16 (numpy's does not)
 
-        if not np.issubdtype(weights.dtype, np.floating):
+        if not jnp.issubdtype(weights.dtype, jnp.floating):
             raise JaxRouterError(f"{where}: weights must be floating point; got {weights.dtype}")
-        if not np.issubdtype(ids.dtype, np.integer):
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise JaxRouterError(f"{where}: ids must be integers (expert indices in [0, {experts})); got {ids.dtype}")
         if len(out) == 3:
             logits = out[2]
             if tuple(logits.shape) != (tokens, experts):
                 raise JaxRouterError(f"{where}: logits (the third output) must be [T, E] = [{tokens}, {experts}]; "
                                      f"got {tuple(logits.shape)}")
-            if not np.issubdtype(logits.dtype, np.floating):
+            if not jnp.issubdtype(logits.dtype, jnp.floating):
                 raise JaxRouterError(f"{where}: logits must be floating point; got {logits.dtype}")
         self._checked[key] = len(out) == 3
         return self._checked[key]
