@@ -9,11 +9,12 @@ import pytest
 pytest.importorskip("jax")
 
 
-def test_jax_overhead_cpu_smoke(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: as on the GPU
+def test_jax_overhead_cpu_smoke(tmp_path, dtype):
     from experiments import jax_overhead
 
     out = tmp_path / "overhead.json"
-    assert jax_overhead.main(["--device", "cpu", "--tokens", "16", "--hidden", "8", "--intermediate", "4",
+    assert jax_overhead.main(["--device", "cpu", "--dtype", dtype, "--tokens", "16", "--hidden", "8", "--intermediate", "4",
                               "--experts", "4", "--top-k", "2", "--warmup", "1", "--repeats", "1", "--inner", "1",
                               "--out", str(out)]) == 0
     record = json.loads(out.read_text())
