@@ -1,7 +1,7 @@
 """Training-quality ablations: a small MoE trained from scratch on real text, one routing setting per cell.
 
     python -m experiments.ablation                                   # preset cpu-ablation (CPU, a few minutes) -> runs/cpu-ablation
-    python -m experiments.ablation --preset h100x1-ablation --out $OUT/runs/h100x1-ablation --jobs 6
+    python -m experiments.ablation --preset h100x1-ablation --out $OUT/runs/h100x1-ablation --jobs 8
     python -m experiments.ablation --list                            # the cells of a preset
     python -m experiments.ablation --report runs/cpu-ablation         # table + curves of a run -> <run>/report/
     python -m experiments.ablation --report results/runs/X --results  # maintainers: -> results/report/ablation-X.md, ablation/X.png
@@ -383,6 +383,8 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
             cols[k].append(v)
         if spec["eval_every"] and (step + 1) % spec["eval_every"] == 0 and step + 1 < spec["steps"]:
             evals.append({"step": step + 1, "heldout_loss": round(_evaluate(model, heldout, device), 6)})
+            print(f"step {step + 1}/{spec['steps']}: held-out loss {evals[-1]['heldout_loss']:.4f}, "
+                  f"{time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)  # the cell's log
     final_eval = _evaluate(model, heldout, device)
     evals.append({"step": spec["steps"], "heldout_loss": round(final_eval, 6)})
     trace_path = None
