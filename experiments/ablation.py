@@ -38,7 +38,10 @@ the sweep goes on; a rerun skips cells with a record (``--retry-failed`` reruns 
 ``--fresh`` all); SIGINT / SIGTERM kill the running cells, record them ``interrupted`` and the manifest
 says so; every JSON is written atomically (``store.py``). ``--jobs N`` runs N isolated cells at once
 (a model this small leaves a GPU mostly idle); the curves do not depend on it, tokens/s does, and the
-records and the report say how many cells shared the device.
+records and the report say how many cells shared the device. ``checkpoint_every: N`` saves a cell's
+training state (model, optimizer, balancing biases, the samples so far, the trace) every N steps
+under ``<run>/state/``; a rerun of an interrupted or timed-out cell continues from it, so one cell
+can span several calls of a time-limited machine (the record says ``resumed_from_step``).
 """
 from __future__ import annotations
 
@@ -80,8 +83,10 @@ DEFAULTS = {
     "eval_every": 0, "eval_batches": 4, "trace_steps": [], "trace_logits": True,
     "seed": 0, "device": "auto", "dtype": "fp32", "backend": "auto", "matmul_precision": "highest",
     "max_train_bytes": 4_000_000, "max_heldout_bytes": 400_000,
+    "checkpoint_every": 0,  # save the cell's training state every N steps (0: never); a rerun resumes from it
     "fail_at": None,  # test hook: "build" / "step" raise there, "crash" exits without a record
 }
+NOT_HASHED = ("checkpoint_every",)  # keys that do not change what a cell computes (not in its id)
 TOP_KEYS = ("name", "description", "defaults", "settings", "seeds", "cell_timeout_s", "env")
 
 
@@ -124,6 +129,7 @@ CHECKS = {
     "backend": (lambda v: isinstance(v, str) and v, "a moe_lab backend word (auto, torch, eager, triton, ...)"),
     "matmul_precision": (lambda v: v in ("highest", "high", "medium"), "highest, high or medium"),
     "max_train_bytes": (_pos_int, "an integer >= 1"), "max_heldout_bytes": (_pos_int, "an integer >= 1"),
+    "checkpoint_every": (_nonneg_int, "an integer >= 0 (0: no checkpoints)"),
     "fail_at": (lambda v: v in (None, "build", "step", "crash"), "null, build, step or crash"),
 }
 assert set(CHECKS) == set(DEFAULTS)
@@ -152,7 +158,8 @@ def normalise(spec: dict) -> dict:
 
 
 def cell_id(spec: dict) -> str:
-    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    hashed = {k: v for k, v in spec.items() if k not in NOT_HASHED}
+    digest = hashlib.sha1(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:8]
     return f"{spec['name']}__s{spec['seed']}__{digest}"
 
 
@@ -344,8 +351,10 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
     evals = []
     tokens_per_step = spec["batch"] * spec["seq"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    state_path = state_path_of(out_dir, cid) if out_dir is not None and spec["checkpoint_every"] else None
+    start = _resume(state_path, model, opt, balancer, tracer, cols, evals, device) if state_path else 0
     t_start = time.perf_counter()
-    for step in range(spec["steps"]):
+    for step in range(start, spec["steps"]):
         if spec["fail_at"] == "step" and step == 1:
             raise RuntimeError("injected failure at step 1 (fail_at: step)")
         ids = data.train_batch(step).to(device)
@@ -385,6 +394,8 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
             evals.append({"step": step + 1, "heldout_loss": round(_evaluate(model, heldout, device), 6)})
             print(f"step {step + 1}/{spec['steps']}: held-out loss {evals[-1]['heldout_loss']:.4f}, "
                   f"{time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)  # the cell's log
+        if state_path is not None and (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]:
+            _save_state(state_path, step + 1, model, opt, balancer, tracer, cols, evals)
     final_eval = _evaluate(model, heldout, device)
     evals.append({"step": spec["steps"], "heldout_loss": round(final_eval, 6)})
     trace_path = None
@@ -399,8 +410,11 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
         return round(statistics.fmean(statistics.fmean(r) if isinstance(r, list) else r for r in rows), 6)
 
     plan = {name: dict(model.moe_lab_plan[name]) for name in list(model.moe_lab_plan)[:1]}
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     return {
         "status": "ok", "cell_id": cid, "spec": spec, "setting": spec["name"], "device": str(device),
+        "resumed_from_step": start or None,
         "balancing": bal.describe(), "plan_first_layer": plan, "parameters": n_params,
         "samples": cols, "evals": evals,
         "final": {"heldout_loss": round(final_eval, 6), "train_loss_tail": tail_mean("loss"),
@@ -410,6 +424,46 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
                   "tail_steps": tail},
         "data": corpus.describe(), "trace": trace_path, "wall_s": round(time.perf_counter() - t_start, 3),
     }
+
+
+def state_path_of(run_dir, cid: str) -> Path:
+    """Where a cell keeps its training state between checkpoints (deleted when the cell finishes)."""
+    return Path(run_dir) / "state" / f"{cid}.pt"
+
+
+def _save_state(path: Path, next_step: int, model, opt, balancer, tracer, cols, evals) -> None:
+    """Everything step ``next_step`` needs to continue as if never stopped (the data of a step
+    depends on its index alone), written atomically."""
+    import torch
+
+    state = {"next_step": next_step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+             "bias": [None if layer.bias is None else layer.bias.detach().clone() for layer in balancer.layers],
+             "cols": cols, "evals": evals, "trace": tracer.trace if tracer is not None else None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, model, opt, balancer, tracer, cols, evals, device) -> int:
+    """Load a saved state into the fresh model, optimizer, balancer and tracer; the step to start at."""
+    import torch
+
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    for layer, bias in zip(balancer.layers, state["bias"]):
+        if bias is not None:
+            layer.bias.copy_(bias)
+    for key, values in state["cols"].items():
+        cols[key][:] = values
+    evals[:] = state["evals"]
+    if tracer is not None and state["trace"] is not None:
+        tracer.trace = state["trace"]
+    print(f"resumed at step {state['next_step']} from {path.name}", file=sys.stderr, flush=True)
+    return state["next_step"]
 
 
 def failure_record(spec: dict, status: str, error: str) -> dict:
@@ -557,7 +611,9 @@ def run_sweep(conf: dict, run_dir: str | os.PathLike, *, isolate: bool = True, r
     existing = {}
     for spec in specs:
         path = run_dir / "cells" / f"{cell_id(spec)}.json"
-        if path.exists() and not fresh:
+        if fresh:
+            state_path_of(run_dir, cell_id(spec)).unlink(missing_ok=True)
+        elif path.exists():
             existing[cell_id(spec)] = store.read_json(path)
     done = [c for c, r in existing.items() if _done(r, retry_failed)]
     if done:

@@ -130,6 +130,34 @@ def test_cells_run_side_by_side_in_file_order(tmp_path):
     assert "2 cells at once" in ablation.report_markdown(manifest, recs, "two")
 
 
+def test_an_interrupted_cell_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, monkeypatch):
+    spec = ablation.normalise({**TINY, "name": "free", "balancing": "aux_free", "bias_update_rate": 0.05,
+                               "steps": 6, "checkpoint_every": 2, "trace_steps": [0, 5]})
+    assert ablation.cell_id(spec) == ablation.cell_id({**spec, "checkpoint_every": 0})  # not part of the id
+    whole = ablation.run_cell(spec, tmp_path / "whole")
+    real_lr = ablation._lr_at
+
+    def stop_at_5(s, step):
+        if step == 5:
+            raise KeyboardInterrupt("the machine's time ran out")
+        return real_lr(s, step)
+
+    monkeypatch.setattr(ablation, "_lr_at", stop_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run_cell(spec, tmp_path / "cut")
+    state = ablation.state_path_of(tmp_path / "cut", ablation.cell_id(spec))
+    assert state.exists()  # saved after steps 2 and 4
+    monkeypatch.setattr(ablation, "_lr_at", real_lr)
+    resumed = ablation.run_cell(spec, tmp_path / "cut")
+    assert resumed["resumed_from_step"] == 4 and whole["resumed_from_step"] is None and not state.exists()
+    for key in ("loss", "aux_loss", "grad_norm", "bias_absmax", "max_over_mean"):
+        assert resumed["samples"][key] == whole["samples"][key], key
+    assert resumed["evals"] == whole["evals"] and resumed["final"]["heldout_loss"] == whole["final"]["heldout_loss"]
+    from moe_lab.analysis.trace import load_trace
+
+    assert load_trace(tmp_path / "cut" / resumed["trace"]).steps == [0, 5]
+
+
 def test_oom_is_told_apart():
     assert ablation._status_of(RuntimeError("CUDA out of memory. Tried to allocate")) == "oom"
     assert ablation._status_of(ValueError("bad")) == "failed"
