@@ -11,7 +11,8 @@ auto runs where nothing is measured.
   of each shape: every candidate runs this layer's forward (and backward, when gradients are on)
   on this forward's own hidden states with the layer's own weights (detached: no gradient reaches
   the model), and the fastest median time wins. One decision per (GPU, layer geometry, dtype,
-  token bucket, gradients on/off), kept for the life of the process, so layers of one shape share it.
+  token bucket, gradients on/off), kept for the life of the process, so layers of one shape share it,
+  and on disk (`moe_lab.auto_cache`: per GPU, shape and code version), so the next process reuses it.
 - Elsewhere (device types not in MEASURED_DEVICES such as the CPU, one candidate, a forward being traced by torch.compile or captured by a CUDA
   graph before any measurement) the choice follows a rule, and the decision says which.
 
@@ -27,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from . import auto_cache
 from .registry import (BackendUnavailableError, LayerNeeds, StageChoice, StageRefusedError, plan_layer,
                        resolve_backend)
 
@@ -161,6 +163,15 @@ def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, d
     decision = _DECISIONS.get(key)
     if decision is not None:
         return decision
+    disk_key = auto_cache.key_of(key[0], geometry, dtype, key[3], backward, [c.label for c in candidates])
+    stored = auto_cache.load(disk_key)
+    by_label = {c.label: c for c in candidates}
+    if stored is not None and stored.get("chosen") in by_label:
+        decision = AutoDecision(by_label[stored["chosen"]], f"measured, cached ({auto_cache.path()}, "
+                                f"{stored.get('measured_at')})", stored.get("times_ms", {}), excluded,
+                                stored.get("tokens"), backward)
+        _DECISIONS[key] = decision
+        return decision
     if (device.type == "cuda" and torch.cuda.is_available()
                                          and torch.cuda.is_current_stream_capturing()):
         return AutoDecision(candidates[0], "rule: first preference (this forward is traced or captured; "
@@ -172,6 +183,7 @@ def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, d
             best = c
     decision = AutoDecision(best, "measured", times, excluded, tokens, backward)
     _DECISIONS[key] = decision
+    auto_cache.store(disk_key, {"chosen": best.label, "times_ms": times, "tokens": tokens, "backward": backward})
     logger.info("moe_lab auto: %s", decision.describe())
     return decision
 

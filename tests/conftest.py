@@ -25,6 +25,13 @@ else:
     _kernel_settings.configure(autotune=False)
 
 
+@pytest.fixture(autouse=True)
+def _own_auto_decision_cache(tmp_path_factory, monkeypatch):
+    """Each test reads and writes its own auto-decision cache (moe_lab.auto_cache), never the user's,
+    and no test sees another's measured decisions."""
+    monkeypatch.setenv("MOE_LAB_CACHE_DIR", str(tmp_path_factory.mktemp("moe_lab_cache")))
+
+
 try:  # the property tests' settings profiles (hypothesis_profiles.py); HYPOTHESIS_PROFILE picks one
     from hypothesis_profiles import load_profile
 except ImportError:  # pragma: no cover - hypothesis is a test dependency

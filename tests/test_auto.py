@@ -87,6 +87,39 @@ def test_decision_prefers_earlier_candidates_within_the_margin_and_is_cached(mon
     auto.forget_decisions()
 
 
+def test_a_measured_decision_is_reused_by_the_next_process_from_disk(monkeypatch, tmp_path):
+    from moe_lab import auto_cache
+
+    candidate_set = auto.candidates_for(QWEN3, None, graph_safe_only=False)
+    times = {"triton_gather": 1.0, "triton": 1.0, "triton_routing+torch_experts": 0.5, "torch": 2.0}
+    calls = []
+    monkeypatch.setattr(auto, "measure", lambda step, device: calls.append(step()) or times[calls[-1]])
+    monkeypatch.setattr(auto, "_gpu_name", lambda device: "fake GPU")
+    labels = {id(c.choice): c.label for c in candidate_set.candidates}
+    run = lambda choice: (lambda: labels[id(choice)])  # noqa: E731
+    geometry = ("qwen3_moe", "spec", frozenset({"softmax", "renormalize"}), (8, 32, 16))
+    auto.forget_decisions()
+    first = auto.decide(candidate_set, geometry, torch.device("cuda"), torch.bfloat16, 4096, True, run)
+    assert first.how == "measured" and len(calls) == 4 and auto_cache.path().is_file()  # the test's own file (conftest)
+    auto.forget_decisions()  # a new process: nothing in memory
+    times["triton_routing+torch_experts"] = 9.0  # would lose if measured again
+    cached = auto.decide(candidate_set, geometry, torch.device("cuda"), torch.bfloat16, 4096, True, run)
+    assert len(calls) == 4 and cached.chosen.label == "triton_routing+torch_experts"
+    assert cached.how.startswith("measured, cached") and cached.times_ms["torch"] == 2.0
+    # another GPU, another shape bucket, other code: measured again
+    monkeypatch.setattr(auto, "_gpu_name", lambda device: "other GPU")
+    assert auto.decide(candidate_set, geometry, torch.device("cuda"), torch.bfloat16, 4096, True, run).how == "measured"
+    assert len(calls) == 8
+    auto.forget_decisions()
+    monkeypatch.setattr(auto_cache, "fingerprint", lambda: "changed kernels")
+    monkeypatch.setattr(auto, "_gpu_name", lambda device: "fake GPU")
+    assert auto.decide(candidate_set, geometry, torch.device("cuda"), torch.bfloat16, 4096, True, run).how == "measured"
+    auto.forget_decisions()
+    monkeypatch.setenv("MOE_LAB_AUTO_CACHE", "0")  # off: measured every process
+    assert auto.decide(candidate_set, geometry, torch.device("cuda"), torch.bfloat16, 4096, True, run).how == "measured"
+    auto.forget_decisions()
+
+
 def test_token_bucket():
     assert [auto.token_bucket(t) for t in (1, 2, 3, 4096, 4097)] == [1, 2, 4, 4096, 8192]
 
