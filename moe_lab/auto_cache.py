@@ -1,7 +1,7 @@
 """Measured "auto" decisions kept on disk, so a new process does not time the candidates again.
 
 One JSON file, ``$MOE_LAB_CACHE_DIR/auto-decisions.json`` (default ``~/.cache/moe_lab``); set
-``MOE_LAB_AUTO_CACHE=0`` to neither read nor write it. An entry's key is everything the choice
+``MOE_LAB_AUTO_CACHE=0`` to neither read nor write it (`moe_lab.options.auto_cache_file`). An entry's key is everything the choice
 depends on: the GPU's name, the layer geometry (family, experts spec, routing features, weight
 shape), dtype, token bucket, forward or forward+backward, the candidate labels, and a fingerprint
 of the code and libraries that ran (torch, triton and moe_lab versions, and a hash of the sources of
@@ -21,16 +21,11 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-FILE_NAME = "auto-decisions.json"
+def path() -> Path | None:
+    """The cache file (`moe_lab.options.auto_cache_file`: its location and the switch), None when off."""
+    from .options import auto_cache_file
 
-
-def enabled() -> bool:
-    return os.environ.get("MOE_LAB_AUTO_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def path() -> Path:
-    root = os.environ.get("MOE_LAB_CACHE_DIR") or Path.home() / ".cache" / "moe_lab"
-    return Path(root) / FILE_NAME
+    return auto_cache_file()
 
 
 @functools.cache
@@ -83,15 +78,14 @@ def _read(file: Path) -> dict:
 
 def load(key: str) -> dict | None:
     """The stored entry {"chosen": label, "times_ms": {...}, "tokens", "backward", "measured_at"} or None."""
-    if not enabled():
-        return None
-    return _read(path()).get(key)
+    file = path()
+    return None if file is None else _read(file).get(key)
 
 
 def store(key: str, entry: dict) -> None:
-    if not enabled():
-        return
     file = path()
+    if file is None:
+        return
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         entries = _read(file)

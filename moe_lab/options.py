@@ -15,7 +15,9 @@ The library reads no environment variable. ``Options.from_environment()`` is the
 documented ``MOE_LAB_*`` overrides are read (benchmarks use it: ``experiments.cell``):
 ``MOE_LAB_HOST_CHECKS``, ``MOE_LAB_TRITON_TF32``, ``MOE_LAB_TRITON_TMA``, ``MOE_LAB_TRITON_AUTOTUNE``,
 ``MOE_LAB_TRITON_DW`` (on/off: unset keeps the default, "", "0", "false" are off, anything else on) and
-``MOE_LAB_TRITON_PIN`` (a path).
+``MOE_LAB_TRITON_PIN`` (a path). One exception, a cache location like Triton's ``TRITON_CACHE_DIR``:
+`auto_cache_file` reads ``MOE_LAB_CACHE_DIR`` (where "auto" keeps its measured decisions) and
+``MOE_LAB_AUTO_CACHE`` ("0" / "false": keep none).
 """
 from __future__ import annotations
 
@@ -41,6 +43,14 @@ ENVIRONMENT_OVERRIDES = {
 PROCESS_SETTINGS = ("host_checks", "tf32", "tma", "autotune", "autotune_pin", "triton_weight_grad")
 # model options whose default (None) is decided per model: on where they run and keep v5's results
 AUTOMATIC = ("fused_norm", "fused_rope")
+
+
+def auto_cache_file() -> Path | None:
+    """The file "auto" keeps its measured decisions in (`moe_lab.auto_cache`), or None when off."""
+    if not switch_on(os.environ.get("MOE_LAB_AUTO_CACHE"), default=True):
+        return None
+    root = os.environ.get("MOE_LAB_CACHE_DIR") or Path.home() / ".cache" / "moe_lab"
+    return Path(root) / "auto-decisions.json"
 
 
 def switch_on(value: str | None, default: bool = False) -> bool:
