@@ -13,7 +13,8 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-BUDGET_S = 60  # per notebook, on a 2-core CPU machine beside the other xdist worker (a guard on CI time, not a benchmark)
+BUDGET_S = 90  # per notebook, on a 2-core CPU machine beside the other xdist worker (a guard on CI time, not a benchmark;
+# jax_router took 14 s alone and 70-125 s beside the multi-process EP tests)
 
 
 def test_there_are_notebooks():
@@ -34,7 +35,7 @@ def test_notebook_executes(path, monkeypatch):
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend renders the figures
     monkeypatch.delenv("MOE_LAB_TRACE", raising=False)
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     client.execute()
