@@ -1,7 +1,9 @@
 """Measured "auto" decisions kept on disk, so a new process does not time the candidates again.
 
-One JSON file, ``$MOE_LAB_CACHE_DIR/auto-decisions.json`` (default ``~/.cache/moe_lab``); set
-``MOE_LAB_AUTO_CACHE=0`` to neither read nor write it (`moe_lab.options.auto_cache_file`). An entry's key is everything the choice
+One JSON file, ``auto-decisions.json`` in ``Options.auto_cache_dir`` (default ``~/.cache/moe_lab``);
+``Options(auto_cache=False)`` neither reads nor writes it (process settings: the last model built sets
+them; benchmarks: ``MOE_LAB_AUTO_CACHE`` / ``MOE_LAB_CACHE_DIR`` through ``Options.from_environment``).
+An entry's key is everything the choice
 depends on: the GPU's name, the layer geometry (family, experts spec, routing features, weight
 shape), dtype, token bucket, forward or forward+backward, the candidate labels, and a fingerprint
 of the code and libraries that ran (torch, triton and moe_lab versions, and a hash of the sources of
@@ -21,11 +23,16 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-def path() -> Path | None:
-    """The cache file (`moe_lab.options.auto_cache_file`: its location and the switch), None when off."""
-    from .options import auto_cache_file
+FILE_NAME = "auto-decisions.json"
+DEFAULT_DIR = Path.home() / ".cache" / "moe_lab"
 
-    return auto_cache_file()
+
+def path() -> Path | None:
+    """The cache file under the process settings in force, or None when the cache is off."""
+    from .options import current_auto_cache
+
+    on, directory = current_auto_cache()
+    return Path(directory or DEFAULT_DIR) / FILE_NAME if on else None
 
 
 @functools.cache

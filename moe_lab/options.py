@@ -15,9 +15,7 @@ The library reads no environment variable. ``Options.from_environment()`` is the
 documented ``MOE_LAB_*`` overrides are read (benchmarks use it: ``experiments.cell``):
 ``MOE_LAB_HOST_CHECKS``, ``MOE_LAB_TRITON_TF32``, ``MOE_LAB_TRITON_TMA``, ``MOE_LAB_TRITON_AUTOTUNE``,
 ``MOE_LAB_TRITON_DW`` (on/off: unset keeps the default, "", "0", "false" are off, anything else on) and
-``MOE_LAB_TRITON_PIN`` (a path). One exception, a cache location like Triton's ``TRITON_CACHE_DIR``:
-`auto_cache_file` reads ``MOE_LAB_CACHE_DIR`` (where "auto" keeps its measured decisions) and
-``MOE_LAB_AUTO_CACHE`` ("0" / "false": keep none).
+``MOE_LAB_TRITON_PIN`` (a path), ``MOE_LAB_AUTO_CACHE`` (on/off) and ``MOE_LAB_CACHE_DIR`` (a path).
 """
 from __future__ import annotations
 
@@ -39,18 +37,14 @@ ENVIRONMENT_OVERRIDES = {
     "autotune": "MOE_LAB_TRITON_AUTOTUNE",
     "autotune_pin": "MOE_LAB_TRITON_PIN",
     "triton_weight_grad": "MOE_LAB_TRITON_DW",
+    "auto_cache": "MOE_LAB_AUTO_CACHE",
+    "auto_cache_dir": "MOE_LAB_CACHE_DIR",
 }
-PROCESS_SETTINGS = ("host_checks", "tf32", "tma", "autotune", "autotune_pin", "triton_weight_grad")
+PROCESS_SETTINGS = ("host_checks", "tf32", "tma", "autotune", "autotune_pin", "triton_weight_grad", "auto_cache",
+                    "auto_cache_dir")
+PATH_SETTINGS = ("autotune_pin", "auto_cache_dir")  # a path or None; the others are on/off
 # model options whose default (None) is decided per model: on where they run and keep v5's results
 AUTOMATIC = ("fused_norm", "fused_rope")
-
-
-def auto_cache_file() -> Path | None:
-    """The file "auto" keeps its measured decisions in (`moe_lab.auto_cache`), or None when off."""
-    if not switch_on(os.environ.get("MOE_LAB_AUTO_CACHE"), default=True):
-        return None
-    root = os.environ.get("MOE_LAB_CACHE_DIR") or Path.home() / ".cache" / "moe_lab"
-    return Path(root) / "auto-decisions.json"
 
 
 def switch_on(value: str | None, default: bool = False) -> bool:
@@ -82,6 +76,9 @@ class Options:
     triton_weight_grad: the Triton kernel computes the bf16 experts' weight gradients of the Triton
         stages (off: torch's grouped_mm, faster in every comparison on record; gathered rows always
         take the Triton kernel).
+    auto_cache: the "auto" backend keeps its measured decisions on disk and reuses them in later
+        processes (`moe_lab.auto_cache`); off: every process measures again.
+    auto_cache_dir: where (None: ``~/.cache/moe_lab``).
     """
 
     fused_cross_entropy: bool = False
@@ -95,6 +92,8 @@ class Options:
     autotune: bool = True
     autotune_pin: str | None = None
     triton_weight_grad: bool = False
+    auto_cache: bool = True
+    auto_cache_dir: str | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -103,6 +102,9 @@ class Options:
                 if value is not None and not Path(value).is_file():
                     raise FileNotFoundError(f"Options(autotune_pin={value!r}): no such file (a JSON of recorded "
                                             "autotune choices, e.g. a block.json or a cell record)")
+            elif field.name == "auto_cache_dir":
+                if value is not None and not isinstance(value, str):
+                    raise TypeError(f"Options.auto_cache_dir must be a directory path (str) or None, got {value!r}")
             elif field.name in AUTOMATIC and value is None:
                 continue
             elif not isinstance(value, bool):
@@ -129,7 +131,7 @@ class Options:
         for name, variable in ENVIRONMENT_OVERRIDES.items():
             if variable in environ:
                 value = environ[variable]
-                changes[name] = (value or None) if name == "autotune_pin" else switch_on(value, getattr(base, name))
+                changes[name] = (value or None) if name in PATH_SETTINGS else switch_on(value, getattr(base, name))
         return dataclasses.replace(base, **changes)
 
     def changed(self) -> dict:
@@ -154,6 +156,12 @@ _applied: dict | None = None  # the process settings in force, once a model appl
 
 def current_host_checks() -> bool:
     return bool(_applied and _applied["host_checks"])
+
+
+def current_auto_cache() -> tuple[bool, str | None]:
+    """(keep auto's decisions on disk, the directory or None for the default): the settings in force."""
+    settings = _applied or Options().process_settings()
+    return settings["auto_cache"], settings["auto_cache_dir"]
 
 
 def apply_process_settings(options: Options) -> None:

@@ -27,9 +27,11 @@ else:
 
 @pytest.fixture(autouse=True)
 def _own_auto_decision_cache(tmp_path_factory, monkeypatch):
-    """Each test reads and writes its own auto-decision cache (moe_lab.auto_cache), never the user's,
-    and no test sees another's measured decisions."""
-    monkeypatch.setenv("MOE_LAB_CACHE_DIR", str(tmp_path_factory.mktemp("moe_lab_cache")))
+    """Each test reads and writes its own auto-decision cache (moe_lab.auto_cache's default
+    directory), never the user's, and no test sees another's measured decisions."""
+    from moe_lab import auto_cache
+
+    monkeypatch.setattr(auto_cache, "DEFAULT_DIR", tmp_path_factory.mktemp("moe_lab_cache"))
 
 
 try:  # the property tests' settings profiles (hypothesis_profiles.py); HYPOTHESIS_PROFILE picks one

@@ -115,8 +115,13 @@ def test_a_measured_decision_is_reused_by_the_next_process_from_disk(monkeypatch
     monkeypatch.setattr(auto, "_gpu_name", lambda device: "fake GPU")
     assert auto.decide(candidate_set, geometry, torch.device("cuda"), torch.bfloat16, 4096, True, run).how == "measured"
     auto.forget_decisions()
-    monkeypatch.setenv("MOE_LAB_AUTO_CACHE", "0")  # off: measured every process
+    from moe_lab import options
+
+    monkeypatch.setattr(options, "_applied", moe_lab.Options(auto_cache=False).process_settings())  # off
+    assert auto_cache.path() is None
     assert auto.decide(candidate_set, geometry, torch.device("cuda"), torch.bfloat16, 4096, True, run).how == "measured"
+    assert moe_lab.Options.from_environment(environ={"MOE_LAB_AUTO_CACHE": "0", "MOE_LAB_CACHE_DIR": "/x"}) == \
+        moe_lab.Options(auto_cache=False, auto_cache_dir="/x")
     auto.forget_decisions()
 
 
