@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from markers import needs_interpreter
+from distributed_testing import free_port
 
 TESTS_DIR = os.path.dirname(__file__)
 LR, BETAS, WD = 1e-2, (0.9, 0.95), 0.1
@@ -28,12 +28,6 @@ KERNELS = (("triton_kernels.rmsnorm", "rms_norm"), ("triton_kernels.rope", "rope
            ("triton_kernels.cross_entropy", "logsumexp_and_target"), ("triton_kernels.adamw", "adamw_step_"))
 
 pytestmark = needs_interpreter
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, scenario, args, results):
@@ -56,7 +50,7 @@ def _entry(rank, world, port, scenario, args, results):
 def _spawn(world, scenario, *args) -> dict:
     results = mp.Manager().dict()
     try:
-        mp.spawn(_entry, args=(world, _free_port(), scenario, args, results), nprocs=world)
+        mp.spawn(_entry, args=(world, free_port(), scenario, args, results), nprocs=world)
     except Exception:
         errors = [v[1] for v in results.values() if v[0] == "error"]
         pytest.fail(errors[0] if errors else "a worker died")

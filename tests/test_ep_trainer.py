@@ -5,25 +5,19 @@ the optimizer steps on, and the trained weights. The Trainer wraps the model in 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_testing import free_port
 
 TESTS_DIR = os.path.dirname(__file__)
 WORLD = 2
 STEPS = 2
 LR = 0.1
 CLIP = 0.5  # below the gradient norms of these steps (about 1.8): clipping acts
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _copy_weights(ours, reference) -> None:
@@ -132,7 +126,7 @@ def _worker(rank, port, tmpdir, results, accumulate, disable_reduction):
 def _train(tmp_path, accumulate, disable_reduction=False):
     results = mp.Manager().dict()
     try:
-        mp.spawn(_worker, args=(_free_port(), str(tmp_path), results, accumulate, disable_reduction), nprocs=WORLD)
+        mp.spawn(_worker, args=(free_port(), str(tmp_path), results, accumulate, disable_reduction), nprocs=WORLD)
     except Exception:
         errors = [v[1] for v in results.values() if v[0] == "error"]
         pytest.fail(errors[0] if errors else "a worker died")

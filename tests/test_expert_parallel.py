@@ -4,37 +4,22 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_testing import free_port, force_routing_to_experts_0_and_1
 
 TESTS_DIR = os.path.dirname(__file__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _force_routing_to_experts_0_and_1(module, inputs, output):
-    """Router forward hook: every token picks experts 0 and 1 (so ranks owning others get no row);
-    the weights are the router's own probabilities of those experts, so gradients still flow."""
-    logits, weights, ids = output
-    forced = torch.tensor([0, 1], device=ids.device).expand_as(ids).clone()
-    probs = torch.softmax(logits.float(), dim=-1).gather(1, forced)
-    return logits, (probs / probs.sum(-1, keepdim=True)).to(weights.dtype), forced
 
 
 def _skew_router(model):
     for layer in model.model.layers:
         gate = getattr(layer.mlp, "gate", None)
         if gate is not None and hasattr(gate, "top_k"):
-            gate.register_forward_hook(_force_routing_to_experts_0_and_1)
+            gate.register_forward_hook(force_routing_to_experts_0_and_1)
 
 
 def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=False, fused_norm=False):
@@ -128,7 +113,7 @@ def _run(world, ep_size, family, skew, tmp_path, fsdp=False, fused_norm=False):
     manager = mp.Manager()
     results = manager.dict()
     try:
-        mp.spawn(_worker, args=(world, ep_size, family, skew, _free_port(), str(tmp_path), results, fsdp, fused_norm),
+        mp.spawn(_worker, args=(world, ep_size, family, skew, free_port(), str(tmp_path), results, fsdp, fused_norm),
                  nprocs=world)
     except Exception:
         errors = [v[1] for v in results.values() if v[0] == "error"]
@@ -156,7 +141,7 @@ def test_experts_replicated_over_two_groups(tmp_path):
 
 
 def _single_process_group():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
@@ -215,7 +200,7 @@ def test_replicas_agree_when_one_gets_no_rows():
     manager = mp.Manager()
     results = manager.dict()
     try:
-        mp.spawn(_replica_worker, args=(4, _free_port(), results), nprocs=4)
+        mp.spawn(_replica_worker, args=(4, free_port(), results), nprocs=4)
     except Exception:
         errors = [v[1] for v in results.values() if v[0] == "error"]
         pytest.fail(errors[0] if errors else "a worker died")
@@ -306,7 +291,7 @@ def test_own_mesh_accumulation_and_clipping():
     manager = mp.Manager()
     results = manager.dict()
     try:
-        mp.spawn(_own_mesh_worker, args=(2, _free_port(), results), nprocs=2)
+        mp.spawn(_own_mesh_worker, args=(2, free_port(), results), nprocs=2)
     except Exception:
         errors = [v[1] for v in results.values() if v[0] == "error"]
         pytest.fail(errors[0] if errors else "a worker died")

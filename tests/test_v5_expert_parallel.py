@@ -7,22 +7,16 @@ one through the generic path (OLMoE: v5's block and router, moe_lab's experts)."
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_testing import free_port
 
 TESTS_DIR = os.path.dirname(__file__)
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full_grad(param):
@@ -84,7 +78,7 @@ def test_transformers_expert_parallel_plan_runs_moe_lab_stages(family, tmp_path)
     transformers.AutoModelForCausalLM.from_config(tiny_config(family, num_experts=4, top_k=2)).save_pretrained(tmp_path)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), str(tmp_path), results), nprocs=WORLD)
+        mp.spawn(_worker, args=(free_port(), str(tmp_path), results), nprocs=WORLD)
         results = dict(results)
     assert sorted(results) == list(range(WORLD))
     for checked, sharded, dispatch in results.values():
