@@ -94,10 +94,7 @@ class AllToAllDispatcher:
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
         received = all_to_all(x, send_splits, recv_splits, ep.ep_group)  # grouped by source rank
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(local, device=x.device).repeat(ep.ep_size), recv_counts.flatten(), output_size=received.shape[0]
-        )
-        order = torch.argsort(expert_of_row, stable=True)  # -> by local expert, then source rank
+        order = _by_local_expert(recv_counts, received.shape[0])
         counts = recv_counts.sum(0)
         self.last_local_rows = received.shape[0]  # rows this rank's experts got (for tests and traces)
         offsets = torch.cumsum(counts, 0).to(torch.int32)
@@ -106,13 +103,31 @@ class AllToAllDispatcher:
     def combine(self, y: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         """y [S_local, H] in local-expert order -> [S, H] back on the source ranks, in their order."""
         order, send_splits, recv_splits = dispatched.handle
-        if y.shape[0] == 0 and torch.is_grad_enabled() and dispatched.x.requires_grad:
-            # No row reached this rank's experts, so `y` may not be connected to the received rows;
-            # connect it, or this rank would skip the backward all-to-alls the other ranks wait in.
-            y = y + dispatched.x.sum() * 0
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return all_to_all(y[inverse], recv_splits, send_splits, self.ep.ep_group)
+        y = _connected(y, dispatched.x)
+        return all_to_all(y[_inverse(order)], recv_splits, send_splits, self.ep.ep_group)
+
+
+def _by_local_expert(recv_counts: torch.Tensor, rows: int) -> torch.Tensor:
+    """recv_counts [src rank, local expert] of rows received grouped by source rank -> the order [rows]
+    that sorts them by local expert, then source rank."""
+    ranks, local = recv_counts.shape
+    expert_of_row = torch.repeat_interleave(torch.arange(local, device=recv_counts.device).repeat(ranks),
+                                            recv_counts.flatten(), output_size=rows)
+    return torch.argsort(expert_of_row, stable=True)
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
+def _connected(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """When no row reached this rank's experts, `y` may not be connected to the received rows `x`;
+    connect it, or this rank would skip the backward all-to-alls the other ranks wait in."""
+    if y.shape[0] == 0 and torch.is_grad_enabled() and x.requires_grad:
+        return y + x.sum() * 0
+    return y
 
 
 # ---- all2all_overlap: the all-to-alls of one chunk of tokens beside the experts of another -----
@@ -159,18 +174,11 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
         returning = []
         for c, received in enumerate(in_flight):
             counts_c = recv_counts[:, c]  # [src rank, local expert]
-            expert_of_row = torch.repeat_interleave(
-                torch.arange(local, device=hidden.device).repeat(ep.ep_size), counts_c.flatten(),
-                output_size=sum(recv_splits[c]))
-            order = torch.argsort(expert_of_row, stable=True)  # -> by local expert, then source rank
+            order = _by_local_expert(counts_c, sum(recv_splits[c]))
             x = received[order]  # waits for this chunk's rows only
             counts = counts_c.sum(0)
-            y = experts(x, counts, torch.cumsum(counts, 0).to(torch.int32))
-            if y.shape[0] == 0 and torch.is_grad_enabled() and x.requires_grad:
-                y = y + x.sum() * 0  # keep this rank in the backward all-to-alls the other ranks wait in
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-            returning.append(funcol.all_to_all_single_autograd(y[inverse].contiguous(), send_splits[c],
+            y = _connected(experts(x, counts, torch.cumsum(counts, 0).to(torch.int32)), x)
+            returning.append(funcol.all_to_all_single_autograd(y[_inverse(order)].contiguous(), send_splits[c],
                                                               recv_splits[c], group))
         self.last_local_rows = sum(map(sum, recv_splits))
         outs = [combine(back, perm, w) for back, (_, perm), (_, _, w) in zip(returning, permuted, parts)]
