@@ -80,7 +80,7 @@ def _worker(rank, world, family, backend, skew, port, results):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("family,skew", [("qwen3_moe", False), ("qwen3_moe", True), ("deepseek_v3", False)])
 def test_deepep_matches_all2all_on_two_gpus(family, skew, backend):
-    from test_expert_parallel import _free_port
+    from distributed_testing import free_port as _free_port
 
     manager = mp.Manager()
     results = manager.dict()

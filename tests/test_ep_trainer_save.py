@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 
 TESTS_DIR = os.path.dirname(__file__)
 sys.path.insert(0, TESTS_DIR)
-from test_ep_trainer import _copy_weights, _free_port  # noqa: E402
+from distributed_testing import free_port as _free_port  # noqa: E402
+from test_ep_trainer import _copy_weights  # noqa: E402
 
 WORLD = 2
 STEPS = 3
