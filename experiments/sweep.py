@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.list:
         for s in specs:
-            print(cell.cell_id(s))
+            if not args.only or args.only in cell.cell_id(s):
+                print(cell.cell_id(s))
         return 0
     run_dir = Path(args.out) if args.out else default_run_dir(conf["name"])
     try:
