@@ -21,12 +21,18 @@ Backward (``dy [S, N]``)::
     db[e] = scale * u_e^T @ dy_e        [E, R, N]
     dw[e] = x_e^T @ dy_e                only when ``w`` requires a gradient (a frozen base gets none)
 
+Saved for backward: x, u and the factors (w and offsets are inputs). With a ``prologue`` (a
+differentiable function making x from a smaller or cheaper input z, e.g. a row gather [T, K] ->
+[S, K] or the expert MLP's activation [S, 2K] -> [S, K]), z is saved instead of x, and backward
+recomputes x = prologue(z) and differentiates through it: the same values as applying the prologue
+outside, without keeping x.
+
 Accumulation is fp32, outputs in the input dtype. Reference: ``lora_grouped_mm_reference``.
 Nothing here imports ``moe_lab``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -154,38 +160,47 @@ class GroupedLoRALinear(torch.autograd.Function):
     """Autograd of ``grouped_lora_linear``: see the module docstring for the backward's GEMMs."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, a, b, scale, bias):
+    def forward(ctx, z, w, offsets, a, b, scale, bias, prologue):
+        x = z if prologue is None else prologue(z)  # [S, K]; grad mode is off here: nothing of it kept
         u = grouped_mm_forward(x, a, offsets)  # [S, R]
-        ctx.save_for_backward(x, w, offsets, a, b, u)
-        ctx.scale, ctx.has_bias = float(scale), bias is not None
+        ctx.save_for_backward(z, w, offsets, a, b, u)
+        ctx.scale, ctx.has_bias, ctx.prologue = float(scale), bias is not None, prologue
         return lora_epilogue_forward(x, w, u, b, scale, offsets, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, offsets, a, b, u = ctx.saved_tensors
-        scale = ctx.scale
+        z, w, offsets, a, b, u = ctx.saved_tensors
+        scale, prologue = ctx.scale, ctx.prologue
         dy = dy.contiguous()
-        need_x, need_w, _, need_a, need_b, _, need_bias = ctx.needs_input_grad
+        need_z, need_w, _, need_a, need_b, _, need_bias, _ = ctx.needs_input_grad
+        if prologue is None:
+            x = z
+        else:  # recompute x [S, K] from z, with its graph when z needs a gradient
+            z = z.detach().requires_grad_(need_z)
+            with torch.enable_grad():
+                x = prologue(z)
         dx = dw = da = db = dbias = None
-        v = grouped_mm_forward(dy, b.transpose(1, 2), offsets) if (need_x or need_a) else None  # [S, R]
-        if need_x:
+        v = grouped_mm_forward(dy, b.transpose(1, 2), offsets) if (need_z or need_a) else None  # [S, R]
+        if need_z:
             dx = lora_epilogue_forward(dy, w.transpose(1, 2), v, a.transpose(1, 2), scale, offsets)
         if need_a:
-            da = grouped_mm_weight_grad(x, v, offsets, a)[0].mul_(scale)
+            da = grouped_mm_weight_grad(x.detach(), v, offsets, a)[0].mul_(scale)
         if need_b:
             db = grouped_mm_weight_grad(u, dy, offsets, b)[0].mul_(scale)
         if need_w:
-            dw, dbias = grouped_mm_weight_grad(x, dy, offsets, w, with_bias=ctx.has_bias and need_bias)
+            dw, dbias = grouped_mm_weight_grad(x.detach(), dy, offsets, w, with_bias=ctx.has_bias and need_bias)
         if ctx.has_bias and need_bias and dbias is None:
             dbias = _rows_per_expert_sum(dy, offsets)
         if dbias is not None:
             dbias = dbias.to(dy.dtype)
-        return dx, dw, None, da, db, None, dbias
+        if prologue is not None and need_z:
+            (dx,) = torch.autograd.grad(x, z, dx)
+        return dx, dw, None, da, db, None, dbias, None
 
 
 def grouped_lora_linear(
     x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-    bias: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None, prologue: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Differentiable ``x @ w[e] (+ bias[e]) + scale * (x @ a[e]) @ b[e]`` over expert-sorted rows.
 
@@ -193,11 +208,14 @@ def grouped_lora_linear(
         x: [S, K] rows sorted by expert; w: [E, K, N] (any strides); a: [E, K, R]; b: [E, R, N];
         scale: the LoRA scaling (alpha / r); offsets: int32 [E] cumulative end offsets
         (``offsets[-1] == S``); bias: optional [E, N].
+        prologue: optional differentiable function; the rows are then ``prologue(x)`` ([S, K]), x
+            itself any shape it takes. x is kept for backward in place of the rows, which backward
+            recomputes (see the module docstring).
     Returns:
-        [S, N] in x.dtype (fp32 accumulation); gradients for x, a, b, and w / bias only where
-        they require one.
+        [S, N] in the rows' dtype (fp32 accumulation); gradients for x, a, b, and w / bias only
+        where they require one.
     """
-    return GroupedLoRALinear.apply(x, w, offsets, a, b, scale, bias)
+    return GroupedLoRALinear.apply(x, w, offsets, a, b, scale, bias, prologue)
 
 
 def lora_grouped_mm_reference(x, w, offsets, a, b, scale, bias=None) -> torch.Tensor:

@@ -13,7 +13,10 @@ the per-expert delta weights [E, in, out] are never formed. Implementations, eac
 - `lora_experts_grouped_mm`: torch's grouped_mm for the base and for each factor (x @ A, then @ B);
 - `lora_experts_triton`: `triton_kernels.lora_gemm.grouped_lora_linear`: u = x @ A_e as one grouped
   GEMM, the update added in the base GEMM's epilogue (the [S, out] output written once); backward
-  by grouped GEMMs (no weight gradient for a frozen base).
+  by grouped GEMMs (no weight gradient for a frozen base). The activation is the down projection's
+  prologue, recomputed in backward: only the gate_up output [S, 2I] is kept between the GEMMs;
+- `gathered_lora_experts_triton`: with the triton permutation, permutation + experts + combine,
+  the row gather the gate_up projection's prologue: the token rows [T, H] are kept, not [S, H].
 
 The activation between the two GEMMs is moe_lab's (`activation_fn`), so every family's expert MLP
 (SwiGLU, GPT-OSS's clamped interleaved SwiGLU with biases, non-gated relu2) takes LoRA.
@@ -30,6 +33,7 @@ from ..stages._requires import kernels
 from ..stages.experts import (
     ExpertsSpec, _linear, activation_fn, first_bias, first_weight, grouped_mm, grouped_mm_supported, no_rows,
 )
+from ..stages.permute import plan_triton
 
 
 @dataclass
@@ -147,26 +151,63 @@ def lora_experts_grouped_mm(x, counts, offsets, module: ExpertsLoRA, spec: Exper
 
 
 # ---- Triton ------------------------------------------------------------------------------------
-def _triton_projection(x, weight_io, bias, factors, offsets):
+def _triton_projection(x, weight_io, bias, factors, offsets, prologue=None):
+    """[S, N] = rows @ W_e (+ b_e) (+ the LoRA update), rows = prologue(x) (x itself without one).
+    With factors the prologue is recomputed in backward, so its output [S, K] is not kept."""
     k = kernels()
     if factors is None:
-        return k.grouped_mm(x, weight_io, offsets, bias)
+        return k.grouped_mm(x if prologue is None else prologue(x), weight_io, offsets, bias)
     from triton_kernels.lora_gemm import grouped_lora_linear
 
-    return grouped_lora_linear(x, weight_io, offsets, factors.a, factors.b, factors.scale, bias)
+    return grouped_lora_linear(x, weight_io, offsets, factors.a, factors.b, factors.scale, bias, prologue)
+
+
+def _lora_mlp_triton(x, offsets, module: ExpertsLoRA, spec: ExpertsSpec, rows=None) -> torch.Tensor:
+    """The expert MLP over expert-sorted rows (rows(x) [S, H], or x itself) -> [S, H].
+
+    Kept for backward: x (not the gathered rows) and the gate_up output [S, 2I] (not the
+    activation's [S, I] output nor its intermediate): the down projection takes the activation as
+    its prologue and recomputes it in backward."""
+    w1, b1 = first_weight(module, spec), first_bias(module, spec)
+    w2, b2 = module.down_proj, (module.down_proj_bias if spec.has_bias else None)
+    l1, l2 = _factors_for(module, spec, w1.dtype)
+    act = activation_fn(module, spec)
+
+    def activation(gate_up):  # [S, 2I] -> [S, I] in the down weight's dtype (autocast: see grouped_mm)
+        return act(gate_up).to(w2.dtype)
+    gate_up = _triton_projection(x, _io(w1, spec), b1, l1, offsets, rows)
+    return _triton_projection(gate_up, _io(w2, spec), b2, l2, offsets, activation)
 
 
 def lora_experts_triton(x, counts, offsets, module: ExpertsLoRA, spec: ExpertsSpec) -> torch.Tensor:
     """x [S, H] rows in expert order -> y [S, H]: Triton grouped GEMMs with the LoRA update added in
-    the base GEMM's epilogue (`triton_kernels.lora_gemm`), the activation between them in PyTorch."""
-    w1, b1 = first_weight(module, spec), first_bias(module, spec)
-    w2, b2 = module.down_proj, (module.down_proj_bias if spec.has_bias else None)
-    x = x.to(w1.dtype)
+    the base GEMM's epilogue (`triton_kernels.lora_gemm`), the activation between them in PyTorch
+    (recomputed in backward, see `_lora_mlp_triton`)."""
+    x = x.to(first_weight(module, spec).dtype)
     if x.shape[0] == 0:
         return _lora_no_rows(x, module, spec)
-    l1, l2 = _factors_for(module, spec, w1.dtype)
-    hidden = activation_fn(module, spec)(_triton_projection(x, _io(w1, spec), b1, l1, offsets))
-    return _triton_projection(hidden.to(w2.dtype), _io(w2, spec), b2, l2, offsets)  # autocast: see grouped_mm
+    return _lora_mlp_triton(x, offsets, module, spec)
+
+
+def gathered_lora_experts_triton(hidden, ids, weights, module: ExpertsLoRA, spec: ExpertsSpec, choice):
+    """Permutation, LoRA experts and combine for the triton permutation: hidden [T, H] -> out [T, H].
+
+    The same kernels as the stages one by one (Triton counting sort and row gather,
+    `lora_experts_triton`, the choice's combine), but the gather is the gate_up projection's
+    prologue: the permuted rows [S, H] are not kept for backward, the token rows [T, H] are (k
+    times smaller), and backward gathers again."""
+    w1 = first_weight(module, spec)
+    if hidden.shape[0] == 0:
+        rows, perm = choice.permutation(hidden, ids, spec.num_experts)
+        return choice.combine(lora_experts_triton(rows, perm.counts, perm.offsets, module, spec), perm, weights,
+                              hidden.dtype)
+    perm = plan_triton(ids, spec.num_experts)
+    permute = kernels().permute
+
+    def gather(tokens):  # [T, H] -> [S, H] in expert order, in the weights' dtype
+        return permute(tokens, perm.slot_of_row, perm.top_k, perm.inverse).to(w1.dtype)
+    out_rows = _lora_mlp_triton(hidden, perm.offsets, module, spec, rows=gather)
+    return choice.combine(out_rows, perm, weights, hidden.dtype)
 
 
 # ---- which LoRA experts run for a planned experts stage ----------------------------------------
@@ -176,7 +217,8 @@ LORA_EXPERTS = {
     "torch": (lora_experts_grouped_mm, "grouped_mm for the base and for x @ A_e, then @ B_e"),
     "triton": (lora_experts_triton, "Triton grouped GEMM, the LoRA update x @ A_e @ B_e in its epilogue"),
     "triton_gather": (lora_experts_triton, "Triton grouped GEMM, the LoRA update x @ A_e @ B_e in its epilogue "
-                                           "(rows gathered by the permutation stage, not in the GEMM prologue)"),
+                                           "(with the triton permutation: the token rows kept for backward, "
+                                           "not the permuted copy)"),
 }
 
 _CHOICES: dict = {}  # id(planned StageChoice) -> (that choice, substitute?, the LoRA StageChoice, its plan note)
@@ -211,9 +253,11 @@ def lora_choice(choice: StageChoice, spec: ExpertsSpec, substitute: bool, expert
         runs = "torch" if grouped_mm_supported(probe) else "eager"
         why = f"{asked!r} has no LoRA path"
     fn, description = LORA_EXPERTS[runs]
-    caps = replace(choice.impls["experts"].caps, fuses_with=None)  # never the gather-fused pair: rows come permuted
+    caps, fused = replace(choice.impls["experts"].caps, fuses_with=None), None
+    if runs == "triton_gather":  # with the triton permutation: gather in the prologue (gathered_lora_experts_triton)
+        caps, fused = replace(caps, fuses_with="triton"), gathered_lora_experts_triton
     name = f"{runs}+lora"
-    impl = StageImpl("experts", name, fn, description=description, caps=caps)
+    impl = StageImpl("experts", name, fn, description=description, caps=caps, fused=fused)
     out = StageChoice({**choice.names, "experts": name}, {**choice.impls, "experts": impl},
                       requested=choice.requested, auto=choice.auto)
     note = f"{name}: {description}" + (f" (asked {asked}: {why})" if why else "")
