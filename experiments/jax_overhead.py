@@ -17,7 +17,10 @@ Timing: `--repeats` windows of `--inner` iterations after `--warmup`; each windo
 with the device idle (torch.cuda.synchronize and jax.block_until_ready), so a row's figure
 includes the host work each path adds; on CUDA the windows are bracketed by CUDA events (recorded
 after the synchronisation, on torch's stream), on the CPU by perf_counter. ms = window / inner.
-Writes JSON (atomically) with the geometry, every sample and the provenance (experiments.provenance).
+Writes JSON (atomically, again after every row) with the geometry, every sample and the provenance
+(experiments.provenance); a row that fails is kept with its error and the others still run (exit 1).
+The "/host" rows run fewer windows (3 x 1 after one warm-up): each call copies every tensor through
+host memory.
 """
 from __future__ import annotations
 
@@ -65,7 +68,42 @@ def _timer(device: str):
     return measure
 
 
-def router_rows(args, device: str, dtype, measure) -> list[dict]:
+class Recorder:
+    """Measures one row at a time and rewrites the record (atomically) after each, so a row that
+    fails, or a run cut short, keeps every row before it; a failed row says why and the run goes on."""
+
+    def __init__(self, out: str, header: dict, measure, args):
+        self.out, self.header, self.measure, self.args = out, header, measure, args
+        self.rows: list[dict] = []
+
+    def row(self, what: str, system: str, step, *, repeats: int | None = None, inner: int | None = None) -> None:
+        a = self.args
+        try:
+            samples = self.measure(step, a.warmup if repeats is None else 1, repeats or a.repeats, inner or a.inner)
+            row = {"what": what, "system": system, "status": "ok", "ms": statistics.median(samples), "samples_ms": samples}
+            log.info("%-6s %-24s %.3f ms", what, system, row["ms"])
+        except Exception as exc:  # noqa: BLE001 - recorded in the row, the next rows still run
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:500]
+            row = {"what": what, "system": system, "status": "failed", "ms": None, "error": f"{type(exc).__name__}: {reason}"}
+            log.warning("%-6s %-24s failed: %s", what, system, row["error"])
+        self.rows.append(row)
+        self.write()
+
+    def write(self) -> None:
+        times = {(r["what"], r["system"]): r["ms"] for r in self.rows if r["ms"] is not None}
+        first = f"torch:{self.args.backends.split(',')[0]}"
+        for r in self.rows:  # against the native version: the torch router; the torch layer of the same backend
+            if r["what"] == "router":
+                native = times.get(("router", "torch"))
+            elif r["system"].startswith("jax:"):
+                native = times.get(("layer", "torch:" + r["system"][4:].split("/")[0]))
+            else:
+                native = times.get(("layer", first))
+            r["vs_native"] = r["ms"] / native if native and r["ms"] is not None else None
+        store.write_json(self.out, {**self.header, "rows": self.rows})
+
+
+def router_rows(args, device: str, dtype, rec: Recorder) -> None:
     import jax
     import torch
 
@@ -88,20 +126,16 @@ def router_rows(args, device: str, dtype, measure) -> list[dict]:
                "jax:family": moe_lab.jax.router(family, name="jax:family").fn,
                "jax:expert_choice": moe_lab.jax.router(moe_lab.jax.expert_choice(args.top_k)).fn,
                "jax:sparsemax_topk": moe_lab.jax.router(moe_lab.jax.sparsemax_topk(args.top_k)).fn}
-    rows = []
     for name, fn in systems.items():
-        def step():
+        def step(fn=fn):
             r = fn(hidden, weight, None, None, routing)
             ct = torch.ones_like(r.weights)
             torch.autograd.grad([r.weights], [hidden, weight], [ct])
-        samples = measure(step, args.warmup, args.repeats, args.inner)
-        rows.append({"what": "router", "system": name, "ms": statistics.median(samples), "samples_ms": samples})
-        log.info("router %-20s %.3f ms", name, rows[-1]["ms"])
+        rec.row("router", name, step)
     del jax
-    return rows
 
 
-def layer_rows(args, device: str, dtype, measure) -> list[dict]:
+def layer_rows(args, device: str, dtype, rec: Recorder) -> None:
     import jax
     import jax.numpy as jnp
     import torch
@@ -123,7 +157,6 @@ def layer_rows(args, device: str, dtype, measure) -> list[dict]:
          "gate_up_proj": (torch.randn(E, 2 * I, H, device=device, generator=g) * 0.02).to(dtype),
          "down_proj": (torch.randn(E, H, I, device=device, generator=g) * 0.02).to(dtype)}
     leaves = {n: v.clone().requires_grad_() for n, v in t.items()}
-    rows = []
     for backend in args.backends.split(","):
         choice = resolve_backend(backend)
         experts = torch.nn.Module()
@@ -133,27 +166,21 @@ def layer_rows(args, device: str, dtype, measure) -> list[dict]:
             r = choice.router(leaves["hidden"], leaves["weight"], None, None, routing)
             out = run_routed_experts(leaves["hidden"], r.ids, r.weights, experts, spec, choice, LocalDispatcher())
             torch.autograd.grad([out], list(leaves.values()), [torch.ones_like(out)])
-        samples = measure(torch_step, args.warmup, args.repeats, args.inner)
-        rows.append({"what": "layer", "system": f"torch:{backend}", "ms": statistics.median(samples), "samples_ms": samples})
-        log.info("layer %-24s %.3f ms", rows[-1]["system"], rows[-1]["ms"])
+        rec.row("layer", f"torch:{backend}", torch_step)
         j = {n: torch_to_jax(v) for n, v in t.items()}
         router, params = {"weight": j["weight"]}, {"gate_up_proj": j["gate_up_proj"], "down_proj": j["down_proj"]}
         for transport in ("buffer", "host"):
             f = jax.jit(jax.value_and_grad(lambda h, rt, p: moe_layer(h, rt, p, routing, spec, backend=backend,
                                                                       transport=transport)[0].astype(jnp.float32).sum(),
                                            argnums=(0, 1, 2)))
-            samples = measure(lambda: jax.block_until_ready(f(j["hidden"], router, params)), args.warmup, args.repeats, args.inner)
-            rows.append({"what": "layer", "system": f"jax:{backend}/{transport}", "ms": statistics.median(samples),
-                         "samples_ms": samples})
-            log.info("layer %-24s %.3f ms", rows[-1]["system"], rows[-1]["ms"])
+            # the host round trip copies every input and output twice per call: fewer, shorter windows
+            few = {"repeats": 3, "inner": 1} if transport == "host" else {}
+            rec.row("layer", f"jax:{backend}/{transport}", lambda f=f: jax.block_until_ready(f(j["hidden"], router, params)), **few)
     f = jax.jit(jax.value_and_grad(lambda h, rt, p: jr.moe_layer(h, rt, p, routing, spec)[0].astype(jnp.float32).sum(),
                                    argnums=(0, 1, 2)))
     j = {n: torch_to_jax(v) for n, v in t.items()}
-    samples = measure(lambda: jax.block_until_ready(f(j["hidden"], {"weight": j["weight"]},
-                                                      {"gate_up_proj": j["gate_up_proj"], "down_proj": j["down_proj"]})),
-                      args.warmup, args.repeats, args.inner)
-    rows.append({"what": "layer", "system": "jax-reference", "ms": statistics.median(samples), "samples_ms": samples})
-    return rows
+    rec.row("layer", "jax-reference", lambda: jax.block_until_ready(f(j["hidden"], {"weight": j["weight"]},
+                                                                   {"gate_up_proj": j["gate_up_proj"], "down_proj": j["down_proj"]})))
 
 
 def main(argv=None) -> int:
@@ -189,35 +216,25 @@ def main(argv=None) -> int:
             parser.error(f"--device cuda needs a CUDA JAX (pip install 'jax[cuda12]'): {exc}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     args.backends = args.backends or ("torch,triton" if args.device == "cuda" else "torch")
-    measure = _timer(args.device)
-    rows = []
-    skip = set(filter(None, args.skip.split(",")))
-    if "router" not in skip:
-        rows += router_rows(args, args.device, dtype, measure)
-    if "layer" not in skip:
-        rows += layer_rows(args, args.device, dtype, measure)
-    times = {(r["what"], r["system"]): r["ms"] for r in rows}
-    first = f"torch:{args.backends.split(',')[0]}"
-    for r in rows:  # against the native version: the torch router; the torch layer of the same backend
-        if r["what"] == "router":
-            native = times.get(("router", "torch"))
-        elif r["system"].startswith("jax:"):
-            native = times.get(("layer", "torch:" + r["system"][4:].split("/")[0]))
-        else:
-            native = times.get(("layer", first))
-        r["vs_native"] = r["ms"] / native if native else None
-    record = {"kind": "jax_overhead", "device": args.device, "dtype": str(dtype).replace("torch.", ""),
+    header = {"kind": "jax_overhead", "device": args.device, "dtype": str(dtype).replace("torch.", ""),
               "geometry": {"tokens": args.tokens, "hidden": args.hidden, "intermediate": args.intermediate,
                            "experts": args.experts, "top_k": args.top_k},
               "timing": {"warmup": args.warmup, "repeats": args.repeats, "inner": args.inner,
+                         "host_rows": "repeats 3, inner 1, warm-up 1",
                          "clock": "cuda events around synchronised windows" if args.device == "cuda" else "perf_counter"},
               "jax": {"version": jax.__version__, "backend": jax.default_backend()},
-              "rows": rows, "provenance": provenance.collect(sys.argv if argv is None else argv)}
-    store.write_json(args.out, record)
-    for r in rows:
-        print(f"{r['what']:6} {r['system']:24} {r['ms']:9.3f} ms  x{r['vs_native'] or float('nan'):.2f} native")
-    return 0
-
+              "provenance": provenance.collect(sys.argv if argv is None else argv)}
+    rec = Recorder(args.out, header, _timer(args.device), args)
+    skip = set(filter(None, args.skip.split(",")))
+    if "router" not in skip:
+        router_rows(args, args.device, dtype, rec)
+    if "layer" not in skip:
+        layer_rows(args, args.device, dtype, rec)
+    rec.write()
+    for r in rec.rows:
+        ms = f"{r['ms']:9.3f} ms  x{r['vs_native'] or float('nan'):.2f} native" if r["ms"] is not None else r["error"]
+        print(f"{r['what']:6} {r['system']:24} {ms}")
+    return 0 if all(r["status"] == "ok" for r in rec.rows) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

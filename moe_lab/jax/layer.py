@@ -16,8 +16,9 @@ callback (`transport`):
   callback XLA's own device buffers; they cross to torch through DLPack without copies (CPU and
   GPU; on the GPU torch runs on XLA's stream, `torch.cuda.ExternalStream(ctx.stream)`), and the
   results are written into XLA's output buffers (one device-side copy of each output).
-- "host": `jax.pure_callback`: NumPy arrays on the host (on a GPU: a device -> host -> device round
-  trip of every input and output). Kept for comparison (experiments/jax_overhead.py).
+- "host": `jax.pure_callback`: NumPy arrays on the host; where JAX computes on a GPU, torch copies
+  them to its CUDA device, runs the stages there and copies the results back (a device -> host ->
+  device round trip of every input and output). Kept for comparison (experiments/jax_overhead.py).
 The backward recomputes the torch forward (with autograd on) and runs torch's backward: XLA owns
 the input buffers only for the duration of one callback, so the forward's autograd graph (which
 holds them) cannot be kept; the extra forward is the price (measured in results/jax-interop/).
@@ -47,6 +48,7 @@ class _Static:
     spec: object
     backend: str
     transport: str
+    host_device: str = "cpu"  # "host" transport: where torch runs on the arrays it gets from the host
 
 
 _ROUTER_DIFF = ("weight", "bias")  # the router tensors that get gradients (the correction bias: selection only)
@@ -159,7 +161,7 @@ def _run(body, static, names, args, result_structs):
         return buffer_callback(callback, list(result_structs))(*args)
     if static.transport == "host":
         def callback(*ins):
-            results = body(static, names, [_from_numpy(a) for a in ins])
+            results = body(static, names, [_from_numpy(a).to(static.host_device) for a in ins])
             return [_to_numpy(r.reshape(s.shape), s.dtype) for r, s in zip(results, result_structs)]
         return jax.pure_callback(callback, list(result_structs), *args)
     raise ValueError(f"transport must be one of {TRANSPORTS}, got {static.transport!r}")
@@ -231,6 +233,12 @@ def _custom_layer():
     return layer
 
 
+def _host_device() -> str:
+    """Where the "host" transport runs torch: the CUDA device where JAX computes on a GPU and torch
+    has one, else the CPU."""
+    return "cuda" if _jax().default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def moe_layer(hidden, router: dict, params: dict, routing, spec, *, backend: str = "torch", transport: str = "buffer"):
     """hidden [..., H] -> (out [..., H], RouterOutput(logits [T, E], weights [T, k], ids [T, k] int32)):
     moe_lab's `backend` stages (a backend word: "torch", "triton", "eager", ...) run by PyTorch on
@@ -240,7 +248,7 @@ def moe_layer(hidden, router: dict, params: dict, routing, spec, *, backend: str
 
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-    static = _Static(routing, spec, backend, transport)
+    static = _Static(routing, spec, backend, transport, _host_device() if transport == "host" else "cpu")
     _choice(backend)  # an unknown or unavailable backend fails here, in the user's terms
     shape = hidden.shape
     out, logits, weights, ids = _custom_layer()(static, hidden.reshape(-1, shape[-1]), dict(router), dict(params))
