@@ -152,6 +152,8 @@ def to_row(rec: dict, run: str, flags: dict | None = None) -> dict:
         "transformers": v.get("transformers"), "torch": v.get("torch"), "triton": v.get("triton"),
         "cuda": v.get("cuda"), "commit": git.get("commit"), "dirty": git.get("dirty"),
         "error": (rec.get("error") or "").splitlines()[0][:300] if rec.get("error") else "",
+        "system_kind": rec.get("system_kind") or (rec.get("system_spec") or {}).get("kind"),
+        "peer_versions": (rec.get("system_spec") or {}).get("peer_versions"),
     }
     for k in ("step_ms", "step_ms_min", "step_ms_max", "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu",
               "peak_gib", "activation_gib", "first_loss", "final_loss"):
@@ -553,6 +555,92 @@ def kernel_bench_markdown(runs: Path) -> str | None:
     return "\n".join(lines)
 
 
+# ---- peers: other tools beside v5 and moe_lab, same run ----------------------------------------------
+def _versions_text(versions: dict | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (versions or {}).items() if v) or "-"
+
+
+def _peer_step_tables(rows: list[dict]) -> list[str]:
+    """One table per run and geometry that has a peer step row: v5's grouped_mm, each peer, moe_lab's
+    default (auto) and its fastest row of that run; the ratios are tokens/s against v5 and, for moe_lab's
+    rows, against the fastest peer that ran."""
+    lines = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["run"], _group(r), r["routing"]), []).append(r)
+    for (run, group, routing), mine in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        peers_here = [r for r in mine if r["system_kind"] == "peer"]
+        if not peers_here:
+            continue
+        ok = [r for r in mine if r["status"] == "ok" and r["tokens_per_s_per_gpu"]]
+        base = next((r for r in ok if r["system"] == "v5-grouped_mm"), None)
+        ours = [r for r in ok if (r["system_kind"] or "").startswith("moe_lab")]
+        shown = ([base] if base else []) + peers_here
+        default = next((r for r in ours if r["system"] == "auto"), None)
+        fastest = max(ours, key=lambda r: r["tokens_per_s_per_gpu"], default=None)
+        shown += [r for r in (default, fastest) if r is not None and r not in shown]
+        best_peer = max((r for r in peers_here if r in ok), key=lambda r: r["tokens_per_s_per_gpu"], default=None)
+        first = mine[0]
+        lines += [f"## {run}: {first['model']}, batch {first['batch']} x seq {first['seq']}, {first['dtype']}, "
+                  f"{first['gpu']}, routing {routing} (step)", "",
+                  "| system | kind | status | step ms | tok/s/GPU | peak GiB | vs v5-grouped_mm | vs best peer | versions or reason |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in shown:
+            good = r in ok
+            vs_v5 = f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.2f}x" if good and base else ""
+            vs_peer = (f"{r['tokens_per_s_per_gpu'] / best_peer['tokens_per_s_per_gpu']:.2f}x"
+                       if good and best_peer and (r["system_kind"] or "").startswith("moe_lab") else "")
+            note = _versions_text(r["peer_versions"]) if r["system_kind"] == "peer" else ""
+            if not good:
+                note = (f"{note}; " if note != "-" and note else "") + (r["error"] or "")[:160]
+            lines.append(f"| {r['system']} | {r['system_kind']} | {r['status']} | {_f(r['step_ms'])} | "
+                         f"{_f(r['tokens_per_s_per_gpu'], '{:.0f}')} | {_f(r['peak_gib'], '{:.2f}')} | {vs_v5} | {vs_peer} | {note} |")
+        lines += ["", f"Versions: transformers {first['transformers']}, torch {first['torch']}, triton {first['triton']}, "
+                      f"commit {str(first['commit'])[:12]}", ""]
+    return lines
+
+
+def _peer_block_tables(blocks: list[dict]) -> list[str]:
+    """One table per block benchmark run that has a peer row (the same MoE layer, forward + backward)."""
+    lines = []
+    for run in sorted({b["run"] for b in blocks}):
+        mine = [b for b in blocks if b["run"] == run]
+        if not any(b.get("peer") for b in mine):
+            continue
+        first = mine[0]
+        for routing in sorted({b["routing"] for b in mine}):
+            here = [b for b in mine if b["routing"] == routing]
+            ok = {b["system"]: b for b in here if b["status"] == "ok"}
+            base = ok.get("v5-grouped_mm")
+            peer_ms = [b["ms"] for b in here if b.get("peer") and b["status"] == "ok"]
+            lines += [f"## {run}: {first['model']}, {first['tokens']} tokens, {first['gpu']}, routing {routing} (MoE block)", "",
+                      "| system | status | ms (fwd+bwd) | TFLOP/s | vs v5-grouped_mm | vs best peer | versions or reason |",
+                      "|---|---|---|---|---|---|---|"]
+            for b in here:
+                is_peer = bool(b.get("peer"))
+                note = _versions_text((b.get("peer") or {}).get("versions")) if is_peer else ""
+                if b["status"] != "ok":
+                    lines.append(f"| {b['system']} | {b['status']} | | | | | {note}; {str(b.get('error', ''))[:160]} |")
+                    continue
+                vs_v5 = f"{base['ms'] / b['ms']:.2f}x" if base else ""
+                vs_peer = f"{min(peer_ms) / b['ms']:.2f}x" if peer_ms and not is_peer and not b["system"].startswith("v5") else ""
+                lines.append(f"| {b['system']} | ok | {b['ms']:.3f} | {b['tflops']:.1f} | {vs_v5} | {vs_peer} | {note} |")
+            lines += ["", f"Versions: transformers {first['transformers']}, torch {first['torch']}, triton {first['triton']}, "
+                          f"commit {str(first['commit'])[:12]}", ""]
+    return lines
+
+
+def peers_markdown(rows: list[dict], blocks: list[dict]) -> str | None:
+    """``peers.md``: every run where a peer system (``experiments/peers.py``) was measured or recorded
+    unavailable, beside v5 and moe_lab in that run; None where no run has one."""
+    body = _peer_step_tables(rows) + _peer_block_tables(blocks)
+    if not body:
+        return None
+    return "\n".join(["# Peers: other tools beside v5 and moe_lab, same run, same GPU", "",
+                      "Each table is one run. \"vs best peer\": moe_lab's rows against the fastest peer that ran there "
+                      "(tokens/s for steps, time for blocks). A peer that could not run says why.", ""] + body)
+
+
 def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool = True) -> dict:
     """Regenerate every derived file; returns {"rows": n, "files": [...]}."""
     run_dirs = find_runs(runs)
@@ -572,7 +660,8 @@ def generate(runs: Path, out_dir: Path, summary: Path | None, make_plots: bool =
     if breakdown is not None:
         store.write_text(out_dir / "step_breakdown.md", breakdown)
         files.append(out_dir / "step_breakdown.md")
-    for name, text in (("attention.md", attention_markdown(runs)), ("kernels.md", kernel_bench_markdown(runs))):
+    for name, text in (("attention.md", attention_markdown(runs)), ("kernels.md", kernel_bench_markdown(runs)),
+                       ("peers.md", peers_markdown(rows, blocks))):
         if text is not None:
             store.write_text(out_dir / name, text)
             files.append(out_dir / name)

@@ -134,3 +134,37 @@ def test_the_default_liger_config_is_the_trainers():
     assert peers.LIGER_KERNEL_CONFIG is None  # TrainingArguments.liger_kernel_config's default
     assert peers.settings("v5-liger")["liger_kernel_config"] is None
     assert copy.deepcopy(peers.NEMO_BACKEND)["attn"] == "te"
+
+
+def _cell(system, kind, status="ok", tokens=None, error=None, versions=None):
+    spec = {"system": system, "model": "qwen3-30b-a3b", "routing": "real", "seq": 4096, "batch": 1, "dtype": "bf16",
+            "optimizer": "adamw_fused"}
+    metrics = {"tokens_per_s_per_gpu": tokens, "step_ms": 4096e3 / tokens, "peak_gib": 30.0} if tokens else {}
+    return {"cell_id": system, "status": status, "spec": spec, "metrics": metrics, "model_label": "qwen3-30b-a3b-L8",
+            "hardware": {"gpu": "h100"}, "versions": {"transformers": "5.17.0"}, "git": {"commit": "abc"},
+            "system_kind": kind, "system_spec": {"kind": kind, **({"peer_versions": versions} if versions else {})},
+            **({"error": error} if error else {})}
+
+
+def test_the_report_puts_peers_beside_v5_and_moe_lab_with_ratios_and_reasons(tmp_path):
+    from experiments import cite, report
+
+    records = [_cell("v5-grouped_mm", "v5", tokens=1000), _cell("v5-liger", "peer", tokens=1250, versions={"liger-kernel": "0.8.5"}),
+               _cell("nemo-automodel", "peer", status="unavailable", error="nemo-automodel: cannot import nemo_automodel"),
+               _cell("auto", "moe_lab", tokens=1500), _cell("triton-fusedce", "moe_lab", tokens=1800)]
+    rows = [report.to_row(r, "h100x1-peers-step-1") for r in records]
+    blocks = [{"run": "h100x1-block-peers", "model": "qwen3-30b-a3b", "tokens": 4096, "gpu": "h100", "routing": "real",
+               "system": s, "status": st, "ms": ms, "tflops": 100.0, "commit": "abc", "transformers": "5.17.0", "torch": "2.11",
+               "triton": "3.6", **({"peer": {"peer": s, "versions": {"sonic-moe": "x"}}} if s == "sonicmoe" else {}),
+               **({"error": "sonicmoe: cannot import sonicmoe"} if st != "ok" else {})}
+              for s, st, ms in (("v5-grouped_mm", "ok", 6.0), ("sonicmoe", "unavailable", None), ("auto", "ok", 3.0))]
+    text = report.peers_markdown(rows, blocks)
+    step_part, block_part = text.split("(MoE block)")
+    line = {ln.split(" | ")[0].strip("| "): ln for ln in step_part.splitlines() if ln.startswith("| ")}
+    assert "| 1.25x |" in line["v5-liger"] and "liger-kernel 0.8.5" in line["v5-liger"]
+    assert "unavailable" in line["nemo-automodel"] and "cannot import nemo_automodel" in line["nemo-automodel"]
+    assert "| 1.50x | 1.20x |" in line["auto"] and "| 1.80x | 1.44x |" in line["triton-fusedce"]
+    assert "cannot import sonicmoe" in block_part and "| auto | ok | 3.000 | 100.0 | 2.00x |  |" in block_part
+    assert report.peers_markdown(rows[:1], blocks[:1]) is None  # no peer anywhere: no file
+    (tmp_path / "peers.md").write_text(text)
+    assert {t.key for t in cite.tables(tmp_path)} == {"peers/h100x1-peers-step-1", "peers/h100x1-block-peers"}
