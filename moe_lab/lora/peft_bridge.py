@@ -107,5 +107,5 @@ def _factors(wrapper, base: nn.Module, spec: ExpertsSpec, where: str) -> LoRAFac
         b_parts.append(b_w.view(out_features, r, E).permute(2, 1, 0))  # [E, r, out]
         scales.append(float(wrapper.scaling[adapter]))
     if len(active) == 1:
-        return LoRAFactors(a_parts[0], b_parts[0].contiguous(), scales[0])
+        return LoRAFactors(a_parts[0], b_parts[0], scales[0])  # views of PEFT's parameters (cast contiguous where used)
     return LoRAFactors(torch.cat(a_parts, dim=2), torch.cat([b * s for b, s in zip(b_parts, scales)], dim=1), 1.0)
