@@ -75,11 +75,12 @@ class AutoDecision:
     excluded: dict = field(default_factory=dict)
     tokens: int | None = None
     backward: bool | None = None
+    workload: str = ""  # what the trials ran besides the base layer ("with LoRA (...)"), if anything
 
     def describe(self) -> str:
         parts = [f"{self.chosen.label} ({self.how}"]
         if self.times_ms:
-            mode = "forward+backward" if self.backward else "forward"
+            mode = ("forward+backward" if self.backward else "forward") + (f" {self.workload}" if self.workload else "")
             parts[0] += f", {mode} of {self.tokens} tokens: " + ", ".join(
                 f"{label} {ms:.3f} ms" for label, ms in sorted(self.times_ms.items(), key=lambda kv: kv[1]))
         parts[0] += ")"
@@ -151,9 +152,11 @@ def traced_decision(candidate_set: CandidateSet) -> "AutoDecision":
 
 
 def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, dtype: torch.dtype, tokens: int,
-           backward: bool, run: Callable[[StageChoice], Callable[[], None]]) -> AutoDecision:
+           backward: bool, run: Callable[[StageChoice], Callable[[], None]], workload: str = "") -> AutoDecision:
     """The decision for one layer shape; measured once per key with `run(choice)`, which returns a
-    callable running the layer once with that choice (forward, and backward when `backward`)."""
+    callable running the layer once with that choice (forward, and backward when `backward`).
+    `workload`: what `run` computes besides the base layer (e.g. LoRA's update), said in the plan;
+    the geometry must tell such layers apart."""
     candidates, excluded = candidate_set.candidates, candidate_set.excluded
     if not candidates:
         return AutoDecision(candidate_set.floor, "rule: no exact candidate here", excluded=excluded)
@@ -169,7 +172,7 @@ def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, d
     if stored is not None and stored.get("chosen") in by_label:
         decision = AutoDecision(by_label[stored["chosen"]], f"measured, cached ({auto_cache.path()}, "
                                 f"{stored.get('measured_at')})", stored.get("times_ms", {}), excluded,
-                                stored.get("tokens"), backward)
+                                stored.get("tokens"), backward, workload)
         _DECISIONS[key] = decision
         return decision
     if (device.type == "cuda" and torch.cuda.is_available()
@@ -181,7 +184,7 @@ def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, d
     for c in candidates[1:]:
         if times[c.label] < times[best.label] * (1 - MARGIN):
             best = c
-    decision = AutoDecision(best, "measured", times, excluded, tokens, backward)
+    decision = AutoDecision(best, "measured", times, excluded, tokens, backward, workload)
     _DECISIONS[key] = decision
     auto_cache.store(disk_key, {"chosen": best.label, "times_ms": times, "tokens": tokens, "backward": backward})
     logger.info("moe_lab auto: %s", decision.describe())

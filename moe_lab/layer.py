@@ -18,7 +18,7 @@ import torch.nn as nn
 from .families import Family
 from .registry import LayerNeeds, StageChoice, fused_pair, plan_layer
 from .stages.experts import ExpertsSpec, first_weight
-from .lora import note_peft_parametrized, unwrap_peft_experts, with_lora
+from .lora import ExpertsLoRA, LoRAFactors, lora_choice, note_peft_parametrized, unwrap_peft_experts, with_lora
 from .stages.router import RoutingSpec
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,11 @@ class LayerPlanner:
         return self._plan(None, weight.dtype)
 
     def choice_for(self, weight: torch.Tensor, tokens: int | None = None, backward: bool = False,
-                   trial=None) -> StageChoice:
+                   trial=None, lora=None) -> StageChoice:
         """The stages to run on `weight`'s device and dtype (the meta device: not placed yet). For
         "auto": the decision for `tokens` rows (forward and `backward`), measured where needed with
-        `trial(choice) -> step()` (see `auto_trial`)."""
+        `trial(choice) -> step()` (see `auto_trial`); with `lora` (the forward's `ExpertsLoRA`) the
+        trials run the LoRA layer and the decision is kept apart from the base layer's."""
         key = (None if weight.device.type == "meta" else weight.device.type, weight.dtype)
         self.latest = key
         if self.asked.auto is None or key[0] is None:
@@ -95,10 +96,10 @@ class LayerPlanner:
             if choice.untraceable and torch.compiler.is_compiling():
                 raise_untraceable(self.model_type, choice)
             return choice
-        self.decision = self._decide(weight, tokens, backward, trial)
+        self.decision = self._decide(weight, tokens, backward, trial, lora)
         return self.decision.chosen.choice
 
-    def _decide(self, weight: torch.Tensor, tokens, backward: bool, trial):
+    def _decide(self, weight: torch.Tensor, tokens, backward: bool, trial, lora=None):
         from . import auto
 
         key = (weight.device.type, weight.dtype)
@@ -119,7 +120,13 @@ class LayerPlanner:
             chosen = candidate_set.candidates[0] if candidate_set.candidates else candidate_set.floor
             return auto.AutoDecision(chosen, "rule: first preference (no trial given)", excluded=candidate_set.excluded)
         geometry = (self.model_type, self.spec, self.routing_features, tuple(weight.shape))
-        return auto.decide(candidate_set, geometry, weight.device, weight.dtype, tokens, backward, trial)
+        workload = ""
+        if lora is not None:  # LoRA on the experts: its own decision, timed with the update
+            ranks = tuple(sorted((name, f.rank) for name, f in lora.lora.items()))
+            geometry += (("lora", ranks),)
+            workload = "with LoRA (" + ", ".join(f"{name} r{rank}" for name, rank in ranks) + ")"
+        return auto.decide(candidate_set, geometry, weight.device, weight.dtype, tokens, backward, trial,
+                           workload=workload)
 
     def describe(self) -> dict:
         """{stage: "runs" or "runs (asked X: why)"}: the last forward's plan, else the unplaced one; for
@@ -153,12 +160,13 @@ def raise_untraceable(model_type: str, choice: StageChoice):
 
 def _detached_experts(experts: nn.Module, spec: ExpertsSpec, requires_grad: bool) -> nn.Module:
     """A stand-in for a v5 experts module whose weights are detached leaves sharing its storage: a
-    trial computes with the layer's own weights and no gradient reaches the model."""
+    trial computes with the layer's own weights and no gradient reaches the model. A weight takes a
+    gradient in the trial (`requires_grad`) only where it trains (a base frozen for LoRA does not)."""
     stand_in = nn.Module()
     for name in ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"):
         tensor = getattr(experts, name, None)
         if isinstance(tensor, torch.Tensor):
-            stand_in.__dict__[name] = tensor.detach().requires_grad_(requires_grad)
+            stand_in.__dict__[name] = tensor.detach().requires_grad_(requires_grad and tensor.requires_grad)
     if hasattr(experts, "act_fn"):
         stand_in.__dict__["act_fn"] = experts.act_fn
     return stand_in
@@ -167,17 +175,25 @@ def _detached_experts(experts: nn.Module, spec: ExpertsSpec, requires_grad: bool
 def auto_trial(hidden: torch.Tensor, experts: nn.Module, spec: ExpertsSpec, backward: bool, dispatcher,
                ids: torch.Tensor | None = None, weights: torch.Tensor | None = None,
                router: nn.Module | None = None, routing: RoutingSpec | None = None,
-               expert_hidden: torch.Tensor | None = None):
+               expert_hidden: torch.Tensor | None = None, lora=None):
     """trial(choice) -> step(): runs this layer once with `choice` on detached copies of this forward's
-    hidden [T, H] (and backward to the hidden states and every weight when `backward`). Routing: the
-    given ids/weights [T, k] (v5's router ran), or `choice`'s router on `router`'s weights.
+    hidden [T, H] (and backward to the hidden states and every weight that trains when `backward`).
+    Routing: the given ids/weights [T, k] (v5's router ran), or `choice`'s router on `router`'s weights.
     expert_hidden [T, H']: the rows the routed experts take where they are not `hidden` (NemotronH's
-    latent projection of it); the router still reads `hidden`."""
+    latent projection of it); the router still reads `hidden`. lora: the forward's `ExpertsLoRA`; the
+    trial then runs what the layer will run, the LoRA counterpart of `choice` (`lora_choice`) with
+    detached factors, a frozen base taking no gradient."""
     x = hidden.detach().requires_grad_(backward)
     x_experts = x if expert_hidden is None else expert_hidden.detach().requires_grad_(backward)
     stand_in = _detached_experts(experts, spec, backward)
     leaves = [x] + ([] if expert_hidden is None else [x_experts])
-    leaves += [t for t in stand_in.__dict__.values() if isinstance(t, torch.Tensor)]
+    leaves += [t for t in stand_in.__dict__.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    run_experts = stand_in
+    if lora is not None:
+        factors = {name: LoRAFactors(f.a.detach().requires_grad_(backward), f.b.detach().requires_grad_(backward),
+                                     f.scale) for name, f in lora.lora.items()}
+        run_experts = ExpertsLoRA(stand_in, factors)
+        leaves += [t for f in factors.values() for t in (f.a, f.b) if t.requires_grad]
     if router is not None:
         router_weight = router.weight.detach().requires_grad_(backward)
         bias = getattr(router, "bias", None)
@@ -197,7 +213,9 @@ def auto_trial(hidden: torch.Tensor, experts: nn.Module, spec: ExpertsSpec, back
                     _, w, i = choice.router(x, router_weight, bias, correction, routing)
                 else:
                     w, i = weights, ids
-                out = run_routed_experts(x_experts, i, w, stand_in, spec, choice, dispatcher)
+                run_choice = choice if lora is None else lora_choice(
+                    choice, spec, True, False, first_weight(stand_in, spec))[0]
+                out = run_routed_experts(x_experts, i, w, run_experts, spec, run_choice, dispatcher)
                 if backward:
                     torch.autograd.grad(out, leaves, cotangent.to(out.dtype), allow_unused=True)
         return step
@@ -439,7 +457,8 @@ class MoELayer(nn.Module):
             return self._finish_output(out, latent, shape, hidden_states, weights)
         choice = self.planner.choice_for(weight, hidden.shape[0], backward, trial=lambda c: auto_trial(
             hidden, experts, self.experts_spec, backward, self.dispatcher, router=self.router_module,
-            routing=self.routing, expert_hidden=None if expert_hidden is hidden else expert_hidden)(c))
+            routing=self.routing, expert_hidden=None if expert_hidden is hidden else expert_hidden, lora=lora)(c),
+            lora=lora)
         if choice is not self.choice:  # moved to another device or dtype since the last forward
             if choice.names["dispatch"] != self.choice.names["dispatch"]:
                 raise RuntimeError(f"moe_lab: the dispatch stage would change from {self.choice.names['dispatch']!r} "
