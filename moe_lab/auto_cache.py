@@ -7,7 +7,7 @@ An entry's key is everything the choice
 depends on: the GPU's name, the layer geometry (family, experts spec, routing features, weight
 shape), dtype, token bucket, forward or forward+backward, the candidate labels, and a fingerprint
 of the code and libraries that ran (torch, triton and moe_lab versions, and a hash of the sources of
-`triton_kernels/` and `moe_lab/stages/`): any change to those makes every old entry a miss, so a
+`triton_kernels/`, `moe_lab/stages/`, `moe_lab/lora/` and `moe_lab/auto.py`): any change to those makes every old entry a miss, so a
 stale file can only cost a measurement, never pick from old timings. Writes are atomic
 (read, merge, ``os.replace``); two processes writing at once may lose one entry (measured again later).
 """
@@ -35,6 +35,13 @@ def path() -> Path | None:
     return Path(directory or DEFAULT_DIR) / FILE_NAME if on else None
 
 
+def fingerprinted_sources() -> list[Path]:
+    """The source files whose text is part of the fingerprint: whatever decides or runs a candidate."""
+    here = Path(__file__).resolve().parent
+    return (sorted((here / "stages").glob("*.py")) + sorted((here / "lora").glob("*.py")) + [here / "auto.py"]
+            + sorted((here.parent / "triton_kernels").glob("*.py")))
+
+
 @functools.cache
 def fingerprint() -> str:
     """Versions and a hash of the kernel and stage sources (computed once per process)."""
@@ -47,9 +54,7 @@ def fingerprint() -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    here = Path(__file__).resolve().parent
-    sources = sorted((here / "stages").glob("*.py")) + sorted((here.parent / "triton_kernels").glob("*.py"))
-    for source in sources:
+    for source in fingerprinted_sources():
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
     from . import __version__

@@ -182,3 +182,10 @@ def test_restricting_to_graph_safe_stages_is_refused_once_a_layer_chose():
     model(torch.randint(0, config.vocab_size, (1, 4)))
     with pytest.raises(ValueError, match="already chose"):
         layers[1].planner.restrict_to_graph_safe()
+
+
+def test_the_cache_fingerprint_covers_every_source_that_decides_or_runs_a_candidate():
+    from moe_lab import auto_cache
+
+    names = {p.relative_to(p.parents[1]).as_posix() for p in auto_cache.fingerprinted_sources()}
+    assert {"moe_lab/auto.py", "lora/experts.py", "stages/experts.py", "triton_kernels/lora_gemm.py"} <= names
