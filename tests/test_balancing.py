@@ -130,7 +130,9 @@ def test_aux_loss_equals_the_models_own():
     bal = B.Balancer(model, B.BalancingSpec(aux_loss_coef=0.02))
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     out = model(ids, labels=ids, output_router_logits=True)
-    torch.testing.assert_close(bal.aux_loss(), 0.02 * out.aux_loss, rtol=0, atol=0)
+    # equal up to float rounding: newer transformers sum the top-k counts per layer before dividing,
+    # older ones average a one-hot per slot over the pooled rows (same value, other rounding)
+    torch.testing.assert_close(bal.aux_loss(), 0.02 * out.aux_loss, rtol=1e-6, atol=0)
     bal.aux_loss().backward()  # it carries gradients to the routers
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
 

@@ -134,7 +134,10 @@ def test_emulated_cuda_graphs_through_fastest(tmp_path, emulated_cuda_graphs):
     assert model.moe_lab_options.cuda_graphs and model.config.use_cache is False
     trainer.train()
     assert model.moe_lab_cuda_graphs.captures == 1
-    _assert_same_training(plain, trainer)
+    # one AdamW step at lr 0.01 moves each weight by about lr * sign(grad): a gradient within rounding
+    # of zero (Triton's stages against torch's) can move its weight by a fraction of lr, so the weights'
+    # tolerance is 1% of one step
+    _assert_same_training(plain, trainer, atol=1e-4)
 
 
 def _rotates_backwards(q, k, cos, sin, unsqueeze_dim=1):

@@ -162,10 +162,10 @@ def test_auto_trial_runs_the_routed_experts_on_the_latent_rows(monkeypatch):
     planner = layer.planner
     plain = planner.choice_for
 
-    def choice_for(weight, tokens=None, backward=False, trial=None):
+    def choice_for(weight, tokens=None, backward=False, trial=None, **kwargs):
         trial(layer.choice)()  # what auto does with each candidate on a GPU
         ran.append((tokens, backward))
-        return plain(weight, tokens, backward, trial)
+        return plain(weight, tokens, backward, trial, **kwargs)
 
     monkeypatch.setattr(planner, "choice_for", choice_for)
     layer(torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)).sum().backward()
