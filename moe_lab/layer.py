@@ -207,14 +207,14 @@ def auto_trial(hidden: torch.Tensor, experts: nn.Module, spec: ExpertsSpec, back
     cotangent = torch.randn_like(x_experts) if backward else None
 
     def trial(choice: StageChoice):
+        run_choice = choice if lora is None else lora_choice(choice, spec, True, False, first_weight(stand_in, spec))[0]
+
         def step():
             with torch.enable_grad() if backward else torch.no_grad():
                 if router is not None:
                     _, w, i = choice.router(x, router_weight, bias, correction, routing)
                 else:
                     w, i = weights, ids
-                run_choice = choice if lora is None else lora_choice(
-                    choice, spec, True, False, first_weight(stand_in, spec))[0]
                 out = run_routed_experts(x_experts, i, w, run_experts, spec, run_choice, dispatcher)
                 if backward:
                     torch.autograd.grad(out, leaves, cotangent.to(out.dtype), allow_unused=True)

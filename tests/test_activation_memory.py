@@ -13,25 +13,8 @@ import torch
 import transformers
 
 import moe_lab
+from memory_testing import saved_bytes
 from tiny_models import tiny_config
-
-
-def saved_bytes(fn, params) -> int:
-    """Bytes of the distinct storages autograd saves while running fn(), the parameters' own not
-    counted (a copy of a weight is counted)."""
-    storages = {}
-    own = {p.untyped_storage().data_ptr() for p in params}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -42,8 +25,8 @@ def test_torch_backend_keeps_no_more_than_v5_grouped_mm(dtype):
     ours = moe_lab.patch_model(copy.deepcopy(v5), "torch")
     hidden = torch.randn(1, 512, 64, dtype=dtype, requires_grad=True)
     v5_block, our_block = v5.model.layers[0].mlp, ours.model.layers[0].mlp
-    v5_bytes = saved_bytes(lambda: v5_block(hidden), list(v5_block.parameters()))
-    our_bytes = saved_bytes(lambda: our_block(hidden), list(our_block.parameters()))
+    _, v5_bytes = saved_bytes(lambda: v5_block(hidden), list(v5_block.parameters()))
+    _, our_bytes = saved_bytes(lambda: our_block(hidden), list(our_block.parameters()))
     routed_rows_bytes = 512 * 4 * 64 * hidden.element_size()  # one copy of the S x H routed rows
     assert our_bytes <= v5_bytes + routed_rows_bytes // 4, (our_bytes, v5_bytes)
 
@@ -57,7 +40,7 @@ def test_gather_in_prologue_keeps_no_permuted_copy():
     saved = {}
     for backend in ("triton", "triton_gather"):
         block = moe_lab.patch_model(copy.deepcopy(base), backend).model.layers[0].mlp
-        saved[backend] = saved_bytes(lambda: block(hidden), list(block.parameters()))
+        _, saved[backend] = saved_bytes(lambda: block(hidden), list(block.parameters()))
     permuted_rows_bytes = 128 * 4 * 64 * 4  # S x H float32
     row_index_bytes = 128 * 4 * 8  # the token of each row (int64), kept instead
     assert saved["triton_gather"] <= saved["triton"] - permuted_rows_bytes + row_index_bytes, saved

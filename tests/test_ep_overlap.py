@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from distributed_testing import force_routing_to_experts_0_and_1, free_port
+from distributed_testing import assert_grads_match_one_process, force_routing_to_experts_0_and_1, free_port
 
 TESTS_DIR = os.path.dirname(__file__)
 
@@ -55,14 +55,7 @@ def _check_family(rank, world, family, chunks, skew):
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
     torch.testing.assert_close(loss / world, ref.loss.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{family}: {m}")
-    ref_grads = dict(reference.named_parameters())
-    for name, param in ours.named_parameters():
-        expected = ref_grads[name].grad
-        shard = getattr(param, "moe_lab_expert_shard", None)
-        if shard is not None:
-            expected = expected[shard[0] : shard[1]]
-        got = param.grad if param.grad is not None else torch.zeros_like(param)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {family} {name}: {m}")
+    assert_grads_match_one_process(ours, reference, f"rank {rank} {family}")
     return [m.dispatcher.last_local_rows for m in layers]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from distributed_testing import free_port, force_routing_to_experts_0_and_1
+from distributed_testing import assert_grads_match_one_process, force_routing_to_experts_0_and_1, free_port
 
 TESTS_DIR = os.path.dirname(__file__)
 
@@ -69,16 +69,7 @@ def _worker(rank, world, ep_size, family, skew, port, tmpdir, results, fsdp=Fals
         dist.all_reduce(loss)
         torch.testing.assert_close(loss / world, ref_out.loss.detach(), rtol=1e-5, atol=1e-6)
 
-        ref_grads = dict(reference.named_parameters())
-        for name, param in ours.named_parameters():
-            expected = ref_grads[name].grad
-            shard = getattr(param, "moe_lab_expert_shard", None)
-            if shard is not None:
-                expected = expected[shard[0] : shard[1]]
-            got = param.grad if param.grad is not None else torch.zeros_like(param)
-            if hasattr(got, "full_tensor"):  # an FSDP2 shard
-                got = got.full_tensor()
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
+        assert_grads_match_one_process(ours, reference, f"rank {rank}")
 
         received = [int(layer.mlp.dispatcher.last_local_rows) for layer in ours.model.layers
                     if hasattr(layer.mlp, "dispatcher")]

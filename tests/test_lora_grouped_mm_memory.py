@@ -17,6 +17,8 @@ from moe_lab.lora.experts import _composed_lora_mlp
 from moe_lab.registry import resolve_backend
 from moe_lab.stages.experts import ExpertsSpec
 
+from memory_testing import saved_bytes
+
 T, K_TOP, E, H, I, R = 48, 4, 8, 32, 16, 4  # R = 4: bf16 rows of 8 bytes, grouped_mm's zero-padding path
 S = T * K_TOP
 SPECS = {"swiglu": ExpertsSpec(E),
@@ -58,22 +60,6 @@ def _stages(hidden, ids, weights, view, spec, choice):
     return choice.combine(y, perm, weights, hidden.dtype)
 
 
-def _saved_bytes(fn, exclude):
-    """(fn()'s output, bytes of the distinct storages autograd keeps, those of `exclude` not counted)."""
-    own = {t.untyped_storage().data_ptr() for t in exclude}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
-
-
 def _assert_same_bits(got, want, leaves, dtype):
     assert torch.equal(got, want)
     cotangent = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -99,8 +85,8 @@ def test_torch_lora_experts_keep_less_and_compute_the_same_bits(dtype, kind, per
     frozen = [p for p in module.parameters()]
     leaves = [hidden, weights] + params
 
-    want, old_bytes = _saved_bytes(lambda: _stages(hidden, ids, weights, view, spec, choice), frozen + params)
-    got, new_bytes = _saved_bytes(lambda: fused(hidden, ids, weights, view, spec, lora), frozen + params)
+    want, old_bytes = saved_bytes(lambda: _stages(hidden, ids, weights, view, spec, choice), frozen + params)
+    got, new_bytes = saved_bytes(lambda: fused(hidden, ids, weights, view, spec, lora), frozen + params)
     _assert_same_bits(got, want, leaves, dtype)
 
     size = torch.empty((), dtype=dtype).element_size()
@@ -121,8 +107,8 @@ def test_torch_lora_experts_stage_on_permuted_rows_is_the_composed_ops(dtype):
     rows, perm = choice.permutation(hidden.detach(), ids, E)
     rows.requires_grad_()
     frozen = list(module.parameters())
-    want, old_bytes = _saved_bytes(lambda: _composed_lora_mlp(rows, perm.offsets, view, spec, None), frozen + params)
-    got, new_bytes = _saved_bytes(lambda: lora_experts_grouped_mm(rows, perm.counts, perm.offsets, view, spec),
+    want, old_bytes = saved_bytes(lambda: _composed_lora_mlp(rows, perm.offsets, view, spec, None), frozen + params)
+    got, new_bytes = saved_bytes(lambda: lora_experts_grouped_mm(rows, perm.counts, perm.offsets, view, spec),
                                   frozen + params)
     _assert_same_bits(got, want, [rows] + params, dtype)
     size = torch.empty((), dtype=dtype).element_size()

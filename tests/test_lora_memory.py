@@ -19,6 +19,8 @@ from moe_lab.stages.permute import plan_triton  # noqa: E402
 from triton_kernels import combine, permute  # noqa: E402
 from triton_kernels.lora_gemm import grouped_lora_linear  # noqa: E402
 
+from memory_testing import saved_bytes  # noqa: E402
+
 T, K_TOP, E, H, I, R = 64, 4, 8, 32, 16, 4
 S = T * K_TOP
 
@@ -62,22 +64,6 @@ def _one_stage_at_a_time(hidden, ids, weights, view, spec):
     return combine(y, weights, perm.slot_of_row, perm.inverse)
 
 
-def _saved_bytes(fn, exclude):
-    """(fn()'s output, bytes of the distinct storages autograd keeps, those of `exclude` not counted)."""
-    own = {t.untyped_storage().data_ptr() for t in exclude}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(storages.values())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gathered_lora_experts_keep_less_and_compute_the_same_bits(dtype):
     module, view, hidden, ids, weights = _case(dtype)
@@ -90,8 +76,8 @@ def test_gathered_lora_experts_keep_less_and_compute_the_same_bits(dtype):
     params = [module.gate_up_proj, module.down_proj] + [t for f in view.lora.values() for t in (f.a, f.b)]
     leaves = [hidden, weights] + params[2:]
 
-    want, old_bytes = _saved_bytes(lambda: _one_stage_at_a_time(hidden, ids, weights, view, spec), params)
-    got, new_bytes = _saved_bytes(lambda: fused(hidden, ids, weights, view, spec, lora), params)
+    want, old_bytes = saved_bytes(lambda: _one_stage_at_a_time(hidden, ids, weights, view, spec), params)
+    got, new_bytes = saved_bytes(lambda: fused(hidden, ids, weights, view, spec, lora), params)
     assert torch.equal(got, want)
     cotangent = torch.randn(got.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     for g_new, g_old in zip(torch.autograd.grad(got, leaves, cotangent), torch.autograd.grad(want, leaves, cotangent)):

@@ -435,10 +435,8 @@ def gathered_lora_experts_triton(hidden, ids, weights, module: ExpertsLoRA, spec
         return choice.combine(lora_experts_triton(rows, perm.counts, perm.offsets, module, spec), perm, weights,
                               hidden.dtype)
     perm = plan_triton(ids, spec.num_experts)
-    permute = kernels().permute
-
-    def gather(tokens):  # [T, H] -> [S, H] in expert order, in the weights' dtype
-        return permute(tokens, perm.slot_of_row, perm.top_k, perm.inverse).to(w1.dtype)
+    gather = functools.partial(_gather_triton, slot_of_row=perm.slot_of_row, inverse=perm.inverse, top_k=perm.top_k,
+                               dtype=w1.dtype)  # [T, H] -> [S, H] in expert order, in the weights' dtype
     out_rows = _lora_mlp_triton(hidden, perm.offsets, module, spec, rows=gather)
     return choice.combine(out_rows, perm, weights, hidden.dtype)
 
