@@ -11,34 +11,37 @@ output and intermediate [S, I] x 2 and, for bf16, the factors' casts fewer, for 
 """
 import pytest
 import torch
+from transformers.activations import ACT2FN
 
 from moe_lab.lora import ExpertsLoRA, LoRAFactors, lora_choice, lora_experts_grouped_mm
 from moe_lab.lora.experts import _composed_lora_mlp
 from moe_lab.registry import resolve_backend
-from moe_lab.stages.experts import ExpertsSpec
+from moe_lab.stages.experts import ExpertsSpec, first_weight
 
 from memory_testing import saved_bytes
 
 T, K_TOP, E, H, I, R = 48, 4, 8, 32, 16, 4  # R = 4: bf16 rows of 8 bytes, grouped_mm's zero-padding path
 S = T * K_TOP
 SPECS = {"swiglu": ExpertsSpec(E),
-         "gpt_oss": ExpertsSpec(E, transposed=True, interleaved=True, has_bias=True, activation="gpt_oss")}
+         "gpt_oss": ExpertsSpec(E, transposed=True, interleaved=True, has_bias=True, activation="gpt_oss"),
+         "relu2": ExpertsSpec(E, gated=False, activation="plain", act_name="relu2")}  # Nemotron-H's non-gated experts
 
 
 def _case(spec, dtype, seed=0):
     """(frozen experts module, ExpertsLoRA with PEFT-layout factors, hidden [T, H], ids [T, k], weights [T, k], params)."""
     g = torch.Generator().manual_seed(seed)
     m = torch.nn.Module()
-    shapes = ((E, H, 2 * I), (E, I, H)) if spec.transposed else ((E, 2 * I, H), (E, H, I))
-    m.gate_up_proj = torch.nn.Parameter((torch.randn(*shapes[0], generator=g) * 0.3).to(dtype), requires_grad=False)
+    first, width = ("gate_up_proj", 2 * I) if spec.gated else ("up_proj", I)
+    shapes = ((E, H, width), (E, I, H)) if spec.transposed else ((E, width, H), (E, H, I))
+    setattr(m, first, torch.nn.Parameter((torch.randn(*shapes[0], generator=g) * 0.3).to(dtype), requires_grad=False))
     m.down_proj = torch.nn.Parameter((torch.randn(*shapes[1], generator=g) * 0.3).to(dtype), requires_grad=False)
     if spec.has_bias:
         m.gate_up_proj_bias = torch.nn.Parameter((torch.randn(E, 2 * I, generator=g) * 0.1).to(dtype),
                                                  requires_grad=False)
         m.down_proj_bias = torch.nn.Parameter((torch.randn(E, H, generator=g) * 0.1).to(dtype), requires_grad=False)
-    m.act_fn = torch.nn.SiLU()
+    m.act_fn = torch.nn.SiLU() if spec.gated else ACT2FN["relu2"]
     lora, params = {}, []
-    for name, (n_in, n_out) in {"gate_up_proj": (H, 2 * I), "down_proj": (I, H)}.items():
+    for name, (n_in, n_out) in {first: (H, width), "down_proj": (I, H)}.items():
         # PEFT's storage, fp32: lora_A [r*E, in], lora_B [out, r*E]; the bridge's views of them
         lora_a = (torch.randn(R * E, n_in, generator=g) * 0.5).requires_grad_()
         lora_b = (torch.randn(n_out, R * E, generator=g) * 0.5).requires_grad_()
@@ -56,7 +59,7 @@ def _stages(hidden, ids, weights, view, spec, choice):
     """The composed ops one stage at a time: permutation, the LoRA MLP op by op, combine."""
     rows, perm = choice.permutation(hidden, ids, E)
     eor = perm.expert_of_row() if spec.has_bias else None
-    y = _composed_lora_mlp(rows.to(view.gate_up_proj.dtype), perm.offsets, view, spec, eor)
+    y = _composed_lora_mlp(rows.to(first_weight(view, spec).dtype), perm.offsets, view, spec, eor)
     return choice.combine(y, perm, weights, hidden.dtype)
 
 
@@ -78,7 +81,7 @@ def test_torch_lora_experts_keep_less_and_compute_the_same_bits(dtype, kind, per
     spec = SPECS[kind]
     module, view, hidden, ids, weights, params = _case(spec, dtype)
     choice = resolve_backend({"router": "torch", "permutation": permutation, "experts": "torch", "combine": "torch"})
-    lora, note = lora_choice(choice, spec, substitute=False, expert_parallel=False, weight=module.gate_up_proj)
+    lora, note = lora_choice(choice, spec, substitute=False, expert_parallel=False, weight=first_weight(module, spec))
     fused = lora.impls["experts"].fused
     assert fused is not None and lora.impls["experts"].caps.fuses_with == permutation
     assert note.startswith("torch+lora")
@@ -90,9 +93,12 @@ def test_torch_lora_experts_keep_less_and_compute_the_same_bits(dtype, kind, per
     _assert_same_bits(got, want, leaves, dtype)
 
     size = torch.empty((), dtype=dtype).element_size()
-    dropped = S * H * size + 2 * S * I * size  # the permuted rows, the activation's output and intermediate
+    # the permuted rows, and the activation's [S, I] tensors: output and intermediate (GLU), or the one
+    # relu2 keeps (relu's output, which its square and the down GEMM share)
+    dropped = S * H * size + (2 if spec.gated else 1) * S * I * size
     if dtype != torch.float32:  # the factors' casts to the weights' dtype
-        dropped += 2 * E * R * (H + 2 * I + I + H) * size
+        width = 2 * I if spec.gated else I  # the first projection's output
+        dropped += 2 * E * R * (H + width + I + H) * size
     kept = T * H * size + 2 * S * 8  # the token rows and at most two int64 [S] indices of the gather
     assert new_bytes <= old_bytes - dropped + kept, (new_bytes, old_bytes, dropped)
 
