@@ -124,7 +124,9 @@ def test_example_routers_equal_jax_vjp(T, H, E, data, seed, which):
     jp, jh = {"weight": jnp.asarray(weight.detach().numpy())}, jnp.asarray(hidden.detach().numpy())
     (w, ids, logits), pullback = jax.vjp(lambda p, h: fn(p, h), jp, jh)
     np.testing.assert_array_equal(got.ids.numpy(), np.asarray(ids))
-    np.testing.assert_allclose(got.weights.detach().numpy(), np.asarray(w), rtol=1e-6, atol=1e-7)
+    # the router runs jitted, the reference op by op: XLA's fusions round differently, and sparsemax's
+    # threshold subtraction (at temperature 0.1: logits x 10) turns that into up to ~5e-7 on weights <= 1
+    np.testing.assert_allclose(got.weights.detach().numpy(), np.asarray(w), rtol=1e-6, atol=1e-6)
     assert (got.weights >= 0).all() and ((got.ids >= 0) & (got.ids < E)).all()
     if which == "expert_choice":  # each expert takes at most C tokens (without a per-token cap: exactly C)
         capacity = max(1, min(T, -(-int(cap * T * k) // E)))
