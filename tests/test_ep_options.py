@@ -157,7 +157,7 @@ def sharded_adamw(rank, world, ep_size):
     return len(dtensors)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.once)])  # EP=4: moe_lab's sharding only
 def test_triton_adamw_on_fsdp2_and_expert_shards_equals_torch_adamw(world):
     """EP=world with fsdp=True: every non-expert parameter an FSDP2 DTensor shard (some empty at 4 ranks),
     the experts plain shards. TritonAdamW stepped after backward, and TritonAdamWInBackward (FSDP2's
@@ -241,7 +241,8 @@ def every_option(rank, world, ep_size, fsdp, family, tmpdir):
     return dict(calls)
 
 
-@pytest.mark.parametrize("world,ep_size,fsdp,family", [(2, 2, False, "qwen3_moe"), (4, 4, True, "deepseek_v3")],
+@pytest.mark.parametrize("world,ep_size,fsdp,family", [(2, 2, False, "qwen3_moe"),
+                                                          pytest.param(4, 4, True, "deepseek_v3", marks=pytest.mark.once)],
                          ids=["ep2-qwen3", "ep4-fsdp2-deepseek"])
 def test_every_option_under_expert_parallelism_matches_one_process(world, ep_size, fsdp, family, tmp_path):
     """EP=2 (replicated non-experts, moe_lab's all-reduce) and EP=4 with FSDP2 (reduce-scatter), with the
