@@ -5,7 +5,8 @@ One JSON file, ``auto-decisions.json`` in ``Options.auto_cache_dir`` (default ``
 them; benchmarks: ``MOE_LAB_AUTO_CACHE`` / ``MOE_LAB_CACHE_DIR`` through ``Options.from_environment``).
 An entry's key is everything the choice
 depends on: the GPU's name, the layer geometry (family, experts spec, routing features, weight
-shape), dtype, token bucket, forward or forward+backward, the candidate labels, and a fingerprint
+shape), dtype, token bucket, forward or forward+backward, the candidate labels, for a decision made
+under CUDA graphs (graph-safe candidates replayed against all run eagerly) what it compared, and a fingerprint
 of the code and libraries that ran (torch, triton and moe_lab versions, and a hash of the sources of
 `triton_kernels/`, `moe_lab/stages/`, `moe_lab/lora/` and `moe_lab/auto.py`): any change to those makes every old entry a miss, so a
 stale file can only cost a measurement, never pick from old timings. Writes are atomic
@@ -72,10 +73,15 @@ def _canonical(value):
     return value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
 
 
-def key_of(gpu: str, geometry: tuple, dtype, bucket: int, backward: bool, labels) -> str:
-    """geometry: the layer's (family, experts spec, routing features, weight shape)."""
-    return json.dumps({"gpu": gpu, "geometry": _canonical(geometry), "dtype": str(dtype), "bucket": bucket,
-                       "backward": backward, "candidates": sorted(labels), "code": fingerprint()}, sort_keys=True)
+def key_of(gpu: str, geometry: tuple, dtype, bucket: int, backward: bool, labels, graphs: str | None = None) -> str:
+    """geometry: the layer's (family, experts spec, routing features, weight shape). graphs: what a
+    decision under CUDA graphs compared (`auto.GRAPHS_REPLAYED`), None for a plain decision (its key has
+    no "graphs" field): the two never share an entry."""
+    key = {"gpu": gpu, "geometry": _canonical(geometry), "dtype": str(dtype), "bucket": bucket, "backward": backward,
+           "candidates": sorted(labels), "code": fingerprint()}
+    if graphs is not None:
+        key["graphs"] = graphs
+    return json.dumps(key, sort_keys=True)
 
 
 def _read(file: Path) -> dict:
@@ -89,7 +95,8 @@ def _read(file: Path) -> dict:
 
 
 def load(key: str) -> dict | None:
-    """The stored entry {"chosen": label, "times_ms": {...}, "tokens", "backward", "measured_at"} or None."""
+    """The stored entry {"chosen": label, "times_ms": {...}, "tokens", "backward", "measured_at"} or None;
+    under CUDA graphs also "replayed_ms" {...}, "replay_failed" {label: error} and "graphed"."""
     file = path()
     return None if file is None else _read(file).get(key)
 

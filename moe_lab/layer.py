@@ -36,6 +36,8 @@ class LayerPlanner:
 
     For the "auto" backend (`choice.auto`), each placed forward takes `moe_lab.auto`'s decision for
     its device, dtype and shape instead; unplaced, the plan is auto's floor (the torch backend).
+    Under `moe_lab.fastest`'s CUDA graphs (`choose_under_graphs`) that decision also says whether
+    the layer is captured (`AutoDecision.graphed`).
     """
 
     def __init__(self, choice: StageChoice, model_type: str, routing_features: frozenset, spec: ExpertsSpec,
@@ -45,11 +47,12 @@ class LayerPlanner:
         self.substitute = substitute or choice.auto is not None  # auto's floor runs references where it must
         self.expert_parallel, self.hint = expert_parallel, hint
         self._plans: dict = {}  # (device type or None, dtype) -> (planned stages, StageChoice)
-        self._candidates: dict = {}  # auto: (device type, dtype) -> auto.CandidateSet
+        self._candidates: dict = {}  # auto: (device type, dtype, graph-safe only) -> auto.CandidateSet
         self.latest: tuple | None = None  # the key of the plan the last forward ran
         self.decision = None  # auto: the AutoDecision the last forward ran
         self.v5_parallel = False  # set at the first forward under transformers' own expert-parallel plan
         self.switched_to = None  # the one set_experts_implementation chose since, while it differs
+        self.graph_choice = False  # auto under fastest()'s CUDA graphs: captured or eager, measured
 
     def restrict_to_graph_safe(self) -> None:
         """From now on "auto" chooses among the candidates a CUDA graph can replay (before any decision)."""
@@ -63,6 +66,19 @@ class LayerPlanner:
             raise ValueError("auto already chose this layer's stages; restrict it before the first forward")
         self.asked = replace(self.asked, auto=AutoSettings(graph_safe_only=True))
         self._candidates.clear()
+
+    def choose_under_graphs(self) -> bool:
+        """From now on "auto" weighs its best graph-safe stages replayed from a CUDA graph against its
+        best stages of all run eagerly, and its decision says whether the layer is captured
+        (`moe_lab.fastest`'s CUDA graphs leave a layer that chose eager uncaptured). Where replays
+        cannot be timed it chooses among graph-safe stages only, and says so. Before any decision;
+        returns whether this layer now chooses (it does not when not "auto" or already graph-safe only)."""
+        if self.asked.auto is None or self.asked.auto.graph_safe_only:
+            return False
+        if self.decision is not None:
+            raise ValueError("auto already chose this layer's stages; ask for the choice before the first forward")
+        self.graph_choice = True
+        return True
 
     def _needs(self, device_type: str | None, dtype: torch.dtype) -> LayerNeeds:
         return LayerNeeds(self.model_type, self.routing_features, self.spec.activation_key, device_type, dtype,
@@ -102,15 +118,33 @@ class LayerPlanner:
     def _decide(self, weight: torch.Tensor, tokens, backward: bool, trial, lora=None):
         from . import auto
 
+        if not self.graph_choice:
+            return self._auto_decision(weight, tokens, backward, trial, lora, self.asked.auto.graph_safe_only, False)
+        from .training.cuda_graphs import why_replays_not_measured
+
+        not_measured = why_replays_not_measured(weight.device)
+        if not_measured is not None:  # what a model loaded with cuda_graphs=True runs: graph-safe stages only
+            decision = self._auto_decision(weight, tokens, backward, trial, lora, True, False)
+            return auto.not_measured_under_graphs(decision, not_measured)
+        decision = self._auto_decision(weight, tokens, backward, trial, lora, False, True)
+        if decision.graphed is None:  # a rule that knows nothing of graphs (torch.compile, expert parallelism)
+            decision = auto.ruled(decision, True)
+        return decision
+
+    def _auto_decision(self, weight: torch.Tensor, tokens, backward: bool, trial, lora, graph_safe_only: bool,
+                       graphs: bool):
+        """auto's decision among all candidates or the graph-safe ones only; `graphs`: timing replays too."""
+        from . import auto
+
         key = (weight.device.type, weight.dtype)
         if key[0] not in auto.MEASURED_DEVICES:  # nothing is measured off CUDA: the floor
             planned, choice = self._plan(*key)
             return auto.AutoDecision(auto.Candidate(auto.FLOOR, planned, choice), f"rule: {key[0]} is not measured")
-        candidate_set = self._candidates.get(key)
+        candidate_set = self._candidates.get(key + (graph_safe_only,))
         if candidate_set is None:
             dispatch = self.asked.names["dispatch"] if self.expert_parallel else None
-            candidate_set = self._candidates[key] = auto.candidates_for(
-                self._needs(*key), dispatch, self.asked.auto.graph_safe_only)
+            candidate_set = self._candidates[key + (graph_safe_only,)] = auto.candidates_for(
+                self._needs(*key), dispatch, graph_safe_only)
         if torch.compiler.is_compiling():
             return auto.traced_decision(candidate_set)
         if self.expert_parallel and candidate_set.candidates:
@@ -126,7 +160,7 @@ class LayerPlanner:
             geometry += (("lora", ranks),)
             workload = "with LoRA (" + ", ".join(f"{name} r{rank}" for name, rank in ranks) + ")"
         return auto.decide(candidate_set, geometry, weight.device, weight.dtype, tokens, backward, trial,
-                           workload=workload)
+                           workload=workload, graphs=graphs)
 
     def describe(self) -> dict:
         """{stage: "runs" or "runs (asked X: why)"}: the last forward's plan, else the unplaced one; for
@@ -221,6 +255,16 @@ def auto_trial(hidden: torch.Tensor, experts: nn.Module, spec: ExpertsSpec, back
         return step
 
     return trial
+
+
+def planners_in(module: nn.Module) -> list[LayerPlanner]:
+    """The planners of the MoE layers in `module` and below (a `MoELayer`'s, a generic experts module's)."""
+    out = []
+    for m in module.modules():
+        planner = getattr(m, "planner", None) if isinstance(m, MoELayer) else m.__dict__.get("moe_lab_planner")
+        if isinstance(planner, LayerPlanner):
+            out.append(planner)
+    return out
 
 
 class ModelPlan(Mapping):

@@ -15,8 +15,8 @@ layers as usual, with a warning once per reason):
   checkpointing, no other arguments to the layers (position ids are not passed: the rotary
   embedding reaches them as cos/sin);
 * no host synchronisation inside a layer and kernels that read routing from device memory: moe_lab's
-  Triton backends (``triton``, ``triton_gather``) qualify; the others do not (refused);
-  ``fused_norm``/``fused_rope`` are fine;
+  Triton backends (``triton``, ``triton_gather``) qualify; the others do not (refused, except in a
+  layer left eager by auto's choice, below); ``fused_norm``/``fused_rope`` are fine;
 * no Python hooks inside the layers that must run every step (they run once, at capture), no router
   logits collected for an auxiliary loss (refused when the config asks for them);
 * one forward, then its backward: a second forward before the backward runs eagerly (the graphs
@@ -27,8 +27,20 @@ a gradient kept across steps (accumulation, ``zero_grad(set_to_none=False)``) is
 next graphed forward so that replays do not overwrite it. A capture that fails turns the graphs off
 for the model, with a warning. Not to do after the capture: move or re-create parameters
 (``model.to``, ``param.data = ...``): the graphs keep reading the old memory. Memory: the graphs'
-pool keeps every layer's activations and parameter-gradient buffers for good, so
-``OptimizerInBackward``'s gradient freeing saves nothing for the decoder layers.
+pool keeps every captured layer's activations and parameter-gradient buffers for good, so
+``OptimizerInBackward``'s gradient freeing saves nothing for the captured decoder layers.
+
+Layers left eager by choice: under `moe_lab.fastest`, an "auto" MoE layer weighs its best graph-safe
+stages replayed from a CUDA graph against its best stages of all run eagerly
+(`LayerPlanner.choose_under_graphs`, `moe_lab.auto.choose_under_graphs`): on 8 big experts (Mixtral)
+torch's grouped_mm run eagerly can beat the graph-safe Triton experts by more than a graph saves.
+auto measures at a layer's first forward of a shape, so at the capture every such layer's forward
+runs once, uncaptured, on its sample first; a decoder layer whose MoE chose eager is then left out of
+the capture and runs its own forward every step, while the others are captured and replayed.
+`LayerGraphs.summary` says which layers are captured and why (``model.moe_lab_fastest["cuda_graphs"]``
+after the first step; each layer's ``model.moe_lab_plan[...]["auto"]``). Where replays cannot be timed
+(off CUDA, Triton's interpreter, the CPU tests' emulated graphs: `why_replays_not_measured`) the
+layers choose among graph-safe stages only and are all captured, as with ``cuda_graphs=True`` at load.
 
 Under expert parallelism (``ep_size > 1``) graphs are refused (`EXPERT_PARALLEL_REASON`). What a
 layer would need graphed there: the all-to-all's split sizes are this step's per-rank row counts,
@@ -83,7 +95,9 @@ class LayerGraphs:
         self.layers = layers
         self.params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
         self.key = None
-        self.graphed: list = []
+        self.graphed: list = []  # per layer: its graphed callable, or None for a layer left eager
+        self.choices: dict[int, tuple[bool, str]] = {}  # layer index -> (captured, why) where auto chose
+        self.on_capture = None  # called with this object after each capture (fastest() updates its record)
         self.captures = 0
         self.use_now = False
         self.pending = False
@@ -95,11 +109,50 @@ class LayerGraphs:
             self._warned.add(reason)
             log.warning("cuda_graphs: decoder layers run without graphs: %s", reason)
 
+    @property
+    def eager(self) -> list[int]:
+        """The layers left out of the capture (auto chose to run them eagerly)."""
+        return [i for i, (captured, _) in sorted(self.choices.items()) if not captured]
+
+    def summary(self) -> str:
+        """How many layers are captured and, for those whose "auto" MoE chose, what and why, e.g.
+        "31 of 32 layers captured; layers 0-4, 6-31 captured: graph-safe triton replayed 1.500 ms vs
+        torch 1.920 ms eager; layer 5 eager: ..." (layers of one decision grouped)."""
+        parts = [f"{len(self.layers) - len(self.eager)} of {len(self.layers)} layers captured"]
+        groups: dict = {}
+        for index, choice in sorted(self.choices.items()):
+            groups.setdefault(choice, []).append(index)
+        for (captured, why), indices in groups.items():
+            parts.append(f"{_layer_span(indices)} {'captured' if captured else 'eager'}: {why}")
+        return "; ".join(parts)
+
+    def _choose(self, calls, samples) -> None:
+        """Let every layer whose "auto" MoE chooses under graphs (`LayerPlanner.choose_under_graphs`)
+        decide before the capture: its forward runs once, uncaptured, on its sample (auto measures at
+        a layer's first forward of a shape). Fills `choices`: a layer is left eager where one of its
+        MoE layers chose eager."""
+        from ..layer import planners_in
+
+        self.choices = {}
+        for index, (call, sample) in enumerate(zip(calls, samples)):
+            planners = [p for p in planners_in(self.layers[index]) if p.graph_choice]
+            if not planners:
+                continue
+            with torch.enable_grad():
+                call(*sample)
+            decisions = [p.decision for p in planners if p.decision is not None and p.decision.graphed is not None]
+            if not decisions:  # its MoE did not run: nothing chose
+                self.choices[index] = (True, "its MoE layers made no choice at the first forward")
+                continue
+            eager = [d for d in decisions if not d.graphed]
+            self.choices[index] = (False, eager[0].graphs_why) if eager else (True, decisions[0].graphs_why)
+
     def capture(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         if self.graphed:  # a new shape: drop the old graphs (and their pool) first
             old, self.graphed, self.key = self.graphed, [], None
             for call in old:  # each graphed forward's closure holds its module: break that cycle
-                call.__dict__.pop("forward", None)
+                if call is not None:
+                    call.__dict__.pop("forward", None)
             del old
             gc.collect()
             torch.cuda.empty_cache()
@@ -107,15 +160,59 @@ class LayerGraphs:
         # samples are private copies: they become the graphs' static inputs, which each replay overwrites
         samples = tuple((torch.randn_like(hidden).requires_grad_(True), cos.clone(), sin.clone()) for _ in self.layers)
         calls = tuple(_LayerCall(layer) for layer in self.layers)
-        graph_context = torch.cuda.graph
-        # "thread_local": other threads' CUDA calls (a DataLoader pinning memory) must not break the capture
-        torch.cuda.graph = functools.partial(graph_context, capture_error_mode="thread_local")
-        try:
-            self.graphed = list(torch.cuda.make_graphed_callables(calls, samples))
-        finally:
-            torch.cuda.graph = graph_context
+        self._choose(calls, samples)
+        eager = set(self.eager)
+        captured = [i for i in range(len(calls)) if i not in eager]
+        graphed = [None] * len(calls)
+        if captured:
+            graph_context = torch.cuda.graph
+            # "thread_local": other threads' CUDA calls (a DataLoader pinning memory) must not break the capture
+            torch.cuda.graph = functools.partial(graph_context, capture_error_mode="thread_local")
+            try:
+                made = torch.cuda.make_graphed_callables(tuple(calls[i] for i in captured),
+                                                         tuple(samples[i] for i in captured))
+            finally:
+                torch.cuda.graph = graph_context
+            for i, call in zip(captured, made if isinstance(made, tuple) else (made,)):
+                graphed[i] = call
+        self.graphed = graphed
+        # only the captured layers' gradients are the graphs' buffers (see _graphed_forward)
+        self.params = [p for i in captured for p in self.layers[i].parameters() if p.requires_grad]
         self.captures += 1
-        log.info("cuda_graphs: captured %d decoder layers for hidden %s", len(calls), tuple(hidden.shape))
+        log.info("cuda_graphs: captured %d of %d decoder layers for hidden %s", len(captured), len(calls),
+                 tuple(hidden.shape))
+        if eager:
+            log.warning("cuda_graphs: layers left eager by auto's measured choice: %s", self.summary())
+        if self.on_capture is not None:
+            self.on_capture(self)
+
+
+def _layer_span(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> "layers 0-2, 5"; [5] -> "layer 5"."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return ("layer " if len(indices) == 1 else "layers ") + text
+
+
+def why_replays_not_measured(device: torch.device) -> str | None:
+    """None where auto can time a trial replayed from a CUDA graph on `device` (CUDA, compiled Triton
+    kernels), else why not: there `LayerPlanner.choose_under_graphs` keeps graph-safe stages only."""
+    if device.type != "cuda":
+        if _graph_device(torch.empty(0, device=device)):
+            return f"CUDA graphs are emulated on {device.type} (the CPU tests' tests/graph_emulation.py)"
+        return f"the layer runs on {device.type}, not CUDA"
+    try:
+        from triton_kernels._common import interpreting
+    except ImportError:  # no Triton: no graph-safe candidate runs, so nothing is replayed anyway
+        return None
+    if interpreting():
+        return "Triton's interpreter runs the kernels (TRITON_INTERPRET=1)"
+    return None
 
 
 def _key(hidden, cos):
@@ -189,7 +286,7 @@ def _graphed_forward(self, hidden_states, attention_mask=None, position_ids=None
                 p.grad = p.grad.clone()
         graphs.use_now = graphs.pending = True
         hidden_states.register_hook(lambda grad: setattr(graphs, "pending", False))
-    if not graphs.use_now:
+    if not graphs.use_now or graphs.graphed[index] is None:  # an eager step, or a layer left eager by auto
         return _plain(self, *args)
     cos, sin = position_embeddings
     return graphs.graphed[index](hidden_states, cos, sin)

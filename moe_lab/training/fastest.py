@@ -14,8 +14,9 @@ warning that says why, and every decision is recorded on the model:
 switch "on", "on (<note>)", "on (at load)" (what the model was loaded with) or "off: <why>", and
 ``model.moe_lab_options`` becomes the `moe_lab.Options` in force. It cannot change the MoE backend of
 a loaded model (recorded as "moe_backend"). On the default ``"auto"`` backend, called before the first
-forward, it makes every layer choose among graph-safe stages only, so CUDA graphs can apply; a
-named backend that is not graph-safe keeps CUDA graphs off, with the reason.
+forward, it makes every MoE layer choose, measured, between graph-safe stages captured in the CUDA
+graphs and its fastest stages run eagerly (see ``cuda_graphs`` below); a named backend that is not
+graph-safe keeps CUDA graphs off, with the reason.
 
 What a v5 user can observe, item by item:
 
@@ -32,11 +33,21 @@ What a v5 user can observe, item by item:
   up to rounding. Need Triton on the training device. ``fused_rope`` takes the rotate-half form,
   GPT-OSS's half-width form and DeepSeek-V3's interleaved pairs (over whole heads, or MLA's rotary
   part); it refuses files whose rotary is none of these, and partial rotary factors.
-* ``cuda_graphs``: every decoder layer replayed from CUDA graphs captured at the first training step
+* ``cuda_graphs``: decoder layers replayed from CUDA graphs captured at the first training step
   (see `moe_lab.training.cuda_graphs`). Needs CUDA, one process, graph-safe MoE stages
   (``"auto"`` before the first forward, ``"triton"`` or ``"triton_gather"``), no gradient checkpointing, no
   ``output_router_logits``, no expert parallelism (its all-to-all's sizes change every step:
-  `moe_lab.training.cuda_graphs` says what a graph under EP would have to leave out). The contract on the data, which only training can check: STATIC SHAPES
+  `moe_lab.training.cuda_graphs` says what a graph under EP would have to leave out). On ``"auto"``
+  each MoE layer chooses at the first training step, by measuring this step's own shapes: its best
+  graph-safe stages replayed from a CUDA graph, or its best stages of all run eagerly, the layer
+  then left out of the capture while the others are captured (graphs pay off on many small experts
+  such as Qwen3-30B-A3B's, torch's grouped_mm run eagerly can win on a few big ones such as
+  Mixtral-8x7B's). From that step on ``model.moe_lab_fastest["cuda_graphs"]`` says which layers are
+  captured and why, e.g. "on (31 of 32 layers captured; ...; layer 5 eager: triton_routing+torch_experts
+  1.920 ms vs graph-safe triton replayed 2.310 ms)", and each layer's ``model.moe_lab_plan[...]["auto"]``
+  holds both timings. Where replays cannot be timed (Triton's interpreter, the CPU tests' emulated
+  graphs) the layers keep graph-safe stages only and are all captured, and the record says the
+  replays were not measured. The contract on the data, which only training can check: STATIC SHAPES
   (every batch the same [batch, seq]: fixed-length or packed sequences, ``dataloader_drop_last=True``;
   a new shape recaptures, slowly) and no attention-mask tensor in the batches (full sequences; a
   batch with one runs its layers eagerly, with a warning). Under the Trainer's mixed precision
@@ -87,7 +98,9 @@ Trainer creates its optimizer in ``train()``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -294,6 +307,7 @@ def _why_not_cuda_graphs(trainer, model, devices) -> str | None:
                             'cuda_graphs=True or moe_backend="triton"')
                 from ..hf import _first_graph_safe_candidate
 
+                # a graph-safe candidate must run here (an auto layer may still choose to stay eager)
                 stage_sets.add(tuple(sorted(resolve_backend(_first_graph_safe_candidate()).names.items())))
                 continue
             stage_sets.add(tuple(sorted(planner.choice_for(weight).names.items())))  # on the weight's device
@@ -355,14 +369,30 @@ def _enable_fused_rope(trainer, model, devices) -> None:
     enable_fused_rope(model)
 
 
+GRAPH_CHOICE_NOTE = ('each "auto" MoE layer chooses at the first training step between its graph-safe stages '
+                     'replayed in a CUDA graph and its fastest stages run eagerly, uncaptured (measured); this '
+                     'record then says which')
+
+
 def _enable_cuda_graphs(trainer, model, devices) -> str | None:
     from .cuda_graphs import enable_cuda_graphs
 
-    for planner, _ in _layer_planners(model):
-        if planner.asked.auto is not None:
-            planner.restrict_to_graph_safe()  # "auto" now chooses among graph-safe stages only
+    # "auto" layers: graph-safe stages captured, or their fastest stages run eagerly, decided at the capture
+    choosing = [planner.choose_under_graphs() for planner, _ in _layer_planners(model)]
     enable_cuda_graphs(model)
-    return _autocast_without_cache(trainer)
+    autocast_note = _autocast_without_cache(trainer)
+    if not any(choosing):
+        return autocast_note
+    model.moe_lab_cuda_graphs.on_capture = functools.partial(_record_capture, weakref.ref(model), autocast_note)
+    return "; ".join(note for note in (GRAPH_CHOICE_NOTE, autocast_note) if note)
+
+
+def _record_capture(model_ref, autocast_note: str | None, graphs) -> None:
+    """After each capture: ``model.moe_lab_fastest["cuda_graphs"]`` says which layers the graphs hold and why."""
+    model = model_ref()
+    record = None if model is None else getattr(model, "moe_lab_fastest", None)
+    if isinstance(record, dict):
+        record["cuda_graphs"] = "on (" + "; ".join(n for n in (graphs.summary(), autocast_note) if n) + ")"
 
 
 def _autocast_without_cache(trainer) -> str | None:
