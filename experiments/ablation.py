@@ -15,7 +15,8 @@ seed starts from the same data order (step s reads the same bytes); model initia
 the seed and the geometry.
 
 Per step the record keeps (columnar, ``samples``): loss (LM loss, without the aux term), aux loss,
-step time and tokens/s, and per MoE layer: max/mean expert load and coefficient of variation (of the
+step time and tokens/s (on CUDA from events at the step's first and last launch: the loop reads
+nothing back between evaluations and checkpoints), and per MoE layer: max/mean expert load and coefficient of variation (of the
 routed (token, slot) pairs, before dropping), dropped slots (fraction of T*k), router entropy (nats,
 mean per token), the largest |bias|. Held-out loss every ``eval_every`` steps and at the end; a
 routing trace (``moe_lab.analysis.trace``, with logits) at ``trace_steps``.
@@ -299,6 +300,61 @@ def _layer_stats(stats: dict, top_k: int) -> dict:
             "bias_absmax": [round(float(x), 6) for x in stats["bias_absmax"]]}
 
 
+class _StepLog:
+    """The training steps not yet read back: loss, aux loss, gradient norm and the routing statistics
+    (`Balancer.step_tensors`) as device tensors, and each step's time. ``step_s`` on CUDA is the time
+    between two events recorded at the step's first and last launch (read when the events are done);
+    on the CPU the step's wall time. `flush_into` reads every pending step back with one wait."""
+
+    def __init__(self, device, tokens_per_step: int):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.event = (lambda: torch.cuda.Event(enable_timing=True)) if self.cuda else None
+        self.tokens_per_step = tokens_per_step
+        self.pending: list[tuple] = []
+
+    def start(self):
+        if self.cuda:
+            begin = self.event()
+            begin.record()
+            return begin
+        return time.perf_counter()
+
+    def add(self, step: int, timer, loss, aux, lr: float, grad_norm, routed: dict) -> None:
+        if self.cuda:
+            end = self.event()
+            end.record()
+            timer = (timer, end)
+        else:
+            timer = time.perf_counter() - timer
+        self.pending.append((step, timer, loss, aux, lr, grad_norm, routed))
+
+    def flush_into(self, cols: dict, top_k: int) -> None:
+        """Append the pending steps to the record's columns; a non-finite loss raises with its step."""
+        import torch
+
+        from moe_lab.stages.balancing import statistics_as_numbers
+
+        if self.cuda and self.pending:
+            torch.cuda.synchronize()
+        for step, timer, loss, aux, lr, grad_norm, routed in self.pending:
+            lossf = float(loss)
+            if not math.isfinite(lossf):
+                raise FloatingPointError(f"loss is {lossf} at step {step}")
+            dt = timer[0].elapsed_time(timer[1]) / 1e3 if self.cuda else timer
+            cols["step"].append(step)
+            cols["loss"].append(round(lossf, 6))
+            cols["aux_loss"].append(round(float(aux.detach()) if hasattr(aux, "detach") else float(aux), 7))
+            cols["lr"].append(lr)
+            cols["step_s"].append(round(dt, 6))
+            cols["tokens_per_s"].append(round(self.tokens_per_step / dt, 1))
+            cols["grad_norm"].append(round(float(grad_norm), 5))
+            for k, v in _layer_stats(statistics_as_numbers(routed), top_k).items():
+                cols[k].append(v)
+        self.pending.clear()
+
+
 def _evaluate(model, batches, device) -> float:
     import torch
 
@@ -350,9 +406,11 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
                             "max_over_mean", "cv", "dropped_frac", "entropy", "bias_absmax")}
     evals = []
     tokens_per_step = spec["batch"] * spec["seq"]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     state_path = state_path_of(out_dir, cid) if out_dir is not None and spec["checkpoint_every"] else None
     start = _resume(state_path, model, opt, balancer, tracer, cols, evals, device) if state_path else 0
+    # each step's numbers stay on the device until an evaluation, a checkpoint or the end reads them all
+    # back at once (`_StepLog`): the loop never waits for the GPU between steps
+    steps = _StepLog(device, tokens_per_step)
     t_start = time.perf_counter()
     for step in range(start, spec["steps"]):
         if spec["fail_at"] == "step" and step == 1:
@@ -364,37 +422,26 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
         if tracing:
             tracer.step = step
             tracer.__enter__()
-        sync()
-        t0 = time.perf_counter()
+        timer = steps.start()
         loss = model(input_ids=ids, labels=ids).loss
         aux = balancer.aux_loss()
         (loss + aux).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"] if spec["grad_clip"] else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        routed = balancer.step()
-        sync()
-        dt = time.perf_counter() - t0
+        routed = balancer.step_tensors()
+        steps.add(step, timer, loss.detach(), aux, float(f"{opt.param_groups[0]['lr']:.6g}"), gnorm, routed)
         if tracing:
             tracer.__exit__(None, None, None)
-        lossf = float(loss.detach())
-        if not math.isfinite(lossf):
-            raise FloatingPointError(f"loss is {lossf} at step {step}")
-        layer = _layer_stats(routed, spec["top_k"])
-        cols["step"].append(step)
-        cols["loss"].append(round(lossf, 6))
-        cols["aux_loss"].append(round(float(aux.detach()) if hasattr(aux, "detach") else float(aux), 7))
-        cols["lr"].append(float(f"{opt.param_groups[0]['lr']:.6g}"))
-        cols["step_s"].append(round(dt, 6))
-        cols["tokens_per_s"].append(round(tokens_per_step / dt, 1))
-        cols["grad_norm"].append(round(float(gnorm), 5))
-        for k, v in layer.items():
-            cols[k].append(v)
-        if spec["eval_every"] and (step + 1) % spec["eval_every"] == 0 and step + 1 < spec["steps"]:
+        evaluating = spec["eval_every"] and (step + 1) % spec["eval_every"] == 0 and step + 1 < spec["steps"]
+        saving = state_path is not None and (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]
+        if evaluating or saving or step + 1 == spec["steps"]:
+            steps.flush_into(cols, spec["top_k"])
+        if evaluating:
             evals.append({"step": step + 1, "heldout_loss": round(_evaluate(model, heldout, device), 6)})
             print(f"step {step + 1}/{spec['steps']}: held-out loss {evals[-1]['heldout_loss']:.4f}, "
                   f"{time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)  # the cell's log
-        if state_path is not None and (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]:
+        if saving:
             _save_state(state_path, step + 1, model, opt, balancer, tracer, cols, evals)
     final_eval = _evaluate(model, heldout, device)
     evals.append({"step": spec["steps"], "heldout_loss": round(final_eval, 6)})

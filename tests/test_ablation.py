@@ -161,3 +161,27 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_as_if_never_stopped(tmp
 def test_oom_is_told_apart():
     assert ablation._status_of(RuntimeError("CUDA out of memory. Tried to allocate")) == "oom"
     assert ablation._status_of(ValueError("bad")) == "failed"
+
+
+def test_the_step_log_reads_steps_back_together_and_names_a_non_finite_step():
+    """Steps stay on the device until a flush; the flush fills every column in order, and a non-finite
+    loss fails with the step it happened at, not the flush's."""
+    import math
+
+    import torch
+
+    log = ablation._StepLog(torch.device("cpu"), tokens_per_step=64)
+    routed = {"layers": ["l0"], "counts": torch.tensor([[3, 1]]), "kept": torch.tensor([[3, 1]]),
+              "dropped": torch.tensor([0]), "tokens": [2], "entropy": torch.tensor([1.0], dtype=torch.float64),
+              "bias_absmax": torch.tensor([0.5])}
+    cols = {k: [] for k in ("step", "loss", "aux_loss", "lr", "step_s", "tokens_per_s", "grad_norm",
+                            "max_over_mean", "cv", "dropped_frac", "entropy", "bias_absmax")}
+    for step, loss in enumerate([2.0, 1.5]):
+        log.add(step, log.start(), torch.tensor(loss), 0.0, 1e-3, torch.tensor(0.25), routed)
+    log.flush_into(cols, top_k=2)
+    assert cols["step"] == [0, 1] and cols["loss"] == [2.0, 1.5] and cols["entropy"] == [[0.5], [0.5]]
+    assert cols["max_over_mean"] == [[1.5], [1.5]] and not log.pending
+    log.add(2, log.start(), torch.tensor(1.0), 0.0, 1e-3, torch.tensor(0.25), routed)
+    log.add(3, log.start(), torch.tensor(math.nan), 0.0, 1e-3, torch.tensor(0.25), routed)
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        log.flush_into(cols, top_k=2)

@@ -370,26 +370,45 @@ class Balancer:
         """End a training step: all-reduce the counts under torch.distributed, update the biases,
         return {"layers": [name], "counts", "kept" [L][E], "dropped" [L], "tokens" [L], "entropy" [L]
         (mean nats per token), "bias_absmax" [L]} (Python numbers), and reset the accumulators."""
+        return statistics_as_numbers(self.step_tensors())
+
+    @torch.no_grad()
+    def step_tensors(self) -> dict:
+        """`step()` without reading anything back to the host: "counts", "kept" [L, E] int64, "dropped"
+        [L] int64, "entropy" [L] float64 (summed nats), "bias_absmax" [L] float32 as tensors on the
+        routers' device, "tokens" [L] and "layers" as Python values. A loop that keeps many steps' worth
+        reads them back at once (`statistics_as_numbers`) instead of waiting for the GPU every step."""
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized()
-        out = {"layers": [], "counts": [], "kept": [], "dropped": [], "tokens": [], "entropy": [], "bias_absmax": []}
+        counts, kept, dropped, entropy, bias_absmax, tokens = [], [], [], [], [], []
         for layer in self.layers:
-            counts = layer.counts
+            layer_counts = layer.counts
             if distributed:
-                counts = counts.clone()
-                dist.all_reduce(counts, group=self.group)
+                layer_counts = layer_counts.clone()
+                dist.all_reduce(layer_counts, group=self.group)
             if layer.bias is not None and self.spec.bias_update_rate and layer.tokens:
-                bias_update(layer.bias, counts, self.spec.bias_update_rate)
-            out["layers"].append(layer.name)
-            out["counts"].append(layer.counts.tolist())
-            out["kept"].append(layer.kept.tolist())
-            out["dropped"].append(int(layer.dropped))
-            out["tokens"].append(int(layer.tokens))
-            out["entropy"].append(float(layer.entropy) / max(layer.tokens, 1))
-            out["bias_absmax"].append(float(layer.bias.abs().max()) if layer.bias is not None else 0.0)
+                bias_update(layer.bias, layer_counts, self.spec.bias_update_rate)
+            counts.append(layer.counts)
+            kept.append(layer.kept)
+            dropped.append(layer.dropped)
+            entropy.append(layer.entropy)
+            bias_absmax.append(layer.bias.detach().abs().max().float() if layer.bias is not None
+                               else torch.zeros((), device=layer.counts.device))
+            tokens.append(int(layer.tokens))
             layer.reset()
-        return out
+        return {"layers": [layer.name for layer in self.layers], "counts": torch.stack(counts),
+                "kept": torch.stack(kept), "dropped": torch.stack(dropped), "tokens": tokens,
+                "entropy": torch.stack(entropy), "bias_absmax": torch.stack(bias_absmax)}
+
+
+def statistics_as_numbers(stats: dict) -> dict:
+    """`Balancer.step_tensors()` output -> `Balancer.step()`'s Python numbers (entropy per token)."""
+    tokens = stats["tokens"]
+    return {"layers": list(stats["layers"]), "counts": stats["counts"].tolist(), "kept": stats["kept"].tolist(),
+            "dropped": [int(d) for d in stats["dropped"].tolist()], "tokens": list(tokens),
+            "entropy": [e / max(t, 1) for e, t in zip(stats["entropy"].tolist(), tokens)],
+            "bias_absmax": [float(b) for b in stats["bias_absmax"].tolist()]}
 
 
 def spec_fields() -> tuple[str, ...]:
