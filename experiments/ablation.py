@@ -309,10 +309,15 @@ class _StepLog:
     def __init__(self, device, tokens_per_step: int):
         import torch
 
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.event = (lambda: torch.cuda.Event(enable_timing=True)) if self.cuda else None
         self.tokens_per_step = tokens_per_step
         self.pending: list[tuple] = []
+
+    def to_device(self, batch):
+        """The step's batch on the device; on CUDA through pinned memory without waiting for the GPU (a
+        copy from pageable memory waits for the stream)."""
+        return batch.pin_memory().to(self.device, non_blocking=True) if self.cuda else batch.to(self.device)
 
     def start(self):
         if self.cuda:
@@ -415,7 +420,7 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
     for step in range(start, spec["steps"]):
         if spec["fail_at"] == "step" and step == 1:
             raise RuntimeError("injected failure at step 1 (fail_at: step)")
-        ids = data.train_batch(step).to(device)
+        ids = steps.to_device(data.train_batch(step))
         for group in opt.param_groups:
             group["lr"] = _lr_at(spec, step)
         tracing = tracer is not None and step in spec["trace_steps"]
