@@ -52,7 +52,7 @@ ONCE_MODULES = {
     # the harness and the README (the harness runs on transformers' oldest admitted version on the GPU machine)
     "test_experiments_figures.py", "test_experiments_grid.py", "test_experiments_distributed.py",
     "test_experiments_interrupt.py", "test_experiments_sweep.py", "test_ep_overlap_probe.py", "test_ablation.py",
-    "test_peers.py", "test_step_breakdown.py", "test_readme_commands.py",
+    "test_peers.py", "test_step_breakdown.py", "test_property_run.py", "test_readme_commands.py",
     # the notebooks call from_config and a forward, as the parity tests do on both versions
     "test_notebooks.py",
 }

@@ -29,7 +29,7 @@ if [ -z "$SKIP_ABLATION" ] && ! finished h100x1-ablation; then
   fi
   # the ablation's tiny cells leave the GPU mostly idle: the correctness-only property run shares it
   bash experiments/device/ablation.sh $(( $(left) - 30 )) h100x1-ablation > /tmp/acc/ablation-$T0.log 2>&1 &
-  task hypothesis 120 env HYPOTHESIS_PROFILE=gpu $PY -m pytest -q -n 4 -p no:cacheprovider --hypothesis-show-statistics tests/test_kernel_properties.py tests/test_triton_kernels.py tests/test_triton_kernels_gather.py -m "not slow"
+  task hypothesis 120 $PY -m experiments.property_run --out /tmp/acc/kernel-properties -- -n 4
   wait; tail -n 25 /tmp/acc/ablation-$T0.log
   finished h100x1-ablation || { kill $PACKER; pack; ls -la $OUT; exit 0; }
 fi
@@ -39,7 +39,7 @@ task block-qwen3 120 $PY -m experiments.block_bench --model qwen3-30b-a3b --syst
 task peers-step 200 $PY -m experiments.sweep --config experiments/device/peers-step.yaml --out /tmp/acc/runs/h100x1-peers-step-1
 task trainer-mixtral 150 $PY -m experiments.sweep --preset h100x1-trainer --only mixtral-8x7b-L2 --out /tmp/acc/runs/h100x1-trainer-4
 task jax 90 $PY -m experiments.jax_overhead --out /tmp/acc/jax-h100x1.json
-task hypothesis 200 env HYPOTHESIS_PROFILE=gpu $PY -m pytest -q -n 8 -p no:cacheprovider --hypothesis-show-statistics tests/test_kernel_properties.py tests/test_triton_kernels.py tests/test_triton_kernels_gather.py -m "not slow"
+task hypothesis 200 $PY -m experiments.property_run --out /tmp/acc/kernel-properties -- -n 8
 if [ -z "$SKIP_ABLATION" ] && ! finished h100x1-ablation-capacity && [ $(left) -gt 90 ]; then
   JOBS=4 bash experiments/device/ablation.sh $(( $(left) - 30 )) h100x1-ablation-capacity > /tmp/acc/ablation-cap-$T0.log 2>&1; tail -n 15 /tmp/acc/ablation-cap-$T0.log
 fi
