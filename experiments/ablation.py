@@ -306,6 +306,8 @@ class _StepLog:
     between two events recorded at the step's first and last launch (read when the events are done);
     on the CPU the step's wall time. `flush_into` reads every pending step back with one wait."""
 
+    MOST_PENDING = 50  # steps read back at least this often: a non-finite loss stops the cell within 50 steps
+
     def __init__(self, device, tokens_per_step: int):
         import torch
 
@@ -435,12 +437,12 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         routed = balancer.step_tensors()
-        steps.add(step, timer, loss.detach(), aux, float(f"{opt.param_groups[0]['lr']:.6g}"), gnorm, routed)
+        steps.add(step, timer, loss.detach(), aux.detach() if hasattr(aux, "detach") else aux, float(f"{opt.param_groups[0]['lr']:.6g}"), gnorm, routed)
         if tracing:
             tracer.__exit__(None, None, None)
         evaluating = spec["eval_every"] and (step + 1) % spec["eval_every"] == 0 and step + 1 < spec["steps"]
         saving = state_path is not None and (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]
-        if evaluating or saving or step + 1 == spec["steps"]:
+        if evaluating or saving or step + 1 == spec["steps"] or len(steps.pending) >= _StepLog.MOST_PENDING:
             steps.flush_into(cols, spec["top_k"])
         if evaluating:
             evals.append({"step": step + 1, "heldout_loss": round(_evaluate(model, heldout, device), 6)})

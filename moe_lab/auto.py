@@ -188,7 +188,8 @@ def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, d
     if len(candidates) == 1:
         return ruled(AutoDecision(candidates[0], "rule: the only candidate", excluded=excluded), graphs)
     mode = GRAPHS_REPLAYED if graphs else None
-    key = (_gpu_name(device), geometry, dtype, token_bucket(tokens), backward, mode)
+    labels = tuple(c.label for c in candidates)  # a graph-safe-only set must not reuse a decision among all
+    key = (_gpu_name(device), geometry, dtype, token_bucket(tokens), backward, mode, labels)
     decision = _DECISIONS.get(key)
     if decision is not None:
         return decision
@@ -219,6 +220,8 @@ def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, d
                 try:
                     replayed[c.label] = measure_replayed(run(c.choice), device)
                 except Exception as exc:  # noqa: BLE001 - recorded in the decision; the candidate runs eagerly only
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # a sticky device fault raises here, not a silent "eager"
                     failed[c.label] = f"{type(exc).__name__}: {exc}"
                     logger.warning("moe_lab auto: replaying %s from a CUDA graph failed: %s", c.label, failed[c.label])
         decision = _graphs_decision(candidates, "measured", times, replayed, failed, excluded, tokens, backward,
@@ -227,8 +230,9 @@ def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, d
     else:
         decision = AutoDecision(fastest_of(candidates, times), "measured", times, excluded, tokens, backward, workload)
     _DECISIONS[key] = decision
-    auto_cache.store(disk_key, {"chosen": decision.chosen.label, "times_ms": times, "tokens": tokens,
-                                "backward": backward, **entry})
+    if not entry.get("replay_failed"):  # a failed replay (out of memory, say) may not fail next time: not kept on disk
+        auto_cache.store(disk_key, {"chosen": decision.chosen.label, "times_ms": times, "tokens": tokens,
+                                    "backward": backward, **entry})
     logger.info("moe_lab auto: %s", decision.describe())
     return decision
 
@@ -294,9 +298,13 @@ def measure_replayed(step: Callable[[], None], device: torch.device) -> float:
             step()
     current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    capture = torch.cuda.Stream(device)
     try:
-        with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            step()
+        # the capture runs on a stream this function owns and restores: torch.cuda.graph switches back
+        # to the caller's stream only after a successful capture_end
+        with torch.cuda.device(device), torch.cuda.stream(capture):
+            with torch.cuda.graph(graph, stream=capture, capture_error_mode="thread_local"):
+                step()
         return measure(graph.replay, device)
     finally:
         graph.reset()

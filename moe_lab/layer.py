@@ -118,7 +118,7 @@ class LayerPlanner:
     def _decide(self, weight: torch.Tensor, tokens, backward: bool, trial, lora=None):
         from . import auto
 
-        if not self.graph_choice:
+        if not self.graph_choice or not backward:  # graphs replay training steps only: other forwards run eagerly
             return self._auto_decision(weight, tokens, backward, trial, lora, self.asked.auto.graph_safe_only, False)
         from .training.cuda_graphs import why_replays_not_measured
 

@@ -199,6 +199,11 @@ def test_a_layer_that_chose_eager_is_not_captured_and_the_record_says_why(
     plan = model.moe_lab_plan["model.layers.1.mlp"]["auto"]
     assert plan.startswith(f"{chosen} (measured, forward+backward of 16 tokens: ")
     assert "replayed from a CUDA graph: " in plan and why in plan
+    # a forward without gradients is never replayed: it runs the best eager stages, decided without graphs
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert moe.planner.decision.graphed is None and moe.planner.decision.chosen.label == EAGER_WINS
 
 
 @needs_interpreter
@@ -253,3 +258,42 @@ def test_on_a_gpu_the_choice_times_real_replays(tmp_path, fresh_decisions):
     assert record.startswith("on (") and "replayed" in record and "layers captured" in record
     for stages in model.moe_lab_plan.values():
         assert "replayed from a CUDA graph: " in stages["auto"] and "CUDA graphs: " in stages["auto"]
+
+
+def test_a_graph_safe_only_layer_never_reuses_a_decision_made_among_all_candidates(injected_timings, monkeypatch):
+    """Decisions are kept per candidate set: a plain layer's choice of non-graph-safe stages, made first
+    in the process, does not reach a layer of the same shape that may choose graph-safe stages only."""
+    monkeypatch.setattr(auto_cache, "load", lambda key: None)
+    monkeypatch.setattr(auto_cache, "store", lambda key, entry: None)
+    every = auto.candidates_for(QWEN3, None, graph_safe_only=False)
+    only_safe = auto.candidates_for(QWEN3, None, graph_safe_only=True)
+    trial = lambda choice: (lambda: _label_of(choice))  # noqa: E731
+    plain = auto.decide(every, ("g",), torch.device("cpu"), torch.bfloat16, 4096, True, trial)
+    assert plain.chosen.label == EAGER_WINS and not plain.chosen.choice.graph_safe
+    safe = auto.decide(only_safe, ("g",), torch.device("cpu"), torch.bfloat16, 4096, True, trial)
+    assert safe.chosen.choice.graph_safe, safe.describe()
+
+
+def test_a_failed_replay_is_recorded_and_not_kept_on_disk(injected_timings, monkeypatch):
+    """A replay that fails (out of memory at the first step, say) is said in the decision, the candidate
+    is not captured, and the decision is not cached on disk, so the next process measures again."""
+    stored = []
+    monkeypatch.setattr(auto_cache, "load", lambda key: None)
+    monkeypatch.setattr(auto_cache, "store", lambda key, entry: stored.append(entry))
+
+    def replay_or_fail(step, device):
+        label = step()
+        if label == "triton":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return REPLAY_WINS[label]
+
+    monkeypatch.setattr(auto, "measure_replayed", replay_or_fail)
+    every = auto.candidates_for(QWEN3, None, graph_safe_only=False)
+    trial = lambda choice: (lambda: _label_of(choice))  # noqa: E731
+    decision = auto.decide(every, ("g",), torch.device("cpu"), torch.bfloat16, 4096, True, trial, graphs=True)
+    assert decision.chosen.label == "triton_gather" and decision.graphed
+    assert "not replayable: triton (OutOfMemoryError" in decision.graphs_why and stored == []
+    auto.forget_decisions()
+    monkeypatch.setattr(auto, "measure_replayed", lambda step, device: REPLAY_WINS[step()])
+    auto.decide(every, ("g",), torch.device("cpu"), torch.bfloat16, 4096, True, trial, graphs=True)
+    assert len(stored) == 1 and stored[0]["replayed_ms"] == REPLAY_WINS
