@@ -352,7 +352,7 @@ class _StepLog:
             dt = timer[0].elapsed_time(timer[1]) / 1e3 if self.cuda else timer
             cols["step"].append(step)
             cols["loss"].append(round(lossf, 6))
-            cols["aux_loss"].append(round(float(aux.detach()) if hasattr(aux, "detach") else float(aux), 7))
+            cols["aux_loss"].append(round(float(aux), 7))
             cols["lr"].append(lr)
             cols["step_s"].append(round(dt, 6))
             cols["tokens_per_s"].append(round(self.tokens_per_step / dt, 1))
@@ -437,7 +437,8 @@ def run_cell(spec: dict, out_dir: Path | None = None, corpus=None) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         routed = balancer.step_tensors()
-        steps.add(step, timer, loss.detach(), aux.detach() if hasattr(aux, "detach") else aux, float(f"{opt.param_groups[0]['lr']:.6g}"), gnorm, routed)
+        lr = float(f"{opt.param_groups[0]['lr']:.6g}")
+        steps.add(step, timer, loss.detach(), aux.detach() if hasattr(aux, "detach") else aux, lr, gnorm, routed)
         if tracing:
             tracer.__exit__(None, None, None)
         evaluating = spec["eval_every"] and (step + 1) % spec["eval_every"] == 0 and step + 1 < spec["steps"]

@@ -153,8 +153,8 @@ def token_bucket(tokens: int) -> int:
     return 1 << max(0, int(tokens) - 1).bit_length()
 
 
-# (gpu, layer geometry, dtype, token bucket, backward, GRAPHS_REPLAYED or None) -> AutoDecision, for the life
-# of the process
+# (gpu, layer geometry, dtype, token bucket, backward, GRAPHS_REPLAYED or None, candidate labels) -> AutoDecision,
+# for the life of the process
 _DECISIONS: dict = {}
 
 
@@ -193,7 +193,7 @@ def decide(candidate_set: CandidateSet, geometry: tuple, device: torch.device, d
     decision = _DECISIONS.get(key)
     if decision is not None:
         return decision
-    disk_key = auto_cache.key_of(key[0], geometry, dtype, key[3], backward, [c.label for c in candidates], graphs=mode)
+    disk_key = auto_cache.key_of(key[0], geometry, dtype, key[3], backward, labels, graphs=mode)
     stored = auto_cache.load(disk_key)
     by_label = {c.label: c for c in candidates}
     if stored is not None and stored.get("chosen") in by_label and (not graphs or "replayed_ms" in stored):

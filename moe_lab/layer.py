@@ -257,14 +257,23 @@ def auto_trial(hidden: torch.Tensor, experts: nn.Module, spec: ExpertsSpec, back
     return trial
 
 
-def planners_in(module: nn.Module) -> list[LayerPlanner]:
-    """The planners of the MoE layers in `module` and below (a `MoELayer`'s, a generic experts module's)."""
-    out = []
-    for m in module.modules():
-        planner = getattr(m, "planner", None) if isinstance(m, MoELayer) else m.__dict__.get("moe_lab_planner")
+def moe_layers_in(module: nn.Module) -> dict[str, tuple[LayerPlanner, nn.Module]]:
+    """{name: (planner, experts module)} of the MoE layers moe_lab runs in `module` and below: a
+    `MoELayer`'s planner and experts, or a generic experts module carrying its own planner."""
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, MoELayer):
+            planner, experts = getattr(m, "planner", None), m.experts
+        else:
+            planner, experts = m.__dict__.get("moe_lab_planner"), m
         if isinstance(planner, LayerPlanner):
-            out.append(planner)
+            out[name] = (planner, experts)
     return out
+
+
+def planners_in(module: nn.Module) -> list[LayerPlanner]:
+    """The planners of the MoE layers in `module` and below."""
+    return [planner for planner, _ in moe_layers_in(module).values()]
 
 
 class ModelPlan(Mapping):
@@ -277,14 +286,7 @@ class ModelPlan(Mapping):
 
     def _planners(self) -> dict:
         model = self._model()
-        if model is None:
-            return {}
-        out = {}
-        for name, module in model.named_modules():
-            planner = getattr(module, "planner", None) if isinstance(module, MoELayer) else module.__dict__.get("moe_lab_planner")
-            if isinstance(planner, LayerPlanner):
-                out[name] = planner
-        return out
+        return {} if model is None else {name: planner for name, (planner, _) in moe_layers_in(model).items()}
 
     def __getitem__(self, name: str) -> dict:
         return self._planners()[name].describe()

@@ -330,18 +330,10 @@ def _why_checkpointing(trainer, model) -> str | None:
 
 def _layer_planners(model) -> list:
     """(planner, first expert weight) of every MoE layer moe_lab runs (the layers `ModelPlan` reads)."""
-    from ..layer import LayerPlanner, MoELayer
+    from ..layer import moe_layers_in
     from ..stages.experts import first_weight
 
-    out = []
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            planner, experts = module.planner, module.experts
-        else:
-            planner, experts = module.__dict__.get("moe_lab_planner"), module
-        if isinstance(planner, LayerPlanner):
-            out.append((planner, first_weight(experts, planner.spec)))
-    return out
+    return [(planner, first_weight(experts, planner.spec)) for planner, experts in moe_layers_in(model).values()]
 
 
 _WHY_NOT = {"fused_cross_entropy": _why_not_fused_cross_entropy, "fused_norm": _why_not_fused_kernel,
